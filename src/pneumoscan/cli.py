@@ -1,0 +1,163 @@
+"""The ``pneumoscan`` command line.
+
+Sub-commands import their heavy libraries (PyTorch, Lightning) only when they
+run, so ``pneumoscan --help`` answers at once. Every :class:`PneumoscanError`
+becomes a one-line message and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pneumoscan import __version__
+from pneumoscan.config import DataConfig, TrainConfig, default_data_root
+from pneumoscan.errors import PneumoscanError
+
+EPILOG = """examples:
+  pneumoscan train --out runs/v1
+  pneumoscan train --epochs 1 --limit-train-batches 4 --limit-val-batches 2 --out runs/smoke
+  pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
+
+data: --data or PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the project.
+"""
+
+
+def batches(value: str) -> float | int:
+    """``--limit-*-batches``: an integer is a count of batches, a float a fraction."""
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return int(number) if number.is_integer() and "." not in value else number
+
+
+def devices(value: str) -> int | str:
+    """Lightning's ``devices``: a count, ``auto``, or a list such as ``0,1``."""
+    return int(value) if value.isdigit() else value
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    data, train = DataConfig(root=Path(".")), TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on the patient-level split of train/",
+        description="Fine-tune a classifier on train/ (a by-patient validation split is held out; "
+        "test/ is never read). Writes the best checkpoint, metrics.csv, config.json and curves.png to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    g.add_argument("--val-fraction", type=float, default=data.val_fraction, help="share of train/ patients held out")
+    g.add_argument("--seed", type=int, default=data.seed, help="seed of the split, augmentation and weights")
+    g.add_argument("--image-size", type=int, default=data.image_size)
+    g.add_argument("--batch-size", type=int, default=data.batch_size)
+    g.add_argument("--workers", type=int, default=data.num_workers, help="data-loading processes")
+    g.add_argument("--hflip", action="store_true", help="add random horizontal flips (off: chests are not symmetric)")
+    g = p.add_argument_group("model and optimisation")
+    g.add_argument("--arch", default=train.arch, help="efficientnet_lite0/1/2, simple_cnn, or any timm name")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random weights")
+    g.add_argument("--epochs", type=int, default=train.epochs, help="maximum epochs (early stopping may end sooner)")
+    g.add_argument("--lr", type=float, default=train.lr, help="learning rate of the new head")
+    g.add_argument("--backbone-lr", type=float, default=train.backbone_lr, help="learning rate of the backbone")
+    g.add_argument("--weight-decay", type=float, default=train.weight_decay)
+    g.add_argument("--freeze-epochs", type=int, default=train.freeze_epochs, help="epochs with a frozen backbone")
+    g.add_argument("--patience", type=int, default=train.patience, help="early-stopping patience on val AUROC")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="plain NCHW memory layout")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", type=Path, default=train.out, help="run folder")
+    g.add_argument("--limit-train-batches", type=batches, default=train.limit_train_batches, help="count or fraction")
+    g.add_argument("--limit-val-batches", type=batches, default=train.limit_val_batches, help="count or fraction")
+    g = p.add_argument_group("scale-out (passed to Lightning)")
+    g.add_argument("--accelerator", default=train.accelerator, help="cpu, gpu, auto")
+    g.add_argument("--devices", type=devices, default=train.devices, help="devices per node")
+    g.add_argument("--num-nodes", type=int, default=train.num_nodes)
+    g.add_argument("--strategy", default=train.strategy, help="auto, ddp, ddp_spawn, fsdp ...")
+    g.add_argument("--precision", default=train.precision, help="32-true, bf16-mixed, 16-mixed")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pneumoscan.training import fit
+
+    data = DataConfig(
+        root=args.data or default_data_root(),
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        hflip=args.hflip,
+    )
+    train = TrainConfig(
+        arch=args.arch,
+        pretrained=args.pretrained,
+        epochs=args.epochs,
+        lr=args.lr,
+        backbone_lr=args.backbone_lr,
+        weight_decay=args.weight_decay,
+        freeze_epochs=args.freeze_epochs,
+        patience=args.patience,
+        limit_train_batches=args.limit_train_batches,
+        limit_val_batches=args.limit_val_batches,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        out=args.out,
+    )
+    command = "pneumoscan " + shlex.join(sys.argv[1:])
+    best = fit(data, train, command=command)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pneumoscan",
+        description="Pneumonia detection on chest X-rays: train, evaluate, explain and export the model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_train_parser(subparsers)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """Show pneumoscan's own messages; Lightning prints through its own handler."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("pneumoscan")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    try:
+        return handler(args)
+    except PneumoscanError as error:
+        print(f"pneumoscan: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("pneumoscan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

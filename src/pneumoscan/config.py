@@ -1,0 +1,95 @@
+"""Every setting of pneumoscan in one place, with its default.
+
+Commands build these dataclasses from their flags; nothing else in the package
+keeps its own constants for image size, normalisation, data location or
+training hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+#: Label names in index order: index 1 is the positive class.
+CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+SPLITS: tuple[str, str] = ("train", "test")
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
+
+#: ImageNet statistics: the pretrained backbones were trained with them.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+
+DATA_ENV_VAR = "PNEUMOSCAN_DATA"
+#: The project root: ``src/pneumoscan/config.py`` -> three levels up.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_RELATIVE = Path("..") / "shared" / "data" / "chest_xray"
+
+
+def default_data_root() -> Path:
+    """Where the dataset lives unless ``--data`` says otherwise.
+
+    ``PNEUMOSCAN_DATA`` wins; otherwise ``../shared/data/chest_xray`` beside the
+    project checkout, which is where the shared, read-only copy is kept.
+    """
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return (PROJECT_ROOT / DEFAULT_DATA_RELATIVE).resolve()
+
+
+@dataclass
+class DataConfig:
+    """How images are found, split and fed to the model."""
+
+    root: Path = field(default_factory=default_data_root)
+    val_fraction: float = 0.10
+    seed: int = 42
+    image_size: int = DEFAULT_IMAGE_SIZE
+    batch_size: int = 32
+    num_workers: int = 1
+    hflip: bool = False
+    # Augmentation strengths; small on purpose: an X-ray's geometry carries meaning.
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    rotation_degrees: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    """Model and optimisation settings of ``pneumoscan train``."""
+
+    arch: str = "efficientnet_lite0"
+    pretrained: bool = True
+    epochs: int = 12
+    lr: float = 1e-3
+    backbone_lr: float = 3e-4
+    weight_decay: float = 1e-4
+    freeze_epochs: int = 0
+    patience: int = 4
+    plateau_patience: int = 1
+    plateau_factor: float = 0.3
+    limit_train_batches: float | int = 1.0
+    limit_val_batches: float | int = 1.0
+    accelerator: str = "cpu"
+    devices: str | int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    channels_last: bool = True
+    out: Path = Path("runs") / "default"
+
+
+def to_jsonable(obj: object) -> object:
+    """Turn dataclasses, paths and tuples into plain JSON values."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return to_jsonable(asdict(obj))  # type: ignore[arg-type]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

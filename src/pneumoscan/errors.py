@@ -1,0 +1,27 @@
+"""Errors a user can meet, each with a message that says what to do.
+
+The CLI turns every :class:`PneumoscanError` into a one-line message and exit
+code 2 instead of a traceback; the coming web service maps them to HTTP statuses.
+"""
+
+
+class PneumoscanError(Exception):
+    """Base class of every error that pneumoscan reports to a user."""
+
+    exit_code = 2
+
+
+class DatasetNotFoundError(PneumoscanError):
+    """The data root does not have the expected ``{train,test}/{NORMAL,PNEUMONIA}`` layout."""
+
+
+class UnknownPatientIdError(PneumoscanError):
+    """A file name does not follow any naming scheme the patient split understands."""
+
+
+class PretrainedWeightsUnavailableError(PneumoscanError):
+    """Pretrained weights were asked for but are not available offline."""
+
+
+class ConfigurationError(PneumoscanError):
+    """A setting has a value pneumoscan cannot use."""

@@ -1,0 +1,56 @@
+"""The one preprocessing of pneumoscan, shared by training, evaluation and inference.
+
+It needs only NumPy and Pillow so that the ONNX inference path can use the very
+same function as training: the tensors cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pneumoscan.config import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+
+def load_grayscale(path: str | Path) -> Image.Image:
+    """Decode an image file as an 8-bit grayscale X-ray (mode ``L``).
+
+    The dataset stores X-rays as 3-channel JPEGs whose channels are equal;
+    reading them as one channel drops nothing and makes colour inputs behave
+    the same way.
+    """
+    with Image.open(path) as image:
+        return image.convert("L")
+
+
+def resize_square(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """Resize to ``size``×``size`` the way the dataset itself was made (aspect not kept)."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def normalize(image: Image.Image) -> np.ndarray:
+    """Grayscale image -> float32 array ``3×H×W`` with ImageNet normalisation.
+
+    The gray channel is repeated three times because the pretrained backbones
+    expect RGB input.
+    """
+    gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    rgb = np.broadcast_to(gray, (3, *gray.shape))
+    return ((rgb - _MEAN) / _STD).astype(np.float32)
+
+
+def preprocess(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """The evaluation/inference transform: resize, then normalise."""
+    return normalize(resize_square(image.convert("L"), size))
+
+
+def preprocess_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Read a file and return the model input for it (``3×size×size`` float32)."""
+    return preprocess(load_grayscale(path), size)

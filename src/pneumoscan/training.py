@@ -1,0 +1,267 @@
+"""Training with Lightning: the pneumonia classifier, its loop, and what a run writes.
+
+``fit(data_config, train_config)`` is the verb; ``pneumoscan train`` is a thin
+layer over it. A run folder holds the best checkpoint, a CSV log, ``config.json``
+(everything needed to reproduce the run) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torchmetrics.classification import BinaryAUROC
+
+import pneumoscan
+from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig, to_jsonable
+from pneumoscan.data import class_counts, file_list_checksum
+from pneumoscan.datamodule import XrayDataModule
+from pneumoscan.model import backbone_parameters, create_model, head_parameters
+from pneumoscan.plots import plot_training_curves
+
+log = logging.getLogger(__name__)
+
+BEST_CHECKPOINT = "best.ckpt"
+
+
+class PneumoniaClassifier(L.LightningModule):
+    """One pneumonia logit, class-weighted BCE, AdamW with a slower backbone."""
+
+    def __init__(
+        self,
+        arch: str = "efficientnet_lite0",
+        pretrained: bool = True,
+        class_weights: tuple[float, float] = (1.0, 1.0),
+        lr: float = 1e-3,
+        backbone_lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        freeze_epochs: int = 0,
+        plateau_patience: int = 1,
+        plateau_factor: float = 0.3,
+        channels_last: bool = True,
+        image_size: int = 224,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(arch, pretrained=pretrained)
+        self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
+        self.train_auroc = BinaryAUROC()
+        self.val_auroc = BinaryAUROC()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of pneumonia, shape ``(N,)``."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).squeeze(1)
+
+    def weighted_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weights = self.class_weight[labels.long()]
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return (weights * losses).sum() / weights.sum()
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.weighted_loss(logits, labels)
+        auroc = self.train_auroc if split == "train" else self.val_auroc
+        auroc.update(logits.detach().sigmoid(), labels.long())
+        self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log(f"{split}_auroc", auroc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def on_train_epoch_start(self) -> None:
+        """Keep the pretrained backbone fixed for the first ``freeze_epochs`` epochs.
+
+        The new head starts random; its early, large gradients would otherwise
+        wreck the pretrained features before the head has learned anything.
+        """
+        frozen = self.current_epoch < self.hparams.freeze_epochs
+        for param in backbone_parameters(self.model):
+            param.requires_grad_(not frozen)
+        if frozen:  # batch-norm statistics stay those of the pretrained backbone too
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def configure_optimizers(self) -> dict[str, object]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": backbone_parameters(self.model), "lr": hp.backbone_lr},
+                {"params": head_parameters(self.model), "lr": hp.lr},
+            ],
+            weight_decay=hp.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+
+class EpochTimer(Callback):
+    """Seconds and images per second of each training epoch, logged with the metrics."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self._images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start
+        module.log("epoch_seconds", seconds, sync_dist=True)
+        module.log("train_images_per_s", self._images * trainer.world_size / max(seconds, 1e-9), sync_dist=True)
+
+
+def keep_freed_memory() -> None:
+    """Tell glibc not to hand freed memory back to the OS (≈2× faster training here).
+
+    Equivalent to ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=…`` but applied
+    from inside the process, so no launcher has to remember it.
+    """
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree, so a run names the code that made it."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def run_record(data_config: DataConfig, train_config: TrainConfig, datamodule: XrayDataModule, command: str | None) -> dict:
+    """Everything ``config.json`` holds: settings, code version, data identity."""
+    root = Path(data_config.root)
+    records = datamodule.train_records + datamodule.val_records
+    return {
+        "pneumoscan_version": pneumoscan.__version__,
+        "git_commit": git_commit(),
+        "command": command,
+        "torch_version": torch.__version__,
+        "lightning_version": L.__version__,
+        "data": to_jsonable(data_config),
+        "train": to_jsonable(train_config),
+        "data_root": str(root.resolve()),
+        "train_file_list_sha256": file_list_checksum(records, root),
+        "counts": {
+            "train": class_counts(datamodule.train_records),
+            "val": class_counts(datamodule.val_records),
+            "train_patients": len({r.patient for r in datamodule.train_records}),
+            "val_patients": len({r.patient for r in datamodule.val_records}),
+        },
+        "class_weights": datamodule.class_weights,
+    }
+
+
+def read_history(metrics_csv: Path) -> list[dict[str, float]]:
+    """One row per epoch from Lightning's CSV log (train and val rows merged)."""
+    import csv
+
+    by_epoch: dict[int, dict[str, float]] = {}
+    with open(metrics_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            merged = by_epoch.setdefault(epoch, {"epoch": epoch})
+            merged.update({k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("epoch", "step")})
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None = None) -> Path:
+    """Train a model and return the path of its best checkpoint (by validation AUROC)."""
+    keep_freed_memory()
+    L.seed_everything(data_config.seed, workers=True)
+    out = Path(train_config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    datamodule = XrayDataModule(data_config)
+    datamodule.setup()
+    log.info("class weights (NORMAL, PNEUMONIA): %s", [round(w, 4) for w in datamodule.class_weights])
+    module = PneumoniaClassifier(
+        arch=train_config.arch,
+        pretrained=train_config.pretrained,
+        class_weights=tuple(datamodule.class_weights),
+        lr=train_config.lr,
+        backbone_lr=train_config.backbone_lr,
+        weight_decay=train_config.weight_decay,
+        freeze_epochs=train_config.freeze_epochs,
+        plateau_patience=train_config.plateau_patience,
+        plateau_factor=train_config.plateau_factor,
+        channels_last=train_config.channels_last,
+        image_size=data_config.image_size,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=out, filename="best", monitor="val_auroc", mode="max", save_last=False, auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    trainer = L.Trainer(
+        default_root_dir=out,
+        max_epochs=train_config.epochs,
+        accelerator=train_config.accelerator,
+        devices=train_config.devices,
+        num_nodes=train_config.num_nodes,
+        strategy=train_config.strategy,
+        precision=train_config.precision,
+        limit_train_batches=train_config.limit_train_batches,
+        limit_val_batches=train_config.limit_val_batches,
+        logger=CSVLogger(out, name="", version=""),
+        callbacks=[
+            checkpoint,
+            EarlyStopping(monitor="val_auroc", mode="max", patience=train_config.patience),
+            LearningRateMonitor(logging_interval="epoch"),
+            EpochTimer(),
+        ],
+        deterministic=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
+    if trainer.is_global_zero:
+        (out / "config.json").write_text(
+            json.dumps(run_record(data_config, train_config, datamodule, command), indent=2) + "\n"
+        )
+    trainer.fit(module, datamodule=datamodule)
+
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else out / BEST_CHECKPOINT
+    if trainer.is_global_zero:
+        history = read_history(out / "metrics.csv")
+        plot_training_curves(history, out / "curves.png")
+        summary = {
+            "best_checkpoint": best.name,
+            "best_val_auroc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+            "epochs_run": len(history),
+            "history": history,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return best
