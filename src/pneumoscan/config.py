@@ -63,7 +63,7 @@ class TrainConfig:
 
     arch: str = "efficientnet_lite0"
     pretrained: bool = True
-    epochs: int = 12
+    epochs: int = 10
     lr: float = 1e-3
     backbone_lr: float = 3e-4
     weight_decay: float = 1e-4
