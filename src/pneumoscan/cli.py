@@ -15,13 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pneumoscan import __version__
-from pneumoscan.config import DataConfig, TrainConfig, default_data_root
-from pneumoscan.errors import PneumoscanError
+from pneumoscan.config import DEFAULT_MODEL_DIR, DataConfig, TrainConfig, default_data_root
+from pneumoscan.errors import ModelNotFoundError, PneumoscanError
 
 EPILOG = """examples:
   pneumoscan train --out runs/v1
   pneumoscan train --epochs 1 --limit-train-batches 4 --limit-val-batches 2 --out runs/smoke
   pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
+  pneumoscan export runs/v1/best.ckpt --out models/pneumoscan-v1
+  pneumoscan evaluate --model models/pneumoscan-v1 --split test --out runs/eval-test
 
 data: --data or PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the project.
 """
@@ -117,6 +119,74 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, POLICIES
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a split and write metrics, predictions, plots and a report",
+        description="Score every image of a split with a checkpoint or an exported model folder. The threshold and "
+        "temperature come from the exported model's card, or (for a checkpoint) are fitted on the validation split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"checkpoint (.ckpt) or exported folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="val: the by-patient hold-out of train/")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval-<split>)")
+    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="operating point (checkpoints only)")
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="target sensitivity (checkpoints only)")
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from pneumoscan.evaluation import evaluate
+
+    out = args.out or Path("runs") / f"eval-{args.split}"
+    metrics = evaluate(args.model or DEFAULT_MODEL_DIR, args.data or default_data_root(), args.split, out, args.policy, args.target)
+    low, high = metrics["auroc_ci"]
+    print(
+        f"{args.split}: n={metrics['n']} AUROC {metrics['auroc']:.4f} (95% CI {low:.4f}-{high:.4f}) | "
+        f"at threshold {metrics['threshold']:.4f} ({metrics['operating_point']}): sensitivity {metrics['sensitivity']:.4f}, "
+        f"specificity {metrics['specificity']:.4f}, precision {metrics['precision']:.4f}, accuracy {metrics['accuracy']:.4f}"
+    )
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, POLICIES
+
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX with its calibration, threshold and model card",
+        description="Write model.onnx, model_card.json and MODEL_CARD.md. Temperature and threshold are fitted on "
+        "the validation split scored by the exported model; the test split is then reported once.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.ckpt of a run)")
+    p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v2")
+    p.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    p.add_argument("--name", default=None, help="model name (default: the folder name)")
+    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="how the threshold is chosen on validation")
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="target validation sensitivity")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pneumoscan.export import export
+
+    if not args.checkpoint.is_file():
+        raise ModelNotFoundError(f"no checkpoint at {args.checkpoint}: train one with 'pneumoscan train --out DIR'")
+    card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target)
+    test = card["test"]["metrics"]
+    print(
+        f"exported {card['name']} to {args.out}: threshold {card['operating_point']['threshold']:.4f} "
+        f"({card['operating_point']['name']}), temperature {card['calibration']['temperature']:.3f}; "
+        f"test AUROC {test['auroc']:.4f}, sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
@@ -128,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

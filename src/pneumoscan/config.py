@@ -25,6 +25,9 @@ DATA_ENV_VAR = "PNEUMOSCAN_DATA"
 #: The project root: ``src/pneumoscan/config.py`` -> three levels up.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_RELATIVE = Path("..") / "shared" / "data" / "chest_xray"
+MODELS_DIR = PROJECT_ROOT / "models"
+#: The model every command uses unless ``--model`` names another.
+DEFAULT_MODEL_DIR = MODELS_DIR / "pneumoscan-v1"
 
 
 def default_data_root() -> Path:

@@ -25,3 +25,7 @@ class PretrainedWeightsUnavailableError(PneumoscanError):
 
 class ConfigurationError(PneumoscanError):
     """A setting has a value pneumoscan cannot use."""
+
+
+class ModelNotFoundError(PneumoscanError):
+    """No usable model (checkpoint or exported folder) at the given path."""

@@ -1,0 +1,309 @@
+"""Measuring a model: scores, metrics at its operating point, intervals, plots, report.
+
+``evaluate(model, split=...)`` scores a split with a training checkpoint
+(PyTorch) or an exported model folder (ONNX Runtime) and writes
+``metrics.json``, ``predictions.csv``, the plots and ``report.md``. Threshold
+and temperature always come from the validation split, never from ``test/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from pneumoscan.calibration import (
+    DEFAULT_POLICY,
+    DEFAULT_TARGET_SENSITIVITY,
+    OperatingPoint,
+    binary_nll,
+    calibrated_probability,
+    choose_operating_point,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_curve,
+)
+from pneumoscan.config import CLASS_NAMES, DataConfig
+from pneumoscan.data import Record, list_records, split_by_patient
+from pneumoscan.errors import ConfigurationError, ModelNotFoundError
+from pneumoscan.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_RESAMPLES = 2000
+EVALUATION_FILES = ("metrics.json", "predictions.csv", "roc.png", "pr.png", "confusion_matrix.png", "reliability.png", "report.md")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What is fitted on validation and then applied everywhere."""
+
+    temperature: float
+    operating_point: OperatingPoint
+
+
+def split_records(root: Path, split: str, seed: int, val_fraction: float) -> list[Record]:
+    """The images of ``val`` (the by-patient hold-out of ``train/``) or ``test``."""
+    if split == "test":
+        return list_records(root, "test")
+    if split == "val":
+        return split_by_patient(list_records(root, "train"), val_fraction, seed)[1]
+    raise ConfigurationError(f"split must be 'val' or 'test', not {split!r}")
+
+
+def fit_calibration(
+    val_logits: np.ndarray, val_labels: np.ndarray, policy: str = DEFAULT_POLICY, target: float = DEFAULT_TARGET_SENSITIVITY
+) -> Calibration:
+    """Temperature first, then the threshold on the calibrated validation probabilities."""
+    temperature = fit_temperature(val_logits, val_labels)
+    probabilities = calibrated_probability(val_logits, temperature)
+    return Calibration(temperature, choose_operating_point(probabilities, val_labels, policy, target))
+
+
+def bootstrap_auroc_ci(
+    labels: np.ndarray, probabilities: np.ndarray, patients: list[str], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of AUROC from resampling *patients* with replacement.
+
+    Images of one child are correlated; resampling them together keeps the
+    interval honest. A resample counts each image as often as its patient was drawn.
+    """
+    _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
+    n_patients = patient_index.max() + 1
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
+        weights = drawn[patient_index]
+        chosen = weights > 0
+        if len(np.unique(labels[chosen])) < 2:
+            continue
+        values.append(roc_auc_score(labels[chosen], probabilities[chosen], sample_weight=weights[chosen]))
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def metrics_at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, object]:
+    """Decision metrics when ``probability >= threshold`` means pneumonia."""
+    predicted = (probabilities >= threshold).astype(int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "sensitivity": float(recall_score(labels, predicted, pos_label=1, zero_division=0)),
+        "specificity": float(recall_score(labels, predicted, pos_label=0, zero_division=0)),
+        "precision": float(precision_score(labels, predicted, zero_division=0)),
+        "f1": float(f1_score(labels, predicted, zero_division=0)),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+
+
+def sensitivity_by_subtype(records: list[Record], predicted: np.ndarray) -> dict[str, dict[str, float]]:
+    """Share of bacterial and of viral pneumonias found: viral ones are subtler."""
+    out = {}
+    for subtype in ("bacteria", "virus"):
+        hits = [p for r, p in zip(records, predicted) if r.subtype == subtype]
+        if hits:
+            out[subtype] = {"n": len(hits), "sensitivity": float(np.mean(hits))}
+    return out
+
+
+def compute_metrics(
+    records: list[Record], logits: np.ndarray, calibration: Calibration, split: str, resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict[str, object]:
+    """Every figure of ``metrics.json`` for one split."""
+    labels = np.asarray([r.label for r in records])
+    raw = calibrated_probability(logits, 1.0)
+    probabilities = calibrated_probability(logits, calibration.temperature)
+    op = calibration.operating_point
+    at_threshold = metrics_at_threshold(labels, probabilities, op.threshold)
+    predicted = probabilities >= op.threshold
+    return {
+        "split": split,
+        "n": len(records),
+        "n_pneumonia": int(labels.sum()),
+        "n_normal": int((labels == 0).sum()),
+        "auroc": float(roc_auc_score(labels, probabilities)),
+        "auroc_ci": list(bootstrap_auroc_ci(labels, probabilities, [r.patient for r in records], resamples)),
+        "auroc_ci_method": f"percentile bootstrap over patients, {resamples} resamples, 95%",
+        "average_precision": float(average_precision_score(labels, probabilities)),
+        "threshold": op.threshold,
+        "operating_point": op.name,
+        "operating_point_policy": op.policy,
+        "operating_point_target": op.target,
+        **at_threshold,
+        "temperature": calibration.temperature,
+        "ece": {
+            "before_calibration": expected_calibration_error(raw, labels),
+            "after_calibration": expected_calibration_error(probabilities, labels),
+        },
+        "nll": {"before_calibration": binary_nll(logits, labels), "after_calibration": binary_nll(logits, labels, calibration.temperature)},
+        "sensitivity_by_subtype": sensitivity_by_subtype([r for r in records if r.label == 1], predicted[labels == 1]),
+    }
+
+
+def write_predictions(path: Path, records: list[Record], probabilities: np.ndarray, threshold: float, root: Path) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "probability", "predicted"])
+        for record, p in zip(records, probabilities):
+            writer.writerow([record.path.relative_to(root).as_posix(), record.class_name, f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]])
+    return path
+
+
+def write_report(out: Path, metrics: dict, model_name: str, protocol: str) -> Path:
+    cm = metrics["confusion_matrix"]
+    low, high = metrics["auroc_ci"]
+    subtype = ", ".join(f"{k} {v['sensitivity']:.3f} (n={v['n']})" for k, v in metrics["sensitivity_by_subtype"].items())
+    text = f"""# Evaluation of {model_name} on `{metrics['split']}` ({metrics['n']} images)
+
+Operating point: **{metrics['operating_point']}**, threshold {metrics['threshold']:.4f} on the
+calibrated probability (temperature {metrics['temperature']:.3f}).
+
+| figure | value |
+|---|---|
+| AUROC (95% CI) | {metrics['auroc']:.4f} ({low:.4f}–{high:.4f}) |
+| average precision | {metrics['average_precision']:.4f} |
+| sensitivity (recall) | {metrics['sensitivity']:.4f} |
+| specificity | {metrics['specificity']:.4f} |
+| precision | {metrics['precision']:.4f} |
+| F1 | {metrics['f1']:.4f} |
+| accuracy | {metrics['accuracy']:.4f} |
+| missed pneumonias (FN) / false alarms (FP) | {cm['fn']} / {cm['fp']} |
+| ECE before → after calibration | {metrics['ece']['before_calibration']:.4f} → {metrics['ece']['after_calibration']:.4f} |
+| sensitivity by subtype | {subtype} |
+
+Protocol: {protocol}
+
+![ROC](roc.png) ![Precision-recall](pr.png)
+
+![Confusion matrix](confusion_matrix.png) ![Reliability](reliability.png)
+"""
+    path = out / "report.md"
+    path.write_text(text)
+    return path
+
+
+PROTOCOL = (
+    "the validation split holds about 10 % of the patients of train/, drawn by patient and stratified by class; "
+    "the temperature and the threshold were fitted on it alone. test/ was used only to report these figures. "
+    "The AUROC interval resamples patients."
+)
+
+
+def write_evaluation(out: Path, records: list[Record], logits: np.ndarray, calibration: Calibration, split: str, root: Path, model_name: str) -> dict:
+    """Write every evaluation file for already-scored records; return the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = compute_metrics(records, logits, calibration, split)
+    labels = np.asarray([r.label for r in records])
+    probabilities = calibrated_probability(logits, calibration.temperature)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(out / "predictions.csv", records, probabilities, calibration.operating_point.threshold, root)
+    plot_roc(labels, probabilities, metrics, out / "roc.png")
+    plot_pr(labels, probabilities, metrics, out / "pr.png")
+    plot_confusion_matrix(metrics, out / "confusion_matrix.png")
+    plot_reliability(
+        reliability_curve(calibrated_probability(logits, 1.0), labels),
+        reliability_curve(probabilities, labels),
+        metrics["ece"]["before_calibration"],
+        metrics["ece"]["after_calibration"],
+        out / "reliability.png",
+    )
+    write_report(out, metrics, model_name, PROTOCOL)
+    return metrics
+
+
+# --- scoring with a training checkpoint (PyTorch) -------------------------------------------
+
+
+def checkpoint_logits(checkpoint: Path, paths: list[Path], batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Logits of a Lightning checkpoint on image files, with the shared preprocessing."""
+    import torch
+    from tqdm import tqdm
+
+    from pneumoscan.inference import batched
+    from pneumoscan.preprocessing import preprocess_file
+    from pneumoscan.training import PneumoniaClassifier
+
+    module = PneumoniaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained=False).eval()
+    size = module.hparams.image_size
+    out = []
+    with torch.inference_mode():
+        for chunk in tqdm(list(batched(paths, batch_size)), desc="scoring", unit="batch", disable=not progress):
+            batch = torch.from_numpy(np.stack([preprocess_file(p, size) for p in chunk]))
+            out.append(module(batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def run_data_config(checkpoint: Path) -> DataConfig:
+    """The split settings of the run that made a checkpoint (its ``config.json``)."""
+    config_path = checkpoint.parent / "config.json"
+    if config_path.is_file():
+        data = json.loads(config_path.read_text())["data"]
+        return DataConfig(seed=data["seed"], val_fraction=data["val_fraction"], image_size=data["image_size"])
+    log.warning("no config.json beside %s: using the default split settings", checkpoint)
+    return DataConfig()
+
+
+class ModelUnderTest:
+    """A checkpoint or an exported folder, scored the same way."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            from pneumoscan.inference import OnnxModel
+
+            self.onnx = OnnxModel(self.path)
+            split = self.onnx.card["validation"]["split"]
+            self.seed, self.val_fraction = split["seed"], split["val_fraction"]
+            self.name = self.onnx.card["name"]
+        elif self.path.is_file() and self.path.suffix == ".ckpt":
+            self.onnx = None
+            config = run_data_config(self.path)
+            self.seed, self.val_fraction = config.seed, config.val_fraction
+            self.name = self.path.name
+        else:
+            raise ModelNotFoundError(f"{self.path} is neither a training checkpoint (.ckpt) nor an exported model folder")
+
+    def logits(self, paths: list[Path]) -> np.ndarray:
+        if self.onnx is not None:
+            return self.onnx.logits(paths, progress=True)
+        return checkpoint_logits(self.path, paths)
+
+    def calibration(self, root: Path, policy: str, target: float) -> Calibration:
+        """An exported model's own; for a checkpoint, fitted now on its validation split."""
+        if self.onnx is not None:
+            card = self.onnx.card
+            op = card["operating_point"]
+            return Calibration(card["calibration"]["temperature"], OperatingPoint(op["threshold"], op["policy"], op["target"], op["name"]))
+        val = split_records(root, "val", self.seed, self.val_fraction)
+        return fit_calibration(self.logits([r.path for r in val]), np.asarray([r.label for r in val]), policy, target)
+
+
+def evaluate(
+    model: Path,
+    root: Path,
+    split: str,
+    out: Path,
+    policy: str = DEFAULT_POLICY,
+    target: float = DEFAULT_TARGET_SENSITIVITY,
+) -> dict:
+    """Score ``split`` and write the evaluation files into ``out``."""
+    subject = ModelUnderTest(model)
+    calibration = subject.calibration(root, policy, target)
+    records = split_records(root, split, subject.seed, subject.val_fraction)
+    logits = subject.logits([r.path for r in records])
+    return write_evaluation(Path(out), records, logits, calibration, split, Path(root), subject.name)

@@ -1,0 +1,212 @@
+"""Export a trained checkpoint to ONNX with everything fitted to it, and its model card.
+
+``export(checkpoint, out)`` writes ``model.onnx``, ``model_card.json`` and
+``MODEL_CARD.md``. The temperature and the threshold are fitted here, on the
+validation split scored *by the exported ONNX model itself*, so the shipped
+numbers are exactly what ONNX Runtime computes. The test figures in the card are
+reported once, after everything is fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import pneumoscan
+from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
+from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from pneumoscan.data import Record, list_records
+from pneumoscan.evaluation import fit_calibration, run_data_config, split_records, write_evaluation
+from pneumoscan.inference import CARD_FILE, MODEL_FILE, OnnxModel
+from pneumoscan.training import PneumoniaClassifier
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 17
+INTENDED_USE = (
+    "Decision support for reading frontal chest X-rays of children aged 1–5: it flags images likely to show "
+    "pneumonia so that a clinician looks at them first. It is not a diagnosis and does not replace a radiologist."
+)
+LIMITATIONS = [
+    "Trained and validated on one hospital's pediatric frontal chest X-rays (Guangzhou Women and Children's "
+    "Medical Center, Kermany et al. 2018), ages 1–5; adults, lateral views and other hospitals' equipment are untested.",
+    "Labels are image-level NORMAL/PNEUMONIA from the dataset; no other finding is detected.",
+    "The threshold is fitted on a by-patient validation split drawn from train/; on the test split, recorded at "
+    "another time, sensitivity and specificity differ from validation (see the figures below).",
+    "Images are resized to 224×224 without keeping the aspect ratio, as the training data was.",
+]
+
+
+class LogitHead(nn.Module):
+    """The exported graph: ``N×3×H×W`` ImageNet-normalised input -> ``N`` pneumonia logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).reshape(-1)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_checksum(records: list[Record], root: Path) -> str:
+    """sha256 over (relative path, file sha256) of every image: identifies the data itself."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: r.path.relative_to(root).as_posix()):
+        digest.update(f"{record.path.relative_to(root).as_posix()} {sha256_file(record.path)}\n".encode())
+    return digest.hexdigest()
+
+
+def export_onnx(module: PneumoniaClassifier, path: Path, image_size: int) -> Path:
+    """Write the ONNX graph with a dynamic batch dimension."""
+    graph = LogitHead(module.model.to(memory_format=torch.contiguous_format)).eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    torch.onnx.export(
+        graph,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["logit"],
+        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
+        opset_version=ONNX_OPSET,
+        dynamo=False,
+    )
+    return path
+
+
+def summary(metrics: dict) -> dict:
+    """The headline figures of a split for the card (plots stay in the evaluation folder)."""
+    keys = ("n", "n_pneumonia", "n_normal", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity",
+            "precision", "f1", "accuracy", "confusion_matrix", "ece", "sensitivity_by_subtype")  # fmt: skip
+    return {k: metrics[k] for k in keys}
+
+
+def export(
+    checkpoint: Path,
+    out: Path,
+    root: Path,
+    name: str | None = None,
+    policy: str = DEFAULT_POLICY,
+    target: float = DEFAULT_TARGET_SENSITIVITY,
+) -> dict:
+    """Export ``checkpoint`` into the model folder ``out`` and return its card."""
+    checkpoint, out, root = Path(checkpoint), Path(out), Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    module = PneumoniaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained=False).eval()
+    data = run_data_config(checkpoint)
+    image_size = int(module.hparams.image_size)
+    export_onnx(module, out / MODEL_FILE, image_size)
+
+    run_config_path = checkpoint.parent / "config.json"
+    run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
+    card: dict = {
+        "name": name or out.name,
+        "pneumoscan_version": pneumoscan.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "architecture": module.hparams.arch,
+        "labels": list(CLASS_NAMES),
+        "output": "logit of PNEUMONIA; probability = sigmoid(logit / temperature)",
+        "input": {
+            "name": "image",
+            "shape": ["batch", 3, image_size, image_size],
+            "size": image_size,
+            "dtype": "float32",
+            "preprocessing": "decode as 8-bit grayscale, resize to size×size (bilinear, aspect not kept), "
+            "scale to [0, 1], repeat to 3 channels, subtract ImageNet mean and divide by ImageNet std",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "onnx": {"file": MODEL_FILE, "opset": ONNX_OPSET, "sha256": sha256_file(out / MODEL_FILE)},
+        "training": {"command": run_config.get("command"), "git_commit": run_config.get("git_commit"), "config": run_config},
+        "validation": {"split": {"seed": data.seed, "val_fraction": data.val_fraction, "by": "patient, stratified by class"}},
+        "intended_use": INTENDED_USE,
+        "limitations": LIMITATIONS,
+    }
+    # Placeholders so OnnxModel can open the folder; replaced below once fitted.
+    card["calibration"] = {"temperature": 1.0}
+    card["operating_point"] = {"threshold": 0.5}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2))
+    onnx_model = OnnxModel(out)
+
+    val = split_records(root, "val", data.seed, data.val_fraction)
+    val_logits = onnx_model.logits([r.path for r in val], progress=True)
+    calibration = fit_calibration(val_logits, np.asarray([r.label for r in val]), policy, target)
+    card["calibration"] = {"method": "temperature scaling fitted on the validation split (NLL)", "temperature": calibration.temperature}
+    card["operating_point"] = calibration.operating_point.to_dict()
+
+    val_metrics = write_evaluation(out / "evaluation" / "val", val, val_logits, calibration, "val", root, card["name"])
+    test = split_records(root, "test", data.seed, data.val_fraction)
+    test_logits = onnx_model.logits([r.path for r in test], progress=True)
+    test_metrics = write_evaluation(out / "evaluation" / "test", test, test_logits, calibration, "test", root, card["name"])
+    card["validation"]["metrics"] = summary(val_metrics)
+    card["test"] = {"metrics": summary(test_metrics), "note": "reported once, after temperature and threshold were fixed on validation"}
+    card["data"] = {
+        "root": root.name,
+        "train_sha256": content_checksum(list_records(root, "train"), root),
+        "test_sha256": content_checksum(test, root),
+        "checksum_method": "sha256 over sorted lines '<relative path> <sha256 of file>'",
+    }
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    (out / "MODEL_CARD.md").write_text(render_card(card))
+    return card
+
+
+def _fmt_split(metrics: dict) -> str:
+    low, high = metrics["auroc_ci"]
+    cm = metrics["confusion_matrix"]
+    return (
+        f"| {metrics['n']} | {metrics['auroc']:.4f} ({low:.4f}–{high:.4f}) | {metrics['sensitivity']:.4f} | "
+        f"{metrics['specificity']:.4f} | {metrics['precision']:.4f} | {metrics['accuracy']:.4f} | {cm['fn']} | {cm['fp']} | "
+        f"{metrics['ece']['after_calibration']:.4f} |"
+    )
+
+
+def render_card(card: dict) -> str:
+    """The human-readable model card."""
+    op, val, test = card["operating_point"], card["validation"]["metrics"], card["test"]["metrics"]
+    limits = "\n".join(f"- {item}" for item in card["limitations"])
+    return f"""# Model card: {card['name']}
+
+{card['intended_use']}
+
+| | |
+|---|---|
+| architecture | `{card['architecture']}` (timm), ImageNet-pretrained, one pneumonia logit |
+| input | `{card['input']['name']}` float32 {card['input']['shape']}: {card['input']['preprocessing']} |
+| labels | {', '.join(card['labels'])} |
+| output | {card['output']} |
+| temperature | {card['calibration']['temperature']:.4f} ({card['calibration']['method']}) |
+| operating point | **{op['name']}**: threshold {op['threshold']:.4f} on the calibrated probability (policy `{op['policy']}`, target {op['target']}) |
+| ONNX | `{card['onnx']['file']}`, opset {card['onnx']['opset']}, sha256 `{card['onnx']['sha256']}` |
+| training command | `{card['training']['command']}` (commit `{card['training']['git_commit']}`) |
+| data | train sha256 `{card['data']['train_sha256']}`, test sha256 `{card['data']['test_sha256']}` ({card['data']['checksum_method']}) |
+
+## Figures at the operating point
+
+| split | n | AUROC (95% CI, by patient) | sensitivity | specificity | precision | accuracy | missed pneumonias | false alarms | ECE |
+|---|---|---|---|---|---|---|---|---|---|
+| validation | {_fmt_split(val)[2:]}
+| test | {_fmt_split(test)[2:]}
+
+Threshold and temperature were fitted on the validation split (about 10 % of the
+patients of `train/`, by patient); the test split was scored once, afterwards.
+Reports with plots: `evaluation/val/report.md`, `evaluation/test/report.md`.
+
+## Limitations
+
+{limits}
+"""
