@@ -23,6 +23,7 @@ import pneumoscan
 from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
 from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
 from pneumoscan.data import Record, list_records
+from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import fit_calibration, run_data_config, split_records, write_evaluation
 from pneumoscan.inference import CARD_FILE, MODEL_FILE, OnnxModel
 from pneumoscan.training import PneumoniaClassifier
@@ -44,15 +45,39 @@ LIMITATIONS = [
 ]
 
 
-class LogitHead(nn.Module):
-    """The exported graph: ``N×3×H×W`` ImageNet-normalised input -> ``N`` pneumonia logits."""
+class LogitAndHeatmap(nn.Module):
+    """The exported graph: ImageNet-normalised ``N×3×H×W`` -> (``N`` logits, ``N×H×W`` heat maps).
 
-    def __init__(self, model: nn.Module):
+    The classifier is global average pooling then one linear layer, so Grad-CAM
+    on the last feature map *is* the class activation map: the gradient of the
+    logit with respect to each feature map is the head weight divided by the
+    map size. Computing it in the forward pass makes a heat map cost one 1×1
+    convolution and an upsampling, with no backward pass, in any ONNX runtime.
+    The map is ReLU'd, upsampled (bilinear) and min-max normalised per image,
+    as ``pytorch_grad_cam`` does.
+    """
+
+    def __init__(self, model: nn.Module, image_size: int):
         super().__init__()
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if not isinstance(classifier, nn.Linear):
+            raise ConfigurationError(
+                "exporting heat maps needs a model that ends in global average pooling and one linear layer "
+                "(the timm EfficientNet family does; simple_cnn does not)"
+            )
         self.model = model
+        self.image_size = image_size
+        self.register_buffer("cam_weight", classifier.weight.detach().reshape(1, -1, 1, 1).clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).reshape(-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        logit = self.model.forward_head(features).reshape(-1)
+        cam = nn.functional.relu(nn.functional.conv2d(features, self.cam_weight))
+        cam = nn.functional.interpolate(cam, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        low = cam.amin(dim=(2, 3), keepdim=True)
+        cam = cam - low
+        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
+        return logit, cam[:, 0]
 
 
 def sha256_file(path: Path) -> str:
@@ -73,15 +98,15 @@ def content_checksum(records: list[Record], root: Path) -> str:
 
 def export_onnx(module: PneumoniaClassifier, path: Path, image_size: int) -> Path:
     """Write the ONNX graph with a dynamic batch dimension."""
-    graph = LogitHead(module.model.to(memory_format=torch.contiguous_format)).eval()
+    graph = LogitAndHeatmap(module.model.to(memory_format=torch.contiguous_format), image_size).eval()
     example = torch.zeros(1, 3, image_size, image_size)
     torch.onnx.export(
         graph,
         (example,),
         str(path),
         input_names=["image"],
-        output_names=["logit"],
-        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
+        output_names=["logit", "heatmap"],
+        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "heatmap": {0: "batch"}},
         opset_version=ONNX_OPSET,
         dynamo=False,
     )
@@ -119,7 +144,8 @@ def export(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "architecture": module.hparams.arch,
         "labels": list(CLASS_NAMES),
-        "output": "logit of PNEUMONIA; probability = sigmoid(logit / temperature)",
+        "output": "logit: logit of PNEUMONIA, probability = sigmoid(logit / temperature); "
+        "heatmap: N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]",
         "input": {
             "name": "image",
             "shape": ["batch", 3, image_size, image_size],

@@ -66,7 +66,8 @@ class OnnxModel:
 
     def logits_of_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Raw pneumonia logits of preprocessed inputs ``N×3×H×W``."""
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0].reshape(-1)
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        return self.session.run(["logit"], feed)[0].reshape(-1)
 
     def logits(self, paths: Sequence[Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         out = []
