@@ -78,7 +78,7 @@ def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(
 ) -> None:
     from pneumoscan.data import list_records
     from pneumoscan.export import export
-    from pneumoscan.inference import OnnxModel
+    from pneumoscan.inference import Predictor
 
     card = export(smoke_checkpoint, tmp_path / "model", small_data_root, name="test-model")
     assert (tmp_path / "model" / "MODEL_CARD.md").is_file()
@@ -86,7 +86,7 @@ def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(
 
     records = list_records(data_root, "test")[::40]  # real images of both classes
     paths = [r.path for r in records]
-    onnx = OnnxModel(tmp_path / "model").logits(paths)
+    onnx = Predictor(tmp_path / "model").logits(paths)
     torch_logits = checkpoint_logits(smoke_checkpoint, paths, progress=False)
     assert np.max(np.abs(1 / (1 + np.exp(-onnx)) - 1 / (1 + np.exp(-torch_logits)))) <= 1e-4
 

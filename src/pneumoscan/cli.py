@@ -135,6 +135,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval-<split>)")
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="operating point (checkpoints only)")
     p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="target sensitivity (checkpoints only)")
+    p.add_argument("--int8", action="store_true", help="score with the exported model's int8 version")
     p.set_defaults(handler=run_evaluate)
 
 
@@ -142,7 +143,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pneumoscan.evaluation import evaluate
 
     out = args.out or Path("runs") / f"eval-{args.split}"
-    metrics = evaluate(args.model or DEFAULT_MODEL_DIR, args.data or default_data_root(), args.split, out, args.policy, args.target)
+    metrics = evaluate(args.model or DEFAULT_MODEL_DIR, args.data or default_data_root(), args.split, out, args.policy, args.target,
+                       "int8" if args.int8 else "fp32")  # fmt: skip
     low, high = metrics["auroc_ci"]
     print(
         f"{args.split}: n={metrics['n']} AUROC {metrics['auroc']:.4f} (95% CI {low:.4f}-{high:.4f}) | "
@@ -169,6 +171,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="model name (default: the folder name)")
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="how the threshold is chosen on validation")
     p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="target validation sensitivity")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, per-channel) and measure it")
     p.set_defaults(handler=run_export)
 
 
@@ -177,7 +180,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     if not args.checkpoint.is_file():
         raise ModelNotFoundError(f"no checkpoint at {args.checkpoint}: train one with 'pneumoscan train --out DIR'")
-    card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target)
+    card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target, args.int8)
     test = card["test"]["metrics"]
     print(
         f"exported {card['name']} to {args.out}: threshold {card['operating_point']['threshold']:.4f} "

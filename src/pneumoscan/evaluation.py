@@ -261,16 +261,18 @@ def run_data_config(checkpoint: Path) -> DataConfig:
 class ModelUnderTest:
     """A checkpoint or an exported folder, scored the same way."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, precision: str = "fp32"):
         self.path = Path(path)
         if self.path.is_dir():
-            from pneumoscan.inference import OnnxModel
+            from pneumoscan.inference import Predictor
 
-            self.onnx = OnnxModel(self.path)
+            self.onnx = Predictor.load(self.path, precision=precision)
             split = self.onnx.card["validation"]["split"]
             self.seed, self.val_fraction = split["seed"], split["val_fraction"]
             self.name = self.onnx.card["name"]
         elif self.path.is_file() and self.path.suffix == ".ckpt":
+            if precision != "fp32":
+                raise ConfigurationError("int8 needs an exported model folder, not a checkpoint")
             self.onnx = None
             config = run_data_config(self.path)
             self.seed, self.val_fraction = config.seed, config.val_fraction
@@ -300,9 +302,10 @@ def evaluate(
     out: Path,
     policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY,
+    precision: str = "fp32",
 ) -> dict:
     """Score ``split`` and write the evaluation files into ``out``."""
-    subject = ModelUnderTest(model)
+    subject = ModelUnderTest(model, precision)
     calibration = subject.calibration(root, policy, target)
     records = split_records(root, split, subject.seed, subject.val_fraction)
     logits = subject.logits([r.path for r in records])

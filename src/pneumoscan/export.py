@@ -22,10 +22,10 @@ from torch import nn
 import pneumoscan
 from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
 from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
-from pneumoscan.data import Record, list_records
+from pneumoscan.data import Record, list_records, split_by_patient
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import fit_calibration, run_data_config, split_records, write_evaluation
-from pneumoscan.inference import CARD_FILE, MODEL_FILE, OnnxModel
+from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
 from pneumoscan.training import PneumoniaClassifier
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,13 @@ def export(
     name: str | None = None,
     policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY,
+    int8: bool = False,
 ) -> dict:
-    """Export ``checkpoint`` into the model folder ``out`` and return its card."""
+    """Export ``checkpoint`` into the model folder ``out`` and return its card.
+
+    With ``int8``, also a statically quantised ``model.int8.onnx`` (calibrated
+    on training images), measured with the fp32 model's temperature and threshold.
+    """
     checkpoint, out, root = Path(checkpoint), Path(out), Path(root)
     out.mkdir(parents=True, exist_ok=True)
     module = PneumoniaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained=False).eval()
@@ -162,11 +167,11 @@ def export(
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
-    # Placeholders so OnnxModel can open the folder; replaced below once fitted.
+    # Placeholders so a Predictor can open the folder; replaced below once fitted.
     card["calibration"] = {"temperature": 1.0}
     card["operating_point"] = {"threshold": 0.5}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2))
-    onnx_model = OnnxModel(out)
+    onnx_model = Predictor.load(out)
 
     val = split_records(root, "val", data.seed, data.val_fraction)
     val_logits = onnx_model.logits([r.path for r in val], progress=True)
@@ -180,6 +185,8 @@ def export(
     test_metrics = write_evaluation(out / "evaluation" / "test", test, test_logits, calibration, "test", root, card["name"])
     card["validation"]["metrics"] = summary(val_metrics)
     card["test"] = {"metrics": summary(test_metrics), "note": "reported once, after temperature and threshold were fixed on validation"}
+    if int8:
+        card["int8"] = export_int8(out, root, data, image_size, val, test, calibration, card["name"], test_metrics)
     card["data"] = {
         "root": root.name,
         "train_sha256": content_checksum(list_records(root, "train"), root),
@@ -189,6 +196,38 @@ def export(
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(render_card(card))
     return card
+
+
+def export_int8(out: Path, root: Path, data, image_size: int, val: list[Record], test: list[Record],
+                calibration, name: str, fp32_test: dict) -> dict:  # fmt: skip
+    """Quantise, then score validation and test with the fp32 calibration; the card's int8 section."""
+    from pneumoscan.quantization import calibration_sample, quantize_int8
+
+    sample = calibration_sample(training_side(root, data))
+    quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, sample, image_size)
+    int8_model = Predictor.load(out, precision="int8")
+    val_metrics = write_evaluation(out / "evaluation" / "val-int8", val, int8_model.logits([r.path for r in val], progress=True),
+                                   calibration, "val", root, name + " (int8)")  # fmt: skip
+    test_metrics = write_evaluation(out / "evaluation" / "test-int8", test, int8_model.logits([r.path for r in test], progress=True),
+                                    calibration, "test", root, name + " (int8)")  # fmt: skip
+    return {
+        "file": INT8_MODEL_FILE,
+        "sha256": sha256_file(out / INT8_MODEL_FILE),
+        "method": "ONNX Runtime static QDQ, int8 weights per channel, int8 activations (MinMax), "
+        f"calibrated on {len(sample)} images of the training split (validation patients excluded)",
+        "validation": {"metrics": summary(val_metrics)},
+        "test": {"metrics": summary(test_metrics)},
+        "test_delta_vs_fp32": {
+            "auroc": test_metrics["auroc"] - fp32_test["auroc"],
+            "sensitivity": test_metrics["sensitivity"] - fp32_test["sensitivity"],
+            "specificity": test_metrics["specificity"] - fp32_test["specificity"],
+        },
+    }
+
+
+def training_side(root: Path, data) -> list[Record]:
+    """The training side of the by-patient split: int8 calibration never sees validation or test."""
+    return split_by_patient(list_records(root, "train"), data.val_fraction, data.seed)[0]
 
 
 def _fmt_split(metrics: dict) -> str:
@@ -205,6 +244,14 @@ def render_card(card: dict) -> str:
     """The human-readable model card."""
     op, val, test = card["operating_point"], card["validation"]["metrics"], card["test"]["metrics"]
     limits = "\n".join(f"- {item}" for item in card["limitations"])
+    int8_rows = ""
+    if "int8" in card:
+        int8_rows = (
+            f"| validation, int8 | {_fmt_split(card['int8']['validation']['metrics'])[2:]}\n"
+            f"| test, int8 | {_fmt_split(card['int8']['test']['metrics'])[2:]}\n\n"
+            f"int8 (`{card['int8']['file']}`, sha256 `{card['int8']['sha256']}`): {card['int8']['method']}; "
+            "same temperature and threshold as fp32.\n"
+        )
     return f"""# Model card: {card['name']}
 
 {card['intended_use']}
@@ -227,7 +274,7 @@ def render_card(card: dict) -> str:
 |---|---|---|---|---|---|---|---|---|---|
 | validation | {_fmt_split(val)[2:]}
 | test | {_fmt_split(test)[2:]}
-
+{int8_rows}
 Threshold and temperature were fitted on the validation split (about 10 % of the
 patients of `train/`, by patient); the test split was scored once, afterwards.
 Reports with plots: `evaluation/val/report.md`, `evaluation/test/report.md`.

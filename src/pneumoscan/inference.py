@@ -1,26 +1,35 @@
 """Running an exported model with ONNX Runtime, without PyTorch.
 
-A model folder holds ``model.onnx`` and ``model_card.json``; the card carries
-everything fitted to the model (temperature, threshold, input contract), so a
-prediction here is exactly what evaluation measured.
+A model folder holds ``model.onnx`` (and ``model.int8.onnx`` when quantised)
+and ``model_card.json``; the card carries everything fitted to the model
+(temperature, threshold, input contract), so a prediction here is exactly what
+evaluation measured. ``Predictor.load()`` opens the shipped model.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from pneumoscan.calibration import calibrated_probability
-from pneumoscan.config import DEFAULT_MODEL_DIR
-from pneumoscan.errors import ModelNotFoundError
-from pneumoscan.preprocessing import preprocess_file
+from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
+from pneumoscan.errors import ConfigurationError, ModelNotFoundError
+from pneumoscan.preprocessing import load_grayscale, preprocess
 
 MODEL_FILE = "model.onnx"
+INT8_MODEL_FILE = "model.int8.onnx"
 CARD_FILE = "model_card.json"
+PRECISIONS = {"fp32": MODEL_FILE, "int8": INT8_MODEL_FILE}
+
+ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 
 def read_card(model_dir: Path) -> dict:
@@ -39,22 +48,65 @@ def batched(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-class OnnxModel:
-    """An exported pneumoscan model: logits and calibrated probabilities for image files."""
+def to_grayscale_image(source: ImageInput) -> Image.Image:
+    """Accept a path, encoded bytes, a NumPy array or a PIL image; return 8-bit grayscale."""
+    if isinstance(source, Image.Image):
+        return source.convert("L")
+    if isinstance(source, (bytes, bytearray)):
+        return load_grayscale(io.BytesIO(source))
+    if isinstance(source, np.ndarray):
+        array = source if source.dtype == np.uint8 else np.clip(source, 0, 255).astype(np.uint8)
+        return Image.fromarray(array).convert("L")
+    return load_grayscale(source)
 
-    def __init__(self, model_dir: Path | str | None = None, threads: int | None = None):
+
+@dataclass
+class Prediction:
+    """What pneumoscan answers for one image."""
+
+    probability: float  # calibrated probability of pneumonia
+    label: str  # PNEUMONIA when probability >= threshold
+    threshold: float
+    operating_point: str
+    logit: float
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # size×size in [0, 1]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "probability": self.probability,
+            "label": self.label,
+            "threshold": self.threshold,
+            "operating_point": self.operating_point,
+        }
+
+
+class Predictor:
+    """The shipped model in ONNX Runtime: one shared session, safe to call from many threads."""
+
+    def __init__(self, model_dir: Path | str | None = None, precision: str = "fp32", threads: int | None = None):
         import onnxruntime as ort
 
+        if precision not in PRECISIONS:
+            raise ConfigurationError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
         self.model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         self.card = read_card(self.model_dir)
+        self.precision = precision
+        model_path = self.model_dir / PRECISIONS[precision]
+        if not model_path.is_file():
+            hint = "export with --int8" if precision == "int8" else "export the model again"
+            raise ModelNotFoundError(f"{model_path} is missing: {hint}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(self.model_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"]
-        )
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.card["input"]["size"])
+
+    @classmethod
+    def load(cls, model_dir: Path | str | None = None, precision: str = "fp32", threads: int | None = None) -> Predictor:
+        """Open an exported model folder (default: the shipped model)."""
+        return cls(model_dir, precision, threads)
 
     @property
     def temperature(self) -> float:
@@ -64,17 +116,49 @@ class OnnxModel:
     def threshold(self) -> float:
         return float(self.card["operating_point"]["threshold"])
 
-    def logits_of_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """Raw pneumonia logits of preprocessed inputs ``N×3×H×W``."""
-        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        return self.session.run(["logit"], feed)[0].reshape(-1)
+    @property
+    def operating_point(self) -> str:
+        return str(self.card["operating_point"]["name"])
 
-    def logits(self, paths: Sequence[Path], batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    def run(self, batch: np.ndarray, heatmaps: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw logits (and heat maps) of preprocessed inputs ``N×3×H×W``."""
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+        if heatmaps:
+            logits, maps = self.session.run(["logit", "heatmap"], feed)
+            return logits.reshape(-1), maps
+        return self.session.run(["logit"], feed)[0].reshape(-1), None
+
+    def preprocess(self, source: ImageInput) -> np.ndarray:
+        return preprocess(to_grayscale_image(source), self.image_size)
+
+    def logits(self, sources: Sequence[ImageInput], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         out = []
-        for chunk in tqdm(list(batched(paths, batch_size)), desc="scoring", unit="batch", disable=not progress):
-            out.append(self.logits_of_arrays(np.stack([preprocess_file(p, self.image_size) for p in chunk])))
+        for chunk in tqdm(list(batched(sources, batch_size)), desc="scoring", unit="batch", disable=not progress):
+            out.append(self.run(np.stack([self.preprocess(s) for s in chunk]))[0])
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def probabilities(self, paths: Sequence[Path], batch_size: int = 32) -> np.ndarray:
-        """Calibrated probabilities of pneumonia, the numbers a user is shown."""
-        return calibrated_probability(self.logits(paths, batch_size), self.temperature)
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], heatmap: bool = False, batch_size: int = 32
+    ) -> Prediction | list[Prediction]:
+        """Calibrated probability, label at the model's threshold and (on request) a heat map.
+
+        A single image gives one :class:`Prediction`; a list gives a list.
+        """
+        single = not isinstance(images, (list, tuple))
+        sources = [images] if single else list(images)
+        predictions: list[Prediction] = []
+        for chunk in batched(sources, batch_size):
+            logits, maps = self.run(np.stack([self.preprocess(s) for s in chunk]), heatmaps=heatmap)
+            for i, logit in enumerate(logits):
+                probability = float(calibrated_probability(logit, self.temperature))
+                predictions.append(
+                    Prediction(
+                        probability=probability,
+                        label=CLASS_NAMES[int(probability >= self.threshold)],
+                        threshold=self.threshold,
+                        operating_point=self.operating_point,
+                        logit=float(logit),
+                        heatmap=maps[i] if maps is not None else None,
+                    )
+                )
+        return predictions[0] if single else predictions

@@ -1,0 +1,75 @@
+"""Static int8 quantisation of an exported model with ONNX Runtime.
+
+Weights are quantised per output channel: per-tensor int8 dropped the test
+AUROC to 0.78 here, because the depthwise convolutions' channels differ by
+orders of magnitude. Activation ranges are calibrated on *training* images only.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan.data import Record
+from pneumoscan.preprocessing import preprocess_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_IMAGES = 256
+
+
+def calibration_sample(records: list[Record], n: int = DEFAULT_CALIBRATION_IMAGES) -> list[Record]:
+    """An evenly spread, deterministic sample of both classes."""
+    by_class = [[r for r in records if r.label == label] for label in (0, 1)]
+    sample: list[Record] = []
+    for group in by_class:
+        take = min(len(group), n // 2)
+        if take:
+            sample += [group[i] for i in np.linspace(0, len(group) - 1, take).round().astype(int)]
+    return sample
+
+
+class _ImageReader:
+    """Feeds calibration images to ONNX Runtime one batch at a time."""
+
+    def __init__(self, records: list[Record], input_name: str, image_size: int, batch_size: int = 16):
+        self.batches = iter(
+            np.stack([preprocess_file(r.path, image_size) for r in records[i : i + batch_size]])
+            for i in range(0, len(records), batch_size)
+        )
+        self.input_name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:  # pragma: no cover - required by newer ORT versions
+        pass
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, records: list[Record], image_size: int, input_name: str = "image") -> Path:
+    """Write a QDQ int8 model calibrated on ``records`` (training images)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_ImageReader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            Reader(records, input_name, image_size),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Mul", "GlobalAveragePool"],
+        )
+    log.info("int8 model written to %s from %d calibration images", int8_path, len(records))
+    return int8_path
