@@ -24,6 +24,7 @@ EPILOG = """examples:
   pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
   pneumoscan export runs/v1/best.ckpt --out models/pneumoscan-v1
   pneumoscan evaluate --model models/pneumoscan-v1 --split test --out runs/eval-test
+  pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
 
 data: --data or PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the project.
 """
@@ -190,6 +191,36 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="score image files with the exported model (no PyTorch needed)",
+        description="One record per file: calibrated probability of pneumonia, label at the model's threshold. "
+        "Unreadable files get an error record; the exit code is 1 if any file failed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("files", nargs="+", type=Path, help="image files or folders (every image inside)")
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--int8", action="store_true", help="use the int8 model")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write X-ray + heat-map PNGs here")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from pneumoscan.inference import Predictor
+    from pneumoscan.predict import expand_inputs, format_records, predict_files
+
+    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads)
+    records = predict_files(predictor, expand_inputs(args.files), args.heatmaps)
+    print(format_records(records, args.format))
+    failed = sum(1 for r in records if r.error)
+    if failed:
+        print(f"pneumoscan: {failed} of {len(records)} files could not be scored", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
@@ -203,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
+    add_predict_parser(subparsers)
     return parser
 
 
