@@ -44,3 +44,13 @@ def smoke_checkpoint(small_data_root: Path, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("smoke_run")
     data = DataConfig(root=small_data_root, batch_size=8, num_workers=0)
     return fit(data, TrainConfig(epochs=1, limit_train_batches=3, out=out), command="pneumoscan train (test fixture)")
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The model pneumoscan ships in models/ (committed, with its card)."""
+    from pneumoscan.config import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "model_card.json").is_file():
+        pytest.fail(f"the shipped model is missing at {DEFAULT_MODEL_DIR}")
+    return DEFAULT_MODEL_DIR

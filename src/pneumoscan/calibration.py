@@ -13,8 +13,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import roc_curve
 
 from pneumoscan.errors import ConfigurationError
 
@@ -44,6 +42,8 @@ def binary_nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0)
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature ``T > 0`` that minimises the NLL of ``labels`` (searched in log T)."""
+    from scipy.optimize import minimize_scalar  # fitting only: inference needs no SciPy
+
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if len(np.unique(labels)) < 2:
         raise ConfigurationError("fitting a temperature needs validation images of both classes")
@@ -110,6 +110,8 @@ def threshold_for_sensitivity(probabilities: np.ndarray, labels: np.ndarray, tar
 
 def threshold_youden(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The threshold that maximises sensitivity + specificity − 1 (Youden's J)."""
+    from sklearn.metrics import roc_curve  # fitting only: inference needs no scikit-learn
+
     fpr, tpr, thresholds = roc_curve(labels, probabilities)
     finite = np.isfinite(thresholds)
     best = np.argmax((tpr - fpr)[finite])
