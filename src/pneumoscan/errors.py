@@ -29,3 +29,29 @@ class ConfigurationError(PneumoscanError):
 
 class ModelNotFoundError(PneumoscanError):
     """No usable model (checkpoint or exported folder) at the given path."""
+
+
+class InputError(PneumoscanError):
+    """An input image that pneumoscan cannot or must not score; ``http_status`` for the service."""
+
+    http_status = 422
+
+
+class UnsupportedFormat(InputError):
+    """The bytes are not an image format pneumoscan reads (found from the content, not the name)."""
+
+    http_status = 415
+
+
+class CorruptImage(InputError):
+    """The file claims a supported format but cannot be decoded (truncated, damaged, empty)."""
+
+
+class ImageTooLarge(InputError):
+    """The file or its pixel count exceeds the configured limits (guards against decompression bombs)."""
+
+    http_status = 413
+
+
+class NotARadiograph(InputError):
+    """A readable image that is not a projection radiograph (a CT or MR slice, a multi-frame clip, a report)."""

@@ -46,7 +46,7 @@ LIMITATIONS = [
 
 
 class LogitAndHeatmap(nn.Module):
-    """The exported graph: ImageNet-normalised ``N×3×H×W`` -> (``N`` logits, ``N×H×W`` heat maps).
+    """The exported graph: ImageNet-normalised ``N×3×H×W`` -> logits ``N``, heat maps ``N×H×W``, embeddings ``N×C``.
 
     The classifier is global average pooling then one linear layer, so Grad-CAM
     on the last feature map *is* the class activation map: the gradient of the
@@ -69,15 +69,16 @@ class LogitAndHeatmap(nn.Module):
         self.image_size = image_size
         self.register_buffer("cam_weight", classifier.weight.detach().reshape(1, -1, 1, 1).clone())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.model.forward_features(x)
         logit = self.model.forward_head(features).reshape(-1)
+        embedding = features.mean(dim=(2, 3))  # what the head sees; the out-of-distribution gate reads it
         cam = nn.functional.relu(nn.functional.conv2d(features, self.cam_weight))
         cam = nn.functional.interpolate(cam, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         low = cam.amin(dim=(2, 3), keepdim=True)
         cam = cam - low
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
-        return logit, cam[:, 0]
+        return logit, cam[:, 0], embedding
 
 
 def sha256_file(path: Path) -> str:
@@ -105,8 +106,8 @@ def export_onnx(module: PneumoniaClassifier, path: Path, image_size: int) -> Pat
         (example,),
         str(path),
         input_names=["image"],
-        output_names=["logit", "heatmap"],
-        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "heatmap": {0: "batch"}},
+        output_names=["logit", "heatmap", "embedding"],
+        dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}, "heatmap": {0: "batch"}, "embedding": {0: "batch"}},
         opset_version=ONNX_OPSET,
         dynamo=False,
     )
@@ -150,7 +151,8 @@ def export(
         "architecture": module.hparams.arch,
         "labels": list(CLASS_NAMES),
         "output": "logit: logit of PNEUMONIA, probability = sigmoid(logit / temperature); "
-        "heatmap: N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]",
+        "heatmap: N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]; "
+        "embedding: N×C globally pooled features of the last block",
         "input": {
             "name": "image",
             "shape": ["batch", 3, image_size, image_size],

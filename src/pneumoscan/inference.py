@@ -8,7 +8,6 @@ evaluation measured. ``Predictor.load()`` opens the shipped model.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from tqdm import tqdm
 from pneumoscan.calibration import calibrated_probability
 from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError
-from pneumoscan.preprocessing import load_grayscale, preprocess
+from pneumoscan.imaging import load_xray
+from pneumoscan.preprocessing import preprocess
 
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"
@@ -49,15 +49,17 @@ def batched(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def to_grayscale_image(source: ImageInput) -> Image.Image:
-    """Accept a path, encoded bytes, a NumPy array or a PIL image; return 8-bit grayscale."""
+    """Accept a path, encoded bytes, a NumPy array or a PIL image; return 8-bit grayscale.
+
+    Paths and bytes go through :func:`pneumoscan.imaging.load_xray`, which raises
+    a typed :class:`~pneumoscan.errors.InputError` for anything it cannot score.
+    """
     if isinstance(source, Image.Image):
         return source.convert("L")
-    if isinstance(source, (bytes, bytearray)):
-        return load_grayscale(io.BytesIO(source))
     if isinstance(source, np.ndarray):
         array = source if source.dtype == np.uint8 else np.clip(source, 0, 255).astype(np.uint8)
         return Image.fromarray(array).convert("L")
-    return load_grayscale(source)
+    return load_xray(source).image  # bytes or a path: any supported format, DICOM included
 
 
 @dataclass

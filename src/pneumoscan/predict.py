@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from pneumoscan.errors import InputError
 from pneumoscan.explanation import save_side_by_side
-from pneumoscan.inference import Predictor, batched, to_grayscale_image
+from pneumoscan.imaging import load_xray
+from pneumoscan.inference import Predictor, batched
 
 INPUT_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"})
 
@@ -45,15 +47,15 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Decode a file; every failure becomes a ValueError with a plain message."""
+    """Decode a file with the one loader; its typed errors carry the plain message."""
     if not path.exists():
-        raise ValueError("file not found")
+        raise InputError("file not found")
     if path.is_dir():
-        raise ValueError("is a folder, not an image")
+        raise InputError("is a folder, not an image")
     try:
-        return to_grayscale_image(path.read_bytes())
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"not a readable image ({type(exc).__name__})") from exc
+        return load_xray(path).image
+    except PermissionError as exc:
+        raise InputError("cannot be read: permission denied") from exc
 
 
 def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | None = None, batch_size: int = 16) -> list[Record]:
@@ -63,7 +65,7 @@ def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | N
     for i, path in enumerate(paths):
         try:
             readable.append((i, read_image(path)))
-        except ValueError as exc:
+        except InputError as exc:
             records[i].error = str(exc)
     for chunk in batched(readable, batch_size):
         predictions = predictor.predict([image for _, image in chunk], heatmap=heatmap_dir is not None)

@@ -1,0 +1,238 @@
+"""One loader for every entry point: bytes in, an 8-bit grayscale X-ray out, or a typed error.
+
+The format is found from the content, never from the file name. DICOM files go
+through their Modality LUT, VOI LUT or window, and MONOCHROME1 inversion, as a
+viewer would show them; only projection radiographs (CR, DX, DR) are accepted.
+Sizes are checked *before* decoding, so a decompression bomb is refused, not decoded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pneumoscan.errors import CorruptImage, ImageTooLarge, NotARadiograph, UnsupportedFormat
+
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
+PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
+#: DICOM fields that may be returned; patient-identifying fields are never copied.
+SAFE_DICOM_FIELDS = ("Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PhotometricInterpretation", "BitsStored")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Refuse inputs above these sizes before decoding them."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000  # e.g. 6000×6000 plus margin; a chest radiograph is ~3000×3000
+
+
+@dataclass
+class LoadedImage:
+    image: Image.Image  # mode "L"
+    format: str  # jpeg, png, tiff, bmp, webp, dicom
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def sniff_format(data: bytes) -> str:
+    """The format from the first bytes; ``UnsupportedFormat`` with what it looks like otherwise."""
+    if not data:
+        raise CorruptImage("the file is empty (0 bytes)")
+    head = data[:512]
+    if len(data) >= 132 and data[128:132] == b"DICM":  # first: a DICOM preamble may itself look like TIFF
+        return "dicom"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if describe_unsupported(head) == "this file" and looks_like_dicom(data):  # no preamble, still a dataset
+        return "dicom"
+    raise UnsupportedFormat(f"{describe_unsupported(head)} is not an X-ray image: upload a JPEG, PNG, TIFF, BMP, WebP or DICOM file")
+
+
+def looks_like_dicom(data: bytes) -> bool:
+    """A bare DICOM dataset (no 128-byte preamble): pydicom parses it and finds DICOM's usual fields."""
+    import warnings
+
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data[:65536]), force=True, stop_before_pixels=True)
+        return len(ds) >= 3 and any(name in ds for name in ("SOPClassUID", "Modality", "StudyInstanceUID", "Rows"))
+    except Exception:  # anything pydicom cannot parse is simply not DICOM
+        return False
+
+
+def describe_unsupported(head: bytes) -> str:
+    lowered = head.lstrip().lower()
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if lowered.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "a GIF animation"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "this file"
+
+
+def load_xray(source: bytes | str | Path, limits: Limits | None = None) -> LoadedImage:
+    """Decode any supported input to an 8-bit grayscale image, or raise a typed :class:`InputError`."""
+    limits = limits or Limits()
+    data = read_bytes(source, limits)
+    kind = sniff_format(data)
+    if kind == "dicom":
+        return load_dicom(data, limits)
+    return load_pillow(data, kind, limits)
+
+
+def read_bytes(source: bytes | str | Path, limits: Limits) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise CorruptImage(f"{path.name}: no such file" if not path.exists() else f"{path.name} is not a file")
+        if path.stat().st_size > limits.max_bytes:
+            raise ImageTooLarge(f"the file is larger than the limit of {limits.max_bytes // 2**20} MB")
+        data = path.read_bytes()
+    if len(data) > limits.max_bytes:
+        raise ImageTooLarge(f"the file is larger than the limit of {limits.max_bytes // 2**20} MB")
+    return data
+
+
+def check_pixels(width: int, height: int, limits: Limits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}×{height} pixels, more than the limit of {limits.max_pixels:,}; downscale it first"
+        )
+
+
+def load_pillow(data: bytes, kind: str, limits: Limits) -> LoadedImage:
+    try:
+        with Image.open(io.BytesIO(data), formats=[PILLOW_FORMATS[kind]]) as opened:
+            check_pixels(*opened.size, limits)  # header only: nothing decoded yet
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            gray = to_gray8(image)
+    except (ImageTooLarge, UnsupportedFormat):
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(
+            f"the image claims more pixels than the limit of {limits.max_pixels:,} (a decompression bomb?); downscale it first"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImage(f"the {kind.upper()} file is damaged or truncated and cannot be decoded") from exc
+    return LoadedImage(gray, kind)
+
+
+def to_gray8(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit grayscale, scaling 16-bit data by its full range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8))
+    if image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode == "I" and array.max() <= 65535 and array.min() >= 0 else None
+        return Image.fromarray(scale_to_uint8(array, 0.0, top) if top else scale_to_uint8(array))
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("L")
+
+
+def scale_to_uint8(array: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
+    """Linear map of [low, high] (default: the data's range) to 0..255."""
+    array = np.asarray(array, dtype=np.float64)
+    low = float(array.min()) if low is None else low
+    high = float(array.max()) if high is None else high
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.clip((array - low) / (high - low) * 255.0, 0, 255).round().astype(np.uint8)
+
+
+def load_dicom(data: bytes, limits: Limits) -> LoadedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptImage("the DICOM file is damaged and cannot be read") from exc
+    info = {name: str(ds.get(name)) for name in SAFE_DICOM_FIELDS if ds.get(name) is not None}
+    check_radiograph(ds)
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    check_pixels(columns, rows, limits)
+    try:
+        pixels = dicom_display_values(ds)
+    except NotARadiograph:
+        raise
+    except Exception as exc:  # pydicom's pixel handlers raise many kinds; each means the same to a user
+        raise CorruptImage(f"the DICOM image data cannot be decoded ({type(exc).__name__}: {exc})"[:300]) from exc
+    return LoadedImage(Image.fromarray(pixels), "dicom", info)
+
+
+def check_radiograph(ds: object) -> None:
+    """Refuse what the model was not made for: other modalities, clips, files with no image."""
+    modality = str(getattr(ds, "Modality", "") or "").upper()
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:  # type: ignore[operator]
+        raise NotARadiograph(f"this DICOM file holds no image (modality {modality or 'unknown'}): nothing to score")
+    if modality not in RADIOGRAPH_MODALITIES:
+        raise NotARadiograph(
+            f"this DICOM image is modality {modality or 'unknown'}, not a projection radiograph (CR, DX or DR); "
+            "pneumoscan reads chest X-rays only"
+        )
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise NotARadiograph(f"this DICOM file holds {frames} frames; send a single chest X-ray image")
+
+
+def dicom_display_values(ds: object) -> np.ndarray:
+    """Pixels as a viewer shows them, 8-bit: Modality LUT, VOI LUT/window, MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    raw = ds.pixel_array  # type: ignore[attr-defined]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if raw.ndim != 2:
+        if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and raw.ndim == 3 and raw.shape[-1] == 3:
+            return np.asarray(Image.fromarray(raw.astype(np.uint8)).convert("L"))
+        raise NotARadiograph("this DICOM image is not a single grayscale frame")
+    values = apply_modality_lut(raw, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:  # type: ignore[operator]
+        values = apply_voi_lut(values, ds, index=0).astype(np.float64)
+        low, high = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)  # type: ignore[attr-defined]
+    elif "WindowCenter" in ds and "WindowWidth" in ds:  # type: ignore[operator]
+        center, width = first_value(ds.WindowCenter), max(first_value(ds.WindowWidth), 1.0)  # type: ignore[attr-defined]
+        low, high = center - width / 2.0, center + width / 2.0
+    elif int(getattr(ds, "BitsStored", 8) or 8) <= 8 and values.min() >= 0 and values.max() <= 255:
+        low, high = 0.0, 255.0
+    else:  # no window: show the full range of the data, as viewers do
+        low, high = float(values.min()), float(values.max())
+    gray = scale_to_uint8(values, low, high)
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    return gray
+
+
+def first_value(value: object) -> float:
+    """WindowCenter/Width may hold several values; the first is the default view."""
+    try:
+        return float(value[0])  # type: ignore[index]
+    except TypeError:
+        return float(value)  # type: ignore[arg-type]
