@@ -83,6 +83,9 @@ def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(
     card = export(smoke_checkpoint, tmp_path / "model", small_data_root, name="test-model")
     assert (tmp_path / "model" / "MODEL_CARD.md").is_file()
     assert card["operating_point"]["policy"] == "sensitivity" and 0 < card["calibration"]["temperature"]
+    gate = card["ood_gate"]
+    assert (tmp_path / "model" / gate["file"]).is_file() and gate["kept_validation_share"] >= 0.99
+    assert gate["non_xray_n"] >= 30 and 0.0 <= gate["non_xray_rejected_share"] <= 1.0
 
     records = list_records(data_root, "test")[::40]  # real images of both classes
     paths = [r.path for r in records]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 import pneumoscan
@@ -31,6 +32,7 @@ from pneumoscan.training import PneumoniaClassifier
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
+OOD_PROBE_DICOMS = ("CT_small.dcm", "693_J2KI.dcm", "MR_small.dcm", "examples_overlay.dcm", "examples_rgb_color.dcm", "examples_jpeg2k.dcm")
 INTENDED_USE = (
     "Decision support for reading frontal chest X-rays of children aged 1–5: it flags images likely to show "
     "pneumonia so that a clinician looks at them first. It is not a diagnosis and does not replace a radiologist."
@@ -176,17 +178,20 @@ def export(
     onnx_model = Predictor.load(out)
 
     val = split_records(root, "val", data.seed, data.val_fraction)
-    val_logits = onnx_model.logits([r.path for r in val], progress=True)
+    val_out = onnx_model.outputs([r.path for r in val], ["logit", "embedding"], progress=True)
+    val_logits = val_out["logit"].reshape(-1)
     calibration = fit_calibration(val_logits, np.asarray([r.label for r in val]), policy, target)
     card["calibration"] = {"method": "temperature scaling fitted on the validation split (NLL)", "temperature": calibration.temperature}
     card["operating_point"] = calibration.operating_point.to_dict()
 
     val_metrics = write_evaluation(out / "evaluation" / "val", val, val_logits, calibration, "val", root, card["name"])
     test = split_records(root, "test", data.seed, data.val_fraction)
-    test_logits = onnx_model.logits([r.path for r in test], progress=True)
+    test_out = onnx_model.outputs([r.path for r in test], ["logit", "embedding"], progress=True)
+    test_logits = test_out["logit"].reshape(-1)
     test_metrics = write_evaluation(out / "evaluation" / "test", test, test_logits, calibration, "test", root, card["name"])
     card["validation"]["metrics"] = summary(val_metrics)
     card["test"] = {"metrics": summary(test_metrics), "note": "reported once, after temperature and threshold were fixed on validation"}
+    card["ood_gate"] = fit_and_report_gate(onnx_model, out, root, data, val_out["embedding"], test_out["embedding"])
     if int8:
         card["int8"] = export_int8(out, root, data, image_size, val, test, calibration, card["name"], test_metrics)
     card["data"] = {
@@ -198,6 +203,62 @@ def export(
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(render_card(card))
     return card
+
+
+def ood_probe_images() -> list[tuple[str, Image.Image]]:
+    """Images that are not chest X-rays: every photo scikit-image ships, CT/MR/US slices
+    from pydicom's test files, blank and noise images. The gate must flag them all."""
+    import pydicom
+    import skimage
+
+    from pneumoscan.imaging import dicom_display_values, load_xray
+
+    probes: list[tuple[str, Image.Image]] = []
+    photo_dir = Path(skimage.__file__).parent / "data"
+    for path in sorted(photo_dir.glob("*")):
+        if path.suffix.lower() in (".png", ".jpg"):
+            probes.append((f"scikit-image {path.stem}", load_xray(path).image))
+    dicom_dir = Path(pydicom.__file__).parent / "data" / "test_files"
+    for name in OOD_PROBE_DICOMS:
+        ds = pydicom.dcmread(dicom_dir / name)
+        probes.append((f"pydicom {name} ({ds.Modality})", Image.fromarray(dicom_display_values(ds))))
+    rng = np.random.default_rng(0)
+    size = (224, 224)
+    probes += [
+        ("blank black", Image.new("L", size, 0)),
+        ("blank white", Image.new("L", size, 255)),
+        ("blank gray", Image.new("L", size, 128)),
+        ("uniform noise", Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8))),
+        ("gaussian noise", Image.fromarray(np.clip(rng.normal(128, 40, size), 0, 255).astype(np.uint8))),
+    ]
+    return probes
+
+
+def fit_and_report_gate(model: Predictor, out: Path, root: Path, data, val_embeddings: np.ndarray, test_embeddings: np.ndarray) -> dict:
+    """Fit the gate on training-split features, threshold on validation; report test and non-X-ray shares."""
+    from pneumoscan.ood import DEFAULT_KEEP, GATE_FILE, fit_gate
+
+    train_side = training_side(root, data)
+    train_embeddings = model.outputs([r.path for r in train_side], ["embedding"], progress=True)["embedding"]
+    gate = fit_gate(train_embeddings, val_embeddings, DEFAULT_KEEP)
+    gate.save(out)
+    probes = ood_probe_images()
+    probe_scores = gate.score(model.outputs([image for _, image in probes], ["embedding"])["embedding"])
+    kept_probes = [name for (name, _), score in zip(probes, probe_scores) if score <= gate.threshold]
+    return {
+        "file": GATE_FILE,
+        "sha256": sha256_file(out / GATE_FILE),
+        "method": "squared Mahalanobis distance of the pooled features (ONNX output 'embedding') from the training "
+        f"split's, Ledoit-Wolf covariance fitted on {len(train_side)} training images; threshold = the "
+        f"{DEFAULT_KEEP:.0%} quantile of the validation scores",
+        "threshold": gate.threshold,
+        "kept_validation_share": float(np.mean(gate.in_distribution(gate.score(val_embeddings)))),
+        "kept_test_share": float(np.mean(gate.in_distribution(gate.score(test_embeddings)))),
+        "non_xray_rejected_share": 1.0 - len(kept_probes) / len(probes),
+        "non_xray_n": len(probes),
+        "non_xray_kept": kept_probes,
+        "non_xray_probes": [name for name, _ in probes],
+    }
 
 
 def export_int8(out: Path, root: Path, data, image_size: int, val: list[Record], test: list[Record],
@@ -246,6 +307,14 @@ def render_card(card: dict) -> str:
     """The human-readable model card."""
     op, val, test = card["operating_point"], card["validation"]["metrics"], card["test"]["metrics"]
     limits = "\n".join(f"- {item}" for item in card["limitations"])
+    gate = card.get("ood_gate")
+    gate_text = "none" if not gate else (
+        f"{gate['method']} (threshold {gate['threshold']:.1f}, `{gate['file']}`). Kept: "
+        f"{gate['kept_validation_share']:.1%} of validation and {gate['kept_test_share']:.1%} of test images. "
+        f"Rejected: {gate['non_xray_rejected_share']:.1%} of {gate['non_xray_n']} images that are not chest X-rays "
+        f"(scikit-image's sample photos, CT/MR/US images from pydicom's test files, blank and noise images)"
+        + (f"; not rejected: {', '.join(gate['non_xray_kept'])}." if gate["non_xray_kept"] else ".")
+    )
     int8_rows = ""
     if "int8" in card:
         int8_rows = (
@@ -280,6 +349,10 @@ def render_card(card: dict) -> str:
 Threshold and temperature were fitted on the validation split (about 10 % of the
 patients of `train/`, by patient); the test split was scored once, afterwards.
 Reports with plots: `evaluation/val/report.md`, `evaluation/test/report.md`.
+
+## Out-of-distribution gate
+
+{gate_text}
 
 ## Limitations
 

@@ -210,7 +210,7 @@ def dicom_display_values(ds: object) -> np.ndarray:
     raw = ds.pixel_array  # type: ignore[attr-defined]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if raw.ndim != 2:
-        if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and raw.ndim == 3 and raw.shape[-1] == 3:
+        if raw.ndim == 3 and raw.shape[-1] == 3:  # colour (pydicom has already converted YBR to RGB)
             return np.asarray(Image.fromarray(raw.astype(np.uint8)).convert("L"))
         raise NotARadiograph("this DICOM image is not a single grayscale frame")
     values = apply_modality_lut(raw, ds).astype(np.float64)

@@ -22,6 +22,8 @@ from pneumoscan.calibration import calibrated_probability
 from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError
 from pneumoscan.imaging import load_xray
+from pneumoscan.ood import WARNING as OOD_WARNING
+from pneumoscan.ood import OodGate
 from pneumoscan.preprocessing import preprocess
 
 MODEL_FILE = "model.onnx"
@@ -71,7 +73,13 @@ class Prediction:
     threshold: float
     operating_point: str
     logit: float
+    in_distribution: bool | None = None  # None: the model has no out-of-distribution gate
+    ood_score: float | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)  # size×size in [0, 1]
+
+    @property
+    def warning(self) -> str | None:
+        return OOD_WARNING if self.in_distribution is False else None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -79,6 +87,9 @@ class Prediction:
             "label": self.label,
             "threshold": self.threshold,
             "operating_point": self.operating_point,
+            "in_distribution": self.in_distribution,
+            "ood_score": self.ood_score,
+            "warning": self.warning,
         }
 
 
@@ -104,6 +115,7 @@ class Predictor:
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.card["input"]["size"])
+        self.gate = OodGate.load(self.model_dir)
 
     @classmethod
     def load(cls, model_dir: Path | str | None = None, precision: str = "fp32", threads: int | None = None) -> Predictor:
@@ -122,22 +134,26 @@ class Predictor:
     def operating_point(self) -> str:
         return str(self.card["operating_point"]["name"])
 
-    def run(self, batch: np.ndarray, heatmaps: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw logits (and heat maps) of preprocessed inputs ``N×3×H×W``."""
+    def run(self, batch: np.ndarray, outputs: Sequence[str] = ("logit",)) -> dict[str, np.ndarray]:
+        """Named outputs (``logit``, ``heatmap``, ``embedding``) for preprocessed inputs ``N×3×H×W``."""
         feed = {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
-        if heatmaps:
-            logits, maps = self.session.run(["logit", "heatmap"], feed)
-            return logits.reshape(-1), maps
-        return self.session.run(["logit"], feed)[0].reshape(-1), None
+        return dict(zip(outputs, self.session.run(list(outputs), feed)))
+
+    def outputs(
+        self, sources: Sequence[ImageInput], names: Sequence[str], batch_size: int = 32, progress: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Named outputs for many images, batched, with an optional progress bar."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for chunk in tqdm(list(batched(sources, batch_size)), desc="scoring", unit="batch", disable=not progress):
+            for name, value in self.run(np.stack([self.preprocess(s) for s in chunk]), names).items():
+                parts[name].append(value)
+        return {name: np.concatenate(values) if values else np.zeros(0, np.float32) for name, values in parts.items()}
 
     def preprocess(self, source: ImageInput) -> np.ndarray:
         return preprocess(to_grayscale_image(source), self.image_size)
 
     def logits(self, sources: Sequence[ImageInput], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        out = []
-        for chunk in tqdm(list(batched(sources, batch_size)), desc="scoring", unit="batch", disable=not progress):
-            out.append(self.run(np.stack([self.preprocess(s) for s in chunk]))[0])
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+        return self.outputs(sources, ["logit"], batch_size, progress)["logit"].reshape(-1)
 
     def predict(
         self, images: ImageInput | Sequence[ImageInput], heatmap: bool = False, batch_size: int = 32
@@ -149,8 +165,11 @@ class Predictor:
         single = not isinstance(images, (list, tuple))
         sources = [images] if single else list(images)
         predictions: list[Prediction] = []
+        names = ["logit"] + (["heatmap"] if heatmap else []) + (["embedding"] if self.gate else [])
         for chunk in batched(sources, batch_size):
-            logits, maps = self.run(np.stack([self.preprocess(s) for s in chunk]), heatmaps=heatmap)
+            out = self.run(np.stack([self.preprocess(s) for s in chunk]), names)
+            logits, maps = out["logit"].reshape(-1), out.get("heatmap")
+            scores = self.gate.score(out["embedding"]) if self.gate else None
             for i, logit in enumerate(logits):
                 probability = float(calibrated_probability(logit, self.temperature))
                 predictions.append(
@@ -160,6 +179,8 @@ class Predictor:
                         threshold=self.threshold,
                         operating_point=self.operating_point,
                         logit=float(logit),
+                        in_distribution=bool(scores[i] <= self.gate.threshold) if scores is not None else None,
+                        ood_score=float(scores[i]) if scores is not None else None,
                         heatmap=maps[i] if maps is not None else None,
                     )
                 )

@@ -28,11 +28,14 @@ class Record:
     probability: float | None = None
     label: str | None = None
     threshold: float | None = None
+    in_distribution: bool | None = None
+    ood_score: float | None = None
+    warning: str | None = None
     heatmap: str | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if v is not None or k in ("path", "error")}
+        return {k: v for k, v in self.__dict__.items() if v is not None or k in ("path", "error", "in_distribution")}
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -72,6 +75,9 @@ def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | N
         for (i, image), prediction in zip(chunk, predictions):
             record = records[i]
             record.probability, record.label, record.threshold = prediction.probability, prediction.label, prediction.threshold
+            record.in_distribution, record.ood_score, record.warning = (
+                prediction.in_distribution, prediction.ood_score, prediction.warning,
+            )  # fmt: skip
             if heatmap_dir is not None and prediction.heatmap is not None:
                 target = heatmap_dir / f"{i:05d}-{Path(record.path).stem}.png"
                 caption = f"{prediction.label}  p={prediction.probability:.3f}  (threshold {prediction.threshold:.3f})"
@@ -83,7 +89,7 @@ def format_records(records: list[Record], fmt: str) -> str:
     """``table`` for people, ``json`` and ``csv`` for programs."""
     if fmt == "json":
         return json.dumps([r.to_dict() for r in records], indent=2)
-    columns = ["path", "probability", "label", "threshold", "heatmap", "error"]
+    columns = ["path", "probability", "label", "threshold", "in_distribution", "ood_score", "heatmap", "error"]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -92,12 +98,13 @@ def format_records(records: list[Record], fmt: str) -> str:
             writer.writerow({k: ("" if getattr(r, k) is None else getattr(r, k)) for k in columns})
         return buffer.getvalue().rstrip("\n")
     width = max([len(r.path) for r in records] + [4])
-    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<9}  threshold"]
+    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<9}  {'threshold':<9}  note"]
     for r in records:
         if r.error:
-            lines.append(f"{r.path:<{width}}  {'-':>11}  {'ERROR':<9}  {r.error}")
+            lines.append(f"{r.path:<{width}}  {'-':>11}  {'ERROR':<9}  {'-':<9}  {r.error}")
         else:
-            lines.append(f"{r.path:<{width}}  {r.probability:>11.4f}  {r.label:<9}  {r.threshold:.4f}")
+            note = r.warning or ""
+            lines.append(f"{r.path:<{width}}  {r.probability:>11.4f}  {r.label:<9}  {r.threshold:<9.4f}  {note}")
     return "\n".join(lines)
 
 
