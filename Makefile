@@ -15,9 +15,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[train,serve,dev]'
 	touch $@
 
-## run: set up and run the main job (until the shipped model exists: a short training run)
+## run: set up and run the main job: the shipped model on test X-rays, with heat maps
+## (the web app replaces this when it lands)
 run: $(VENV)/.installed
-	$(BIN)/pneumoscan train --data $(DATA) --epochs 1 --limit-train-batches 8 --limit-val-batches 4 --out runs/quickstart
+	$(BIN)/pneumoscan predict $(DATA)/test/NORMAL/IM-0001-0001.jpeg $(DATA)/test/NORMAL/IM-0003-0001.jpeg \
+		$(DATA)/test/PNEUMONIA/person1_virus_6.jpeg $(DATA)/test/PNEUMONIA/person100_bacteria_475.jpeg \
+		--heatmaps runs/heatmaps
+	@echo "heat maps: runs/heatmaps/"
 
 ## test: set up and run the test suite
 test: $(VENV)/.installed
