@@ -19,9 +19,6 @@ from pneumoscan.explanation import save_side_by_side
 from pneumoscan.imaging import load_xray
 from pneumoscan.inference import Predictor, batched
 
-INPUT_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"})
-
-
 @dataclass
 class Record:
     path: str
@@ -39,11 +36,17 @@ class Record:
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; a directory means every image file in it (recursively), sorted."""
+    """Files as given; a directory means every file in it (recursively, hidden ones aside), sorted.
+
+    Folder contents are not filtered by name: DICOM files often have no
+    extension, and the loader tells images from the rest by their content.
+    """
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+            files += sorted(
+                p for p in item.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
         else:
             files.append(item)
     return files
