@@ -33,7 +33,7 @@ class OodGate:
     def score(self, embeddings: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row from the training mean."""
         centered = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1) - self.mean
-        return np.einsum("ij,jk,ik->i", centered, self.precision, centered)
+        return np.sum((centered @ self.precision) * centered, axis=1)
 
     def in_distribution(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) <= self.threshold
