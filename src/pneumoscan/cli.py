@@ -53,7 +53,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    add_data_argument(g)
     g.add_argument("--val-fraction", type=float, default=data.val_fraction, help="share of train/ patients held out")
     g.add_argument("--seed", type=int, default=data.seed, help="seed of the split, augmentation and weights")
     g.add_argument("--image-size", type=int, default=data.image_size)
@@ -120,9 +120,18 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_data_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+
+
+def add_operating_point_arguments(p: argparse.ArgumentParser, note: str) -> None:
     from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, POLICIES
 
+    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help=f"how the threshold is chosen on validation{note}")
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help=f"target validation sensitivity{note}")
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="score a split and write metrics, predictions, plots and a report",
@@ -131,11 +140,10 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint (.ckpt) or exported folder (default: {DEFAULT_MODEL_DIR})")
-    p.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    add_data_argument(p)
     p.add_argument("--split", choices=("val", "test"), default="val", help="val: the by-patient hold-out of train/")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval-<split>)")
-    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="operating point (checkpoints only)")
-    p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="target sensitivity (checkpoints only)")
+    add_operating_point_arguments(p, " (checkpoints only)")
     p.add_argument("--int8", action="store_true", help="score with the exported model's int8 version")
     p.set_defaults(handler=run_evaluate)
 
@@ -157,8 +165,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, POLICIES
-
     p = subparsers.add_parser(
         "export",
         help="export a checkpoint to ONNX with its calibration, threshold and model card",
@@ -168,10 +174,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="training checkpoint (best.ckpt of a run)")
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v2")
-    p.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    add_data_argument(p)
     p.add_argument("--name", default=None, help="model name (default: the folder name)")
-    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="how the threshold is chosen on validation")
-    p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="target validation sensitivity")
+    add_operating_point_arguments(p, "")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, per-channel) and measure it")
     p.set_defaults(handler=run_export)
 
