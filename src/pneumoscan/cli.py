@@ -30,6 +30,15 @@ data: --data or PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the proje
 """
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def batches(value: str) -> float | int:
     """``--limit-*-batches``: an integer is a count of batches, a float a fraction."""
     number = float(value)
@@ -50,7 +59,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a model on the patient-level split of train/",
         description="Fine-tune a classifier on train/ (a by-patient validation split is held out; "
         "test/ is never read). Writes the best checkpoint, metrics.csv, config.json and curves.png to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     add_data_argument(g)
@@ -137,7 +146,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="score a split and write metrics, predictions, plots and a report",
         description="Score every image of a split with a checkpoint or an exported model folder. The threshold and "
         "temperature come from the exported model's card, or (for a checkpoint) are fitted on the validation split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint (.ckpt) or exported folder (default: {DEFAULT_MODEL_DIR})")
     add_data_argument(p)
@@ -170,7 +179,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         help="export a checkpoint to ONNX with its calibration, threshold and model card",
         description="Write model.onnx, model_card.json and MODEL_CARD.md. Temperature and threshold are fitted on "
         "the validation split scored by the exported model; the test split is then reported once.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, help="training checkpoint (best.ckpt of a run)")
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v2")
@@ -202,7 +211,7 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         help="score image files with the exported model (no PyTorch needed)",
         description="One record per file: calibrated probability of pneumonia, label at the model's threshold. "
         "Unreadable files get an error record; the exit code is 1 if any file failed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("files", nargs="+", type=Path, help="image files or folders (every image inside)")
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
