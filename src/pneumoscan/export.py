@@ -276,8 +276,9 @@ def export_int8(out: Path, root: Path, data, image_size: int, val: list[Record],
     return {
         "file": INT8_MODEL_FILE,
         "sha256": sha256_file(out / INT8_MODEL_FILE),
-        "method": "ONNX Runtime static QDQ, int8 weights per channel, int8 activations (MinMax), "
-        f"calibrated on {len(sample)} images of the training split (validation patients excluded)",
+        "method": "ONNX Runtime static QDQ: int8 weights per channel with reduce_range, int8 activations (MinMax) "
+        f"calibrated on {len(sample)} images of the training split (validation patients excluded); the first "
+        "convolution, the head convolution, the heat-map convolution and the classifier stay float",
         "validation": {"metrics": summary(val_metrics)},
         "test": {"metrics": summary(test_metrics)},
         "test_delta_vs_fp32": {
