@@ -14,7 +14,8 @@ def test_model_input_is_three_equal_normalised_channels(data_root: Path) -> None
     path = list_records(data_root, "test")[0].path
     x = preprocess_file(path)
     assert x.shape == (3, 224, 224) and x.dtype == np.float32
-    gray = np.asarray(load_grayscale(path), dtype=np.float32) / 255.0
+    gray = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0  # independent reference
+    assert np.array_equal(np.asarray(load_grayscale(path)), np.asarray(Image.open(path).convert("L")))
     for c in range(3):
         np.testing.assert_allclose(x[c], (gray - IMAGENET_MEAN[c]) / IMAGENET_STD[c], rtol=1e-6, atol=1e-6)
 

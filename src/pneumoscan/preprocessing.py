@@ -18,14 +18,16 @@ _STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 def load_grayscale(path: str | Path) -> Image.Image:
-    """Decode an image file as an 8-bit grayscale X-ray (mode ``L``).
+    """Decode an image file as an 8-bit grayscale X-ray (mode ``L``) with the one loader.
 
-    The dataset stores X-rays as 3-channel JPEGs whose channels are equal;
-    reading them as one channel drops nothing and makes colour inputs behave
-    the same way.
+    Training, evaluation and inference all read files through
+    :func:`pneumoscan.imaging.load_xray`, so a DICOM or a 16-bit PNG is read
+    the same way everywhere. The dataset's 3-channel JPEGs have equal channels;
+    one channel drops nothing.
     """
-    with Image.open(path) as image:
-        return image.convert("L")
+    from pneumoscan.imaging import load_xray
+
+    return load_xray(path).image
 
 
 def resize_square(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
