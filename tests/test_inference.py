@@ -237,3 +237,13 @@ def test_evaluate_reproduces_the_shipped_cards_test_figures(shipped_model: Path,
     for key, value in card["test"]["metrics"].items():
         assert metrics[key] == value, key
     assert metrics["threshold"] == card["operating_point"]["threshold"]
+
+
+def test_predict_command_size_limits_are_settable(data_root: Path) -> None:
+    path = list_records(data_root, "test")[0].path
+    result = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "predict", str(path), "--format", "json", "--max-pixels", "1000"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "224×224 pixels, more than the limit of 1,000" in json.loads(result.stdout)[0]["error"]

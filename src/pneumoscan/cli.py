@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pneumoscan import __version__
-from pneumoscan.config import DEFAULT_MODEL_DIR, DataConfig, TrainConfig, default_data_root
+from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS, DataConfig, TrainConfig, default_data_root
 from pneumoscan.errors import ModelNotFoundError, PneumoscanError
 
 EPILOG = """examples:
@@ -219,14 +219,18 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write X-ray + heat-map PNGs here")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--max-file-mb", type=float, default=MAX_INPUT_BYTES / 2**20, help="refuse larger files")
+    p.add_argument("--max-pixels", type=int, default=MAX_INPUT_PIXELS, help="refuse images with more pixels (before decoding)")
     p.set_defaults(handler=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from pneumoscan.imaging import Limits
     from pneumoscan.inference import Predictor
     from pneumoscan.predict import expand_inputs, format_records, predict_files
 
-    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads)
+    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
+    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads, limits=limits)
     records = predict_files(predictor, expand_inputs(args.files), args.heatmaps)
     print(format_records(records, args.format))
     failed = sum(1 for r in records if r.error)

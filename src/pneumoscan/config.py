@@ -21,6 +21,10 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 
+#: Inputs above these are refused before decoding (decompression bombs, wrong files).
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+MAX_INPUT_PIXELS = 40_000_000  # 6000×6000 plus margin; a chest radiograph is about 3000×3000
+
 DATA_ENV_VAR = "PNEUMOSCAN_DATA"
 #: The project root: ``src/pneumoscan/config.py`` -> three levels up.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

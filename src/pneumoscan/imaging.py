@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumoscan.config import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
 from pneumoscan.errors import CorruptImage, ImageTooLarge, NotARadiograph, UnsupportedFormat
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
@@ -27,8 +28,8 @@ SAFE_DICOM_FIELDS = ("Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPIn
 class Limits:
     """Refuse inputs above these sizes before decoding them."""
 
-    max_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 40_000_000  # e.g. 6000×6000 plus margin; a chest radiograph is ~3000×3000
+    max_bytes: int = MAX_INPUT_BYTES
+    max_pixels: int = MAX_INPUT_PIXELS
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pneumoscan.calibration import calibrated_probability
 from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError
-from pneumoscan.imaging import load_xray
+from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.ood import WARNING as OOD_WARNING
 from pneumoscan.ood import OodGate
 from pneumoscan.preprocessing import preprocess
@@ -50,7 +50,7 @@ def batched(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def to_grayscale_image(source: ImageInput) -> Image.Image:
+def to_grayscale_image(source: ImageInput, limits: Limits | None = None) -> Image.Image:
     """Accept a path, encoded bytes, a NumPy array or a PIL image; return 8-bit grayscale.
 
     Paths and bytes go through :func:`pneumoscan.imaging.load_xray`, which raises
@@ -61,7 +61,7 @@ def to_grayscale_image(source: ImageInput) -> Image.Image:
     if isinstance(source, np.ndarray):
         array = source if source.dtype == np.uint8 else np.clip(source, 0, 255).astype(np.uint8)
         return Image.fromarray(array).convert("L")
-    return load_xray(source).image  # bytes or a path: any supported format, DICOM included
+    return load_xray(source, limits).image  # bytes or a path: any supported format, DICOM included
 
 
 @dataclass
@@ -96,7 +96,13 @@ class Prediction:
 class Predictor:
     """The shipped model in ONNX Runtime: one shared session, safe to call from many threads."""
 
-    def __init__(self, model_dir: Path | str | None = None, precision: str = "fp32", threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: Path | str | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
+        limits: Limits | None = None,
+    ):
         import onnxruntime as ort
 
         if precision not in PRECISIONS:
@@ -116,11 +122,18 @@ class Predictor:
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.card["input"]["size"])
         self.gate = OodGate.load(self.model_dir)
+        self.limits = limits or Limits()
 
     @classmethod
-    def load(cls, model_dir: Path | str | None = None, precision: str = "fp32", threads: int | None = None) -> Predictor:
-        """Open an exported model folder (default: the shipped model)."""
-        return cls(model_dir, precision, threads)
+    def load(
+        cls,
+        model_dir: Path | str | None = None,
+        precision: str = "fp32",
+        threads: int | None = None,
+        limits: Limits | None = None,
+    ) -> Predictor:
+        """Open an exported model folder (default: the shipped model); ``limits`` bound the inputs."""
+        return cls(model_dir, precision, threads, limits)
 
     @property
     def temperature(self) -> float:
@@ -150,7 +163,7 @@ class Predictor:
         return {name: np.concatenate(values) if values else np.zeros(0, np.float32) for name, values in parts.items()}
 
     def preprocess(self, source: ImageInput) -> np.ndarray:
-        return preprocess(to_grayscale_image(source), self.image_size)
+        return preprocess(to_grayscale_image(source, self.limits), self.image_size)
 
     def logits(self, sources: Sequence[ImageInput], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         return self.outputs(sources, ["logit"], batch_size, progress)["logit"].reshape(-1)

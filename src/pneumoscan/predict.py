@@ -16,7 +16,7 @@ from PIL import Image
 
 from pneumoscan.errors import InputError
 from pneumoscan.explanation import save_side_by_side
-from pneumoscan.imaging import load_xray
+from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.inference import Predictor, batched
 
 @dataclass
@@ -52,14 +52,14 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def read_image(path: Path) -> Image.Image:
+def read_image(path: Path, limits: Limits | None = None) -> Image.Image:
     """Decode a file with the one loader; its typed errors carry the plain message."""
     if not path.exists():
         raise InputError("file not found")
     if path.is_dir():
         raise InputError("is a folder, not an image")
     try:
-        return load_xray(path).image
+        return load_xray(path, limits).image
     except PermissionError as exc:
         raise InputError("cannot be read: permission denied") from exc
 
@@ -70,7 +70,7 @@ def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | N
     readable: list[tuple[int, Image.Image]] = []
     for i, path in enumerate(paths):
         try:
-            readable.append((i, read_image(path)))
+            readable.append((i, read_image(path, predictor.limits)))
         except InputError as exc:
             records[i].error = str(exc)
     for chunk in batched(readable, batch_size):
