@@ -239,6 +239,34 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the REST API (FastAPI) with the exported model",
+        description="Serve the model over HTTP. Every setting can also come from PNEUMOSCAN_* environment variables "
+        "(PNEUMOSCAN_DATABASE_URL, PNEUMOSCAN_API_KEY, ...); flags win.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--int8", action="store_true", help="serve the int8 model")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
+    p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pneumoscan.server import ServiceSettings, serve
+
+    overrides = {
+        "host": args.host, "port": args.port, "model_dir": args.model, "data_dir": args.data_dir,
+        "database_url": args.database_url, "precision": "int8" if args.int8 else None,
+    }  # fmt: skip
+    serve(ServiceSettings(**{k: v for k, v in overrides.items() if v is not None}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
@@ -253,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
     add_predict_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

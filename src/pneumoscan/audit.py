@@ -1,0 +1,76 @@
+"""The audit log: one row per answered prediction, in SQLite (default) or PostgreSQL.
+
+No pixels and no patient fields are stored: a hash of the uploaded bytes,
+what the model answered, and which model answered it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import Boolean, Column, DateTime, Float, MetaData, String, Table, create_engine, event, insert, select
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("upload_sha256", String(64), nullable=False),
+    Column("file_type", String(16), nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("model_sha256", String(64), nullable=False),
+    Column("probability", Float, nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("label", String(16), nullable=False),
+    Column("in_distribution", Boolean, nullable=True),
+    Column("ood_score", Float, nullable=True),
+)
+
+
+def connect(url: str) -> Engine:
+    """Open (and create) the database; SQLite runs in WAL mode so readers never block the writer."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _wal(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    metadata.create_all(engine)
+    return engine
+
+
+class AuditLog:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def record(self, row: dict) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(predictions).values(**row))
+
+    def get(self, prediction_id: str) -> dict | None:
+        with self.engine.connect() as connection:
+            found = connection.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings().first()
+        return dict(found) if found else None
+
+    def recent(self, limit: int) -> list[dict]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(predictions).order_by(predictions.c.created_at.desc()).limit(limit)).mappings()
+            return [dict(r) for r in rows]
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,203 @@
+"""The web service: ``pneumoscan serve`` (FastAPI + uvicorn), REST API over the shared ONNX model.
+
+Every answered prediction is written to the audit log before the answer
+leaves; anything a client sends that cannot be scored is a 4xx with a JSON
+reason, never a 500. Inference runs in a worker thread, bounded by a semaphore,
+so the event loop keeps answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import uuid
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.concurrency import run_in_threadpool
+
+import pneumoscan
+from pneumoscan.audit import AuditLog, connect, now
+from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
+from pneumoscan.errors import InputError
+from pneumoscan.explanation import overlay
+from pneumoscan.imaging import Limits, load_xray
+from pneumoscan.inference import Predictor
+
+API = "/api/v1"
+
+
+class ServiceSettings(BaseSettings):
+    """Every setting of the service; environment variables ``PNEUMOSCAN_*`` or CLI flags."""
+
+    model_config = SettingsConfigDict(env_prefix="PNEUMOSCAN_", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_dir: Path = DEFAULT_MODEL_DIR
+    precision: str = "fp32"
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    max_upload_bytes: int = MAX_INPUT_BYTES
+    max_pixels: int = MAX_INPUT_PIXELS
+    max_concurrent: int = 4
+    api_key: str | None = None
+    keep_uploads: bool = False
+    heatmap_cache: int = 256
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'pneumoscan.db').as_posix()}"
+
+
+class HeatmapCache:
+    """The last N overlay PNGs in memory: overlays show the X-ray, so they are not stored on disk."""
+
+    def __init__(self, size: int):
+        self.size, self.items = size, OrderedDict()
+
+    def put(self, key: str, png: bytes) -> None:
+        self.items[key] = png
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+    def get(self, key: str) -> bytes | None:
+        return self.items.get(key)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes; every time here is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def error(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": kind, "detail": detail})
+
+
+def create_app(settings: ServiceSettings | None = None, predictor: Predictor | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    limits = Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+    predictor = predictor or Predictor.load(settings.model_dir, precision=settings.precision, limits=limits)
+    audit = AuditLog(connect(settings.resolved_database_url))
+    heatmaps = HeatmapCache(settings.heatmap_cache)
+    slots = asyncio.Semaphore(settings.max_concurrent)
+    card = predictor.card
+    model_info = {
+        "name": card["name"],
+        "version": card["pneumoscan_version"],
+        "sha256": card["int8"]["sha256"] if settings.precision == "int8" else card["onnx"]["sha256"],
+    }
+    app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays")
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):  # type: ignore[no-untyped-def]
+        if settings.api_key and request.url.path.startswith("/api/"):
+            given = request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return error(401, "unauthorized", "a valid X-API-Key header is required")
+        return await call_next(request)
+
+    def public(row: dict) -> dict:
+        return {
+            "id": row["id"],
+            "probability": row["probability"],
+            "label": row["label"],
+            "threshold": row["threshold"],
+            "operating_point": predictor.operating_point,
+            "in_distribution": row["in_distribution"],
+            "ood_score": row["ood_score"],
+            "model": {"name": row["model_name"], "version": row["model_version"], "sha256": row["model_sha256"]},
+            "created_at": as_utc(row["created_at"]).isoformat(),
+            "heatmap_url": f"{API}/predictions/{row['id']}/heatmap.png",
+        }
+
+    def score(data: bytes) -> tuple[object, object, str]:
+        loaded = load_xray(data, limits)
+        prediction = predictor.predict(loaded.image, heatmap=True)
+        return loaded, prediction, loaded.format
+
+    @app.post(f"{API}/predictions", status_code=201)
+    async def create_prediction(file: UploadFile = File(...)) -> JSONResponse:
+        data = await file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            return error(413, "ImageTooLarge", f"the upload is larger than {settings.max_upload_bytes // 2**20} MB")
+        async with slots:
+            try:
+                loaded, prediction, kind = await run_in_threadpool(score, data)
+            except InputError as exc:
+                return error(exc.http_status, type(exc).__name__, str(exc))
+        row = {
+            "id": uuid.uuid4().hex,
+            "created_at": now(),
+            "upload_sha256": hashlib.sha256(data).hexdigest(),
+            "file_type": kind,
+            "model_name": model_info["name"],
+            "model_version": model_info["version"],
+            "model_sha256": model_info["sha256"],
+            "probability": prediction.probability,
+            "threshold": prediction.threshold,
+            "label": prediction.label,
+            "in_distribution": prediction.in_distribution,
+            "ood_score": prediction.ood_score,
+        }
+        await run_in_threadpool(audit.record, row)
+        png = io.BytesIO()
+        overlay(loaded.image, prediction.heatmap).save(png, format="PNG")
+        heatmaps.put(row["id"], png.getvalue())
+        if settings.keep_uploads:
+            (settings.data_dir / "uploads").mkdir(parents=True, exist_ok=True)
+            (settings.data_dir / "uploads" / f"{row['id']}.{kind}").write_bytes(data)
+        return JSONResponse(status_code=201, content=public(row))
+
+    @app.get(f"{API}/predictions/{{prediction_id}}")
+    async def get_prediction(prediction_id: str) -> dict:
+        row = await run_in_threadpool(audit.get, prediction_id)
+        if row is None:
+            raise HTTPException(404, "no such prediction")
+        return public(row)
+
+    @app.get(f"{API}/predictions/{{prediction_id}}/heatmap.png")
+    async def get_heatmap(prediction_id: str) -> Response:
+        png = heatmaps.get(prediction_id)
+        if png is None:
+            raise HTTPException(404, "no heat map for this prediction (they are kept in memory for recent predictions only)")
+        return Response(png, media_type="image/png")
+
+    @app.get(f"{API}/predictions")
+    async def list_predictions(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
+        return [public(r) for r in await run_in_threadpool(audit.recent, limit)]
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            await run_in_threadpool(audit.ping)
+        except Exception as exc:  # any database failure means "not ready", with the reason
+            return JSONResponse(status_code=503, content={"status": "unavailable", "reason": f"database: {exc}"[:300]})
+        return JSONResponse(content={"status": "ready", "model": model_info})
+
+    return app
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Run until SIGTERM/SIGINT; uvicorn finishes in-flight requests, then the process exits 0."""
+    import signal
+    import sys
+
+    import uvicorn
+
+    # uvicorn re-raises the signal it caught once it has shut down; end cleanly then.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app = create_app(settings)
+    print(f"pneumoscan is serving {settings.model_dir.name} at http://{settings.host}:{settings.port}/", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,150 @@
+"""The REST API against the real app and the shipped model, with a real SQLite audit log."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from pneumoscan.data import list_records
+from pneumoscan.server import ServiceSettings, create_app
+
+PYDICOM_FILES = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
+
+
+@pytest.fixture(scope="module")
+def service(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, ServiceSettings]:
+    settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path_factory.mktemp("service"), max_upload_bytes=2_000_000)
+    return TestClient(create_app(settings)), settings
+
+
+def audit_row(settings: ServiceSettings, prediction_id: str) -> dict:
+    engine = create_engine(settings.resolved_database_url)
+    with engine.connect() as connection:
+        return dict(connection.execute(text("select * from predictions where id = :id"), {"id": prediction_id}).mappings().one())
+
+
+def test_upload_an_xray_and_read_it_back(service, data_root: Path) -> None:
+    client, settings = service
+    xray = next(r.path for r in list_records(data_root, "test") if r.label == 1)
+    response = client.post("/api/v1/predictions", files={"file": ("scan.jpeg", xray.read_bytes(), "image/jpeg")})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["label"] in ("NORMAL", "PNEUMONIA") and 0 <= body["probability"] <= 1
+    assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
+    assert body["operating_point"] == "98% sensitivity on validation"
+    assert isinstance(body["in_distribution"], bool) and body["model"]["name"] == "pneumoscan-v1"
+    row = audit_row(settings, body["id"])
+    assert row["probability"] == body["probability"] and row["label"] == body["label"]
+    assert row["threshold"] == body["threshold"] and row["file_type"] == "jpeg"
+    assert row["model_sha256"] == body["model"]["sha256"] and len(row["upload_sha256"]) == 64
+    assert client.get(f"/api/v1/predictions/{body['id']}").json() == body
+    heatmap = client.get(body["heatmap_url"])
+    assert heatmap.status_code == 200 and heatmap.content.startswith(b"\x89PNG")
+    listed = client.get("/api/v1/predictions", params={"limit": 5}).json()
+    assert listed[0]["id"] == body["id"]
+
+
+def test_a_dicom_upload_keeps_no_patient_field(service, data_root: Path) -> None:
+    from dicom_factory import build_dicom
+
+    client, settings = service
+    xray = list_records(data_root, "test")[3].path
+    data = build_dicom(xray, bits=12, photometric="MONOCHROME1", patient_name="Recognisable^Patient")
+    response = client.post("/api/v1/predictions", files={"file": ("IM0001", data, "application/dicom")})
+    assert response.status_code == 201, response.text
+    assert "Recognisable" not in response.text and "PID-123456" not in response.text
+    row = audit_row(settings, response.json()["id"])
+    assert row["file_type"] == "dicom" and "Recognisable" not in repr(row) and "PID-123456" not in repr(row)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "status", "kind"),
+    [
+        ("notes.jpg", b"plain text, not an image", 415, "UnsupportedFormat"),
+        ("page.png", b"<!DOCTYPE html><html></html>", 415, "UnsupportedFormat"),
+        ("empty.jpeg", b"", 422, "CorruptImage"),
+        ("ct.dcm", (PYDICOM_FILES / "CT_small.dcm").read_bytes(), 422, "NotARadiograph"),
+        ("big.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 2_100_000, 413, "ImageTooLarge"),
+    ],
+)
+def test_bad_uploads_get_a_4xx_with_the_reason(service, name: str, data: bytes, status: int, kind: str) -> None:
+    client, _ = service
+    response = client.post("/api/v1/predictions", files={"file": (name, data, "application/octet-stream")})
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == kind and response.json()["detail"]
+
+
+def test_truncated_jpeg_is_422(service, data_root: Path) -> None:
+    client, _ = service
+    data = list_records(data_root, "test")[0].path.read_bytes()[:1500]
+    response = client.post("/api/v1/predictions", files={"file": ("cut.jpeg", data, "image/jpeg")})
+    assert response.status_code == 422 and response.json()["error"] == "CorruptImage"
+
+
+def test_missing_file_field_and_unknown_id(service) -> None:
+    client, _ = service
+    assert client.post("/api/v1/predictions").status_code == 422
+    assert client.get("/api/v1/predictions/doesnotexist").status_code == 404
+
+
+def test_health_and_readiness(service) -> None:
+    client, _ = service
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model"]["name"] == "pneumoscan-v1"
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_api_key_is_required_when_configured(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:
+    client = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, api_key="s3cret")))
+    xray = list_records(data_root, "test")[0].path.read_bytes()
+    assert client.get("/api/v1/predictions").status_code == 401
+    assert client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")}).status_code == 401
+    assert client.get("/api/v1/predictions", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/api/v1/predictions", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/healthz").status_code == 200  # health stays open for load balancers
+
+
+def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:
+    """The real command on 127.0.0.1: starts, becomes ready, scores an upload, stops on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "server did not become ready"
+            time.sleep(0.3)
+        xray = list_records(data_root, "test")[0].path.read_bytes()
+        response = httpx.post(f"{base}/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")}, timeout=30)
+        assert response.status_code == 201 and response.json()["label"] in ("NORMAL", "PNEUMONIA")
+        assert (tmp_path / "pneumoscan.db").is_file()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert f"http://127.0.0.1:{port}/" in output
