@@ -23,7 +23,7 @@ run: $(VENV)/.installed
 		--heatmaps runs/heatmaps
 	@echo "heat maps: runs/heatmaps/"
 
-## test: set up and run the test suite
+## test: set up and run the test suite (the browser test needs Debian's chromium: apt-get install chromium)
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 

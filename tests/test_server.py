@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
 
 import pydicom
 import pytest
@@ -111,16 +119,9 @@ def test_api_key_is_required_when_configured(shipped_model: Path, tmp_path: Path
     assert client.get("/healthz").status_code == 200  # health stays open for load balancers
 
 
-def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:
-    """The real command on 127.0.0.1: starts, becomes ready, scores an upload, stops on SIGTERM."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
+@contextlib.contextmanager
+def live_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``pneumoscan serve`` started by the test on a free port of 127.0.0.1; stopped with SIGTERM."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -128,8 +129,8 @@ def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path,
         [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -139,12 +140,21 @@ def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path,
                 pass
             assert time.monotonic() < deadline and process.poll() is None, "server did not become ready"
             time.sleep(0.3)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:
+    """The real command on 127.0.0.1: starts, becomes ready, scores an upload, exits 0 on SIGTERM."""
+    with live_server(tmp_path) as (base, process):
         xray = list_records(data_root, "test")[0].path.read_bytes()
         response = httpx.post(f"{base}/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")}, timeout=30)
         assert response.status_code == 201 and response.json()["label"] in ("NORMAL", "PNEUMONIA")
         assert (tmp_path / "pneumoscan.db").is_file()
-    finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
-    assert f"http://127.0.0.1:{port}/" in output
+    assert f"{base}/" in output

@@ -12,13 +12,17 @@ import asyncio
 import hashlib
 import hmac
 import io
+import time
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +35,7 @@ from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.inference import Predictor
 
 API = "/api/v1"
+STATIC = Path(__file__).parent / "static"
 
 
 class ServiceSettings(BaseSettings):
@@ -77,6 +82,12 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def error(status: int, kind: str, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": kind, "detail": detail})
 
@@ -95,6 +106,22 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         "sha256": card["int8"]["sha256"] if settings.precision == "int8" else card["onnx"]["sha256"],
     }
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    registry = CollectorRegistry()
+    requests_total = Counter("pneumoscan_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("pneumoscan_http_request_seconds", "Request latency", ["route"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))  # fmt: skip
+    by_label = Counter("pneumoscan_predictions", "Answered predictions", ["label", "in_distribution"], registry=registry)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        requests_total.labels(request.method, name, str(response.status_code)).inc()
+        latency.labels(name).observe(time.perf_counter() - start)
+        return response
 
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -116,6 +143,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "model": {"name": row["model_name"], "version": row["model_version"], "sha256": row["model_sha256"]},
             "created_at": as_utc(row["created_at"]).isoformat(),
             "heatmap_url": f"{API}/predictions/{row['id']}/heatmap.png",
+            "image_url": f"{API}/predictions/{row['id']}/image.png",
         }
 
     def score(data: bytes) -> tuple[object, object, str]:
@@ -148,9 +176,9 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "ood_score": prediction.ood_score,
         }
         await run_in_threadpool(audit.record, row)
-        png = io.BytesIO()
-        overlay(loaded.image, prediction.heatmap).save(png, format="PNG")
-        heatmaps.put(row["id"], png.getvalue())
+        by_label.labels(prediction.label, str(prediction.in_distribution)).inc()
+        heatmaps.put(f"{row['id']}/heatmap", png_bytes(overlay(loaded.image, prediction.heatmap)))
+        heatmaps.put(f"{row['id']}/image", png_bytes(loaded.image))
         if settings.keep_uploads:
             (settings.data_dir / "uploads").mkdir(parents=True, exist_ok=True)
             (settings.data_dir / "uploads" / f"{row['id']}.{kind}").write_bytes(data)
@@ -163,16 +191,25 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             raise HTTPException(404, "no such prediction")
         return public(row)
 
-    @app.get(f"{API}/predictions/{{prediction_id}}/heatmap.png")
-    async def get_heatmap(prediction_id: str) -> Response:
-        png = heatmaps.get(prediction_id)
+    @app.get(f"{API}/predictions/{{prediction_id}}/{{picture}}.png")
+    async def get_picture(prediction_id: str, picture: str) -> Response:
+        """``heatmap.png``: the X-ray with the heat map overlaid; ``image.png``: the X-ray as it was read."""
+        png = heatmaps.get(f"{prediction_id}/{picture}") if picture in ("heatmap", "image") else None
         if png is None:
-            raise HTTPException(404, "no heat map for this prediction (they are kept in memory for recent predictions only)")
-        return Response(png, media_type="image/png")
+            raise HTTPException(404, "no such picture (pictures are kept in memory for recent predictions only)")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get(f"{API}/predictions")
     async def list_predictions(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
         return [public(r) for r in await run_in_threadpool(audit.recent, limit)]
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -1,0 +1,54 @@
+"""End to end in a real headless Chromium (Debian's), driven by Playwright, against `pneumoscan serve`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.config import PROJECT_ROOT
+from pneumoscan.data import list_records
+from test_server import live_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+OUTPUT = PROJECT_ROOT / "test-output"
+pytestmark = pytest.mark.slow
+
+
+def test_upload_in_the_browser_shows_label_probability_heatmap_and_errors(shipped_model: Path, data_root: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: apt-get install chromium (.ci/run installs it)")
+    xray = next(r.path for r in list_records(data_root, "test") if r.label == 1)
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("this is not an X-ray")
+    OUTPUT.mkdir(exist_ok=True)
+    with live_server(tmp_path / "service") as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1000, "height": 1100})
+        console_errors: list[str] = []
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        page.goto(base + "/")
+        page.set_input_files("#file", str(xray))
+        expect(page.locator("#decision")).to_contain_text("Pneumonia suspected", timeout=30_000)
+        expect(page.locator("#decision")).to_contain_text("98% sensitivity on validation")
+        expect(page.locator("#probability-text")).to_contain_text("Calibrated probability of pneumonia")
+        page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+        assert page.evaluate("document.getElementById('xray').naturalWidth") > 0
+        expect(page.locator("#recent tr")).to_have_count(1)
+        page.screenshot(path=str(OUTPUT / "web-result.png"), full_page=True)
+
+        page.set_input_files("#file", str(notes))
+        expect(page.locator("#error")).to_contain_text("a text file is not an X-ray image", timeout=30_000)
+        page.screenshot(path=str(OUTPUT / "web-error.png"), full_page=True)
+
+        phone = browser.new_page(viewport={"width": 375, "height": 740})
+        phone.goto(base + "/")
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 375
+        browser.close()
+    assert not [e for e in console_errors if "415" not in e], console_errors
