@@ -158,3 +158,27 @@ def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path,
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
     assert f"{base}/" in output
+
+
+def test_the_audit_schema_is_managed_by_alembic(service) -> None:
+    _, settings = service
+    engine = create_engine(settings.resolved_database_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0001"
+        assert connection.execute(text("pragma journal_mode")).scalar_one() == "wal"
+
+
+def test_page_assets_and_metrics_are_served(service, data_root: Path) -> None:
+    client, _ = service
+    page = client.get("/")
+    assert page.status_code == 200 and "pneumoscan" in page.text and "/static/app.js" in page.text
+    assert "://" not in page.text  # no CDN: every asset comes from the app
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    xray = list_records(data_root, "test")[1].path.read_bytes()
+    body = client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")}).json()
+    image = client.get(body["image_url"])
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    metrics = client.get("/metrics").text
+    assert "pneumoscan_predictions_total{in_distribution=" in metrics
+    assert "pneumoscan_http_request_seconds_bucket" in metrics and 'route="/api/v1/predictions"' in metrics
