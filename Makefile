@@ -15,13 +15,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[train,serve,dev]'
 	touch $@
 
-## run: set up and run the main job: the shipped model on test X-rays, with heat maps
-## (the web app replaces this when it lands)
+## run: set up and start the web app with the shipped model (http://127.0.0.1:8000/)
 run: $(VENV)/.installed
-	$(BIN)/pneumoscan predict $(DATA)/test/NORMAL/IM-0001-0001.jpeg $(DATA)/test/NORMAL/IM-0003-0001.jpeg \
-		$(DATA)/test/PNEUMONIA/person1_virus_6.jpeg $(DATA)/test/PNEUMONIA/person100_bacteria_475.jpeg \
-		--heatmaps runs/heatmaps
-	@echo "heat maps: runs/heatmaps/"
+	$(BIN)/pneumoscan serve --host 127.0.0.1 --port 8000
 
 ## test: set up and run the test suite (the browser test needs Debian's chromium: apt-get install chromium)
 test: $(VENV)/.installed

@@ -51,7 +51,8 @@ class ServiceSettings(BaseSettings):
     database_url: str | None = None  # default: SQLite file in data_dir
     max_upload_bytes: int = MAX_INPUT_BYTES
     max_pixels: int = MAX_INPUT_PIXELS
-    max_concurrent: int = 4
+    max_concurrent: int = 2  # inferences at once; one per core
+    threads: int = 1  # ONNX Runtime threads per inference: requests run side by side instead
     api_key: str | None = None
     keep_uploads: bool = False
     heatmap_cache: int = 256
@@ -95,7 +96,7 @@ def error(status: int, kind: str, detail: str) -> JSONResponse:
 def create_app(settings: ServiceSettings | None = None, predictor: Predictor | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
     limits = Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
-    predictor = predictor or Predictor.load(settings.model_dir, precision=settings.precision, limits=limits)
+    predictor = predictor or Predictor.load(settings.model_dir, settings.precision, settings.threads, limits)
     audit = AuditLog(connect(settings.resolved_database_url))
     heatmaps = HeatmapCache(settings.heatmap_cache)
     slots = asyncio.Semaphore(settings.max_concurrent)

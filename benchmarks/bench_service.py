@@ -1,0 +1,116 @@
+"""Load on `pneumoscan serve`: POST /api/v1/predictions with a 224×224 JPEG from N concurrent clients.
+
+    python benchmarks/bench_service.py                  # 8 clients, 30 s, writes benchmarks/service_results.md
+    python benchmarks/bench_service.py --clients 16 --seconds 60 --int8
+
+The server is started by this script on a free port of 127.0.0.1 and stopped at the end; the
+load is bounded in time and in requests, and goes nowhere but the loopback address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("the server exited before it was ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the server did not become ready")
+
+
+async def load(base: str, image: bytes, clients: int, seconds: float, max_requests: int) -> tuple[list[float], dict[int, int]]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    stop = time.monotonic() + seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < stop and len(latencies) < max_requests:
+            start = time.perf_counter()
+            response = await http.post(f"{base}/api/v1/predictions", files={"file": ("x.jpeg", image, "image/jpeg")})
+            latencies.append(time.perf_counter() - start)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return latencies, statuses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--max-requests", type=int, default=20_000)
+    parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "service_results.md")
+    args = parser.parse_args()
+
+    from pneumoscan.config import default_data_root
+    from pneumoscan.data import list_records
+
+    image = list_records(default_data_root(), "test")[0].path.read_bytes()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data_dir:
+        cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", data_dir]
+        process = subprocess.Popen(cmd + (["--int8"] if args.int8 else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(base, process)
+            asyncio.run(load(base, image, 2, 3, 50))  # warm-up
+            start = time.perf_counter()
+            latencies, statuses = asyncio.run(load(base, image, args.clients, args.seconds, args.max_requests))
+            elapsed = time.perf_counter() - start
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+    ms = np.asarray(latencies) * 1000
+    line = (
+        f"| {'int8' if args.int8 else 'fp32'} | {args.clients} | {len(ms)} | {len(ms) / elapsed:.1f} | "
+        f"{np.percentile(ms, 50):.1f} | {np.percentile(ms, 95):.1f} | {np.percentile(ms, 99):.1f} | {statuses} |"
+    )
+    text = "\n".join([
+        "# Service benchmark",
+        "",
+        f"Command: `python benchmarks/bench_service.py --clients {args.clients} --seconds {args.seconds:g}"
+        f"{' --int8' if args.int8 else ''}` on {platform.machine()}, 2 cores, {time.strftime('%Y-%m-%d')}: "
+        "`POST /api/v1/predictions` with a 224×224 JPEG, client and server on this machine (127.0.0.1), "
+        "each answer written to the SQLite audit log and its heat map rendered.",
+        "",
+        "| model | clients | requests | requests/s | p50 ms | p95 ms | p99 ms | statuses |",
+        "|---|---|---|---|---|---|---|---|",
+        line,
+    ])  # fmt: skip
+    args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
