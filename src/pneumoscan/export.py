@@ -22,10 +22,10 @@ from torch import nn
 
 import pneumoscan
 from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
-from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD
+from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from pneumoscan.data import Record, list_records, split_by_patient
 from pneumoscan.errors import ConfigurationError
-from pneumoscan.evaluation import fit_calibration, run_data_config, split_records, write_evaluation
+from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, split_records, write_evaluation
 from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
 from pneumoscan.training import PneumoniaClassifier
 
@@ -234,7 +234,7 @@ def ood_probe_images() -> list[tuple[str, Image.Image]]:
     return probes
 
 
-def fit_and_report_gate(model: Predictor, out: Path, root: Path, data, val_embeddings: np.ndarray, test_embeddings: np.ndarray) -> dict:
+def fit_and_report_gate(model: Predictor, out: Path, root: Path, data: DataConfig, val_embeddings: np.ndarray, test_embeddings: np.ndarray) -> dict:
     """Fit the gate on training-split features, threshold on validation; report test and non-X-ray shares."""
     from pneumoscan.ood import DEFAULT_KEEP, GATE_FILE, fit_gate
 
@@ -261,8 +261,8 @@ def fit_and_report_gate(model: Predictor, out: Path, root: Path, data, val_embed
     }
 
 
-def export_int8(out: Path, root: Path, data, image_size: int, val: list[Record], test: list[Record],
-                calibration, name: str, fp32_test: dict) -> dict:  # fmt: skip
+def export_int8(out: Path, root: Path, data: DataConfig, image_size: int, val: list[Record], test: list[Record],
+                calibration: Calibration, name: str, fp32_test: dict) -> dict:  # fmt: skip
     """Quantise, then score validation and test with the fp32 calibration; the card's int8 section."""
     from pneumoscan.quantization import calibration_sample, quantize_int8
 
@@ -289,7 +289,7 @@ def export_int8(out: Path, root: Path, data, image_size: int, val: list[Record],
     }
 
 
-def training_side(root: Path, data) -> list[Record]:
+def training_side(root: Path, data: DataConfig) -> list[Record]:
     """The training side of the by-patient split: int8 calibration never sees validation or test."""
     return split_by_patient(list_records(root, "train"), data.val_fraction, data.seed)[0]
 
