@@ -86,6 +86,10 @@ def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(
     gate = card["ood_gate"]
     assert (tmp_path / "model" / gate["file"]).is_file() and gate["kept_validation_share"] >= 0.99
     assert gate["non_xray_n"] >= 30 and 0.0 <= gate["non_xray_rejected_share"] <= 1.0
+    card_text = (tmp_path / "model" / "model_card.json").read_text()
+    from pneumoscan.config import PROJECT_ROOT
+
+    assert str(PROJECT_ROOT.parent) + "/" not in card_text, "the card must not carry this machine's absolute paths"
 
     records = list_records(data_root, "test")[::40]  # real images of both classes
     paths = [r.path for r in records]

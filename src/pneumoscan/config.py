@@ -89,8 +89,21 @@ class TrainConfig:
     out: Path = Path("runs") / "default"
 
 
+def portable_path(path: Path | str) -> str:
+    """A path as it may be written into a shared file: relative to the project root.
+
+    Run records and model cards are committed and read on other machines, so
+    they must not carry this machine's absolute paths (``../shared/...``
+    instead of ``/home/someone/shared/...``).
+    """
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    return os.path.relpath(path, PROJECT_ROOT)
+
+
 def to_jsonable(obj: object) -> object:
-    """Turn dataclasses, paths and tuples into plain JSON values."""
+    """Turn dataclasses, paths and tuples into plain JSON values; paths become portable."""
     if hasattr(obj, "__dataclass_fields__"):
         return to_jsonable(asdict(obj))  # type: ignore[arg-type]
     if isinstance(obj, dict):
@@ -98,5 +111,5 @@ def to_jsonable(obj: object) -> object:
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
-        return str(obj)
+        return portable_path(obj)
     return obj

@@ -22,7 +22,7 @@ from torch import nn
 
 import pneumoscan
 from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
-from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, DataConfig
+from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, DataConfig, portable_path
 from pneumoscan.data import Record, list_records, split_by_patient
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, split_records, write_evaluation
@@ -145,7 +145,7 @@ def export(
     export_onnx(module, out / MODEL_FILE, image_size)
 
     run_config_path = checkpoint.parent / "config.json"
-    run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
+    run_config = portable_run_config(json.loads(run_config_path.read_text()) if run_config_path.is_file() else {})
     card: dict = {
         "name": name or out.name,
         "pneumoscan_version": pneumoscan.__version__,
@@ -276,7 +276,7 @@ def export_int8(out: Path, root: Path, data: DataConfig, image_size: int, val: l
     return {
         "file": INT8_MODEL_FILE,
         "sha256": sha256_file(out / INT8_MODEL_FILE),
-        "method": "ONNX Runtime static QDQ: int8 weights per channel with reduce_range, int8 activations (MinMax) "
+        "method": "ONNX Runtime static QDQ: int8 weights per channel with reduce_range, uint8 activations (MinMax) "
         f"calibrated on {len(sample)} images of the training split (validation patients excluded); the first "
         "convolution, the head convolution, the heat-map convolution and the classifier stay float",
         "validation": {"metrics": summary(val_metrics)},
@@ -287,6 +287,16 @@ def export_int8(out: Path, root: Path, data: DataConfig, image_size: int, val: l
             "specificity": test_metrics["specificity"] - fp32_test["specificity"],
         },
     }
+
+
+def portable_run_config(run_config: dict) -> dict:
+    """The run record without this machine's absolute data paths (runs recorded before they were made portable)."""
+    run_config = json.loads(json.dumps(run_config))
+    if "data_root" in run_config:
+        run_config["data_root"] = portable_path(run_config["data_root"])
+    if isinstance(run_config.get("data"), dict) and "root" in run_config["data"]:
+        run_config["data"]["root"] = portable_path(run_config["data"]["root"])
+    return run_config
 
 
 def training_side(root: Path, data: DataConfig) -> list[Record]:

@@ -178,23 +178,29 @@ class Predictor:
         single = not isinstance(images, (list, tuple))
         sources = [images] if single else list(images)
         predictions: list[Prediction] = []
-        names = ["logit"] + (["heatmap"] if heatmap else []) + (["embedding"] if self.gate else [])
         for chunk in batched(sources, batch_size):
-            out = self.run(np.stack([self.preprocess(s) for s in chunk]), names)
-            logits, maps = out["logit"].reshape(-1), out.get("heatmap")
-            scores = self.gate.score(out["embedding"]) if self.gate else None
-            for i, logit in enumerate(logits):
-                probability = float(calibrated_probability(logit, self.temperature))
-                predictions.append(
-                    Prediction(
-                        probability=probability,
-                        label=CLASS_NAMES[int(probability >= self.threshold)],
-                        threshold=self.threshold,
-                        operating_point=self.operating_point,
-                        logit=float(logit),
-                        in_distribution=bool(scores[i] <= self.gate.threshold) if scores is not None else None,
-                        ood_score=float(scores[i]) if scores is not None else None,
-                        heatmap=maps[i] if maps is not None else None,
-                    )
-                )
+            predictions += self.predict_tensors(np.stack([self.preprocess(s) for s in chunk]), heatmap)
         return predictions[0] if single else predictions
+
+    def predict_tensors(self, batch: np.ndarray, heatmap: bool = False) -> list[Prediction]:
+        """:meth:`predict` for inputs already preprocessed (``N×3×H×W``), e.g. decoded by worker threads."""
+        names = ["logit"] + (["heatmap"] if heatmap else []) + (["embedding"] if self.gate else [])
+        out = self.run(batch, names)
+        logits, maps = out["logit"].reshape(-1), out.get("heatmap")
+        scores = self.gate.score(out["embedding"]) if self.gate else None
+        predictions = []
+        for i, logit in enumerate(logits):
+            probability = float(calibrated_probability(logit, self.temperature))
+            predictions.append(
+                Prediction(
+                    probability=probability,
+                    label=CLASS_NAMES[int(probability >= self.threshold)],
+                    threshold=self.threshold,
+                    operating_point=self.operating_point,
+                    logit=float(logit),
+                    in_distribution=bool(scores[i] <= self.gate.threshold) if scores is not None else None,
+                    ood_score=float(scores[i]) if scores is not None else None,
+                    heatmap=maps[i] if maps is not None else None,
+                )
+            )
+        return predictions

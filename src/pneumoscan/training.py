@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 import pneumoscan
-from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig, to_jsonable
+from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig, portable_path, to_jsonable
 from pneumoscan.data import class_counts, file_list_checksum
 from pneumoscan.datamodule import XrayDataModule
 from pneumoscan.model import backbone_parameters, create_model, head_parameters
@@ -172,7 +172,7 @@ def run_record(data_config: DataConfig, train_config: TrainConfig, datamodule: X
         "lightning_version": L.__version__,
         "data": to_jsonable(data_config),
         "train": to_jsonable(train_config),
-        "data_root": str(root.resolve()),
+        "data_root": portable_path(root.resolve()),
         "train_file_list_sha256": file_list_checksum(records, root),
         "counts": {
             "train": class_counts(datamodule.train_records),
