@@ -80,6 +80,16 @@ def test_int8_stays_within_tolerance_of_fp32(shipped_model: Path, data_root: Pat
     assert abs(sensitivity(p8) - sensitivity(p32)) <= 0.005
 
 
+def test_int8_heatmaps_are_finite_for_confidently_normal_images(shipped_model: Path, data_root: Path) -> None:
+    """A confidently normal image has a CAM of zeros; its normalised map must be 0, not 0/0 = NaN."""
+    int8 = Predictor.load(shipped_model, precision="int8")
+    normals = [r.path for r in list_records(data_root, "test") if r.label == 0][:48]
+    predictions = int8.predict(normals, heatmap=True)
+    assert min(p.logit for p in predictions) < -9  # the images that used to give NaN maps are among them
+    for prediction in predictions:
+        assert np.isfinite(prediction.heatmap).all() and 0.0 <= prediction.heatmap.min() <= prediction.heatmap.max() <= 1.0
+
+
 def test_predict_command_scores_good_files_and_reports_bad_ones(data_root: Path, tmp_path: Path) -> None:
     good = [r.path for r in list_records(data_root, "test")[::300]]
     (tmp_path / "notes.jpg").write_text("this is not an image")

@@ -25,6 +25,7 @@ EPILOG = """examples:
   pneumoscan export runs/v1/best.ckpt --out models/pneumoscan-v1
   pneumoscan evaluate --model models/pneumoscan-v1 --split test --out runs/eval-test
   pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
+  pneumoscan triage studies/ --out triage/today --int8
 
 data: --data or PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the project.
 """
@@ -239,6 +240,81 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+TRIAGE_OUTPUTS = "worklist.csv (ranked), report.html (self-contained) and summary.json"
+
+
+def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "triage",
+        help="rank a folder of studies: worklist.csv, report.html, summary.json",
+        description=f"Score every study and write {TRIAGE_OUTPUTS} into --out, highest probability first. "
+        "Files that are not images are listed as skipped. Re-running with the same --out skips studies already "
+        "in its worklist. 'pneumoscan triage merge DIR... --out DIR' joins the outputs of --shard runs. "
+        "Exit code 1 if an image could not be decoded.",
+        epilog="examples:\n  pneumoscan triage studies/ --out triage/today --int8\n"
+        "  pneumoscan triage 'archive/**/*.dcm' --out part3 --shard 3/8   # one task of a cluster array\n"
+        "  pneumoscan triage merge part1 part2 part3 --out triage/all",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (recursive) or quoted glob patterns")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; an existing worklist is resumed)")
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--int8", action="store_true", help="use the int8 model")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images while the model runs")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--shard", default=None, metavar="K/N", help="process only the K-th of N disjoint parts of the inputs")
+    p.add_argument("--no-report", action="store_true", help="skip report.html (the worklist and summary are still written)")
+    p.add_argument("--max-file-mb", type=float, default=MAX_INPUT_BYTES / 2**20, help="refuse larger files")
+    p.add_argument("--max-pixels", type=int, default=MAX_INPUT_PIXELS, help="refuse images with more pixels (before decoding)")
+    p.set_defaults(handler=run_triage)
+
+    m = subparsers.add_parser(  # reached as 'triage merge' (see main); no help= keeps it out of the command list
+        "triage-merge",
+        prog="pneumoscan triage merge",
+        description=f"Join triage output folders (e.g. of --shard runs) into one {TRIAGE_OUTPUTS}.",
+        formatter_class=HelpFormatter,
+    )
+    m.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="triage output folders")
+    m.add_argument("--out", type=Path, required=True, help="output folder of the merged worklist and report")
+    m.add_argument("--no-report", action="store_true", help="skip report.html")
+    m.set_defaults(handler=run_triage_merge)
+
+
+def run_triage(args: argparse.Namespace) -> int:
+    from pneumoscan.imaging import Limits
+    from pneumoscan.inference import Predictor
+    from pneumoscan.triage import Shard, triage
+
+    shard = Shard.parse(args.shard) if args.shard else None
+    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
+    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads, limits=limits)
+    summary = triage(args.inputs, args.out, predictor, workers=args.workers, batch_size=args.batch_size, shard=shard,
+                     report=not args.no_report)  # fmt: skip
+    print_triage_summary(summary, args.out, not args.no_report)
+    return 1 if summary["errors"] else 0
+
+
+def run_triage_merge(args: argparse.Namespace) -> int:
+    from pneumoscan.triage import merge
+
+    summary = merge(args.folders, args.out, report=not args.no_report)
+    print_triage_summary(summary, args.out, not args.no_report)
+    return 0
+
+
+def print_triage_summary(summary: dict, out: Path, report: bool) -> None:
+    labels, timing = summary["labels"], summary["timing"]
+    print(
+        f"{summary['scored']} studies scored: {labels['PNEUMONIA']} PNEUMONIA, {labels['NORMAL']} NORMAL "
+        f"(threshold {summary['model'].get('threshold', float('nan')):.4f}); "
+        f"{summary['out_of_distribution']} flagged as unlike the training X-rays; "
+        f"{summary['skipped']} skipped, {summary['errors']} errors; "
+        f"{timing['images_per_second']:.1f} images/s"
+    )
+    print(f"worklist: {out / 'worklist.csv'}" + (f"\nreport:   {out / 'report.html'}" if report else ""))
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
@@ -281,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
     add_predict_parser(subparsers)
+    add_triage_parser(subparsers)
     add_serve_parser(subparsers)
     return parser
 
@@ -295,9 +372,19 @@ def configure_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
+def route_subcommands(argv: list[str]) -> list[str]:
+    """``triage merge ...`` is the hidden command ``triage-merge``; a file named merge can be given as ./merge."""
+    for i, token in enumerate(argv):
+        if not token.startswith("-"):
+            if token == "triage" and argv[i + 1 : i + 2] == ["merge"]:
+                return [*argv[:i], "triage-merge", *argv[i + 2 :]]
+            break
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(route_subcommands(list(sys.argv[1:] if argv is None else argv)))
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
