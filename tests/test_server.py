@@ -182,3 +182,32 @@ def test_page_assets_and_metrics_are_served(service, data_root: Path) -> None:
     metrics = client.get("/metrics").text
     assert "pneumoscan_predictions_total{in_distribution=" in metrics
     assert "pneumoscan_http_request_seconds_bucket" in metrics and 'route="/api/v1/predictions"' in metrics
+
+
+def test_the_audit_log_works_in_a_real_postgresql(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:
+    """PNEUMOSCAN_DATABASE_URL at PostgreSQL 16 (binaries from the pgserver wheel, started here on a Unix socket)."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")
+    try:
+        socket_dir = str(tmp_path / "pg")
+        url = f"postgresql+psycopg://postgres@/postgres?host={socket_dir}"
+        settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path / "service", database_url=url)
+        xray = next(r.path for r in list_records(data_root, "test") if r.label == 0)
+        dicom = PYDICOM_FILES / "CT_small.dcm"
+        with TestClient(create_app(settings)) as client:
+            body = client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray.read_bytes(), "image/jpeg")}).json()
+            refused = client.post("/api/v1/predictions", files={"file": ("ct.dcm", dicom.read_bytes(), "application/dicom")})
+            assert refused.status_code == 422
+            assert client.get(f"/api/v1/predictions/{body['id']}").json() == body
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            assert connection.execute(text("select version()")).scalar_one().startswith("PostgreSQL")
+            assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0001"
+            row = dict(connection.execute(text("select * from predictions where id = :id"), {"id": body["id"]}).mappings().one())
+            assert connection.execute(text("select count(*) from predictions")).scalar_one() == 1  # refusals are not rows
+        engine.dispose()
+        assert row["probability"] == pytest.approx(body["probability"]) and row["label"] == body["label"]
+        assert row["file_type"] == "jpeg" and row["model_sha256"] == body["model"]["sha256"]
+    finally:
+        server.cleanup()
