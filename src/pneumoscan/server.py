@@ -12,17 +12,25 @@ import asyncio
 import hashlib
 import hmac
 import io
+import threading
 import time
 import uuid
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -62,20 +70,47 @@ class ServiceSettings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.data_dir / 'pneumoscan.db').as_posix()}"
 
 
-class HeatmapCache:
-    """The last N overlay PNGs in memory: overlays show the X-ray, so they are not stored on disk."""
+#: Pictures are kept (in memory) at most this many pixels on their long side: enough for a screen.
+PICTURE_MAX_SIDE = 1024
+
+
+class PictureCache:
+    """The X-ray and heat map of the last N predictions, in memory only (they show the patient's image).
+
+    PNGs are drawn on the first request for them, off the event loop, then
+    kept: an API client that never asks for the picture costs no encoding.
+    """
 
     def __init__(self, size: int):
-        self.size, self.items = size, OrderedDict()
+        self.size = size
+        self.items: OrderedDict[str, tuple[Image.Image, np.ndarray]] = OrderedDict()
+        self.drawn: dict[tuple[str, str], bytes] = {}
+        self.lock = threading.Lock()
 
-    def put(self, key: str, png: bytes) -> None:
-        self.items[key] = png
-        self.items.move_to_end(key)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+    def put(self, prediction_id: str, image: Image.Image, heatmap: np.ndarray) -> None:
+        if max(image.size) > PICTURE_MAX_SIDE:
+            image = image.copy()
+            image.thumbnail((PICTURE_MAX_SIDE, PICTURE_MAX_SIDE))
+        with self.lock:
+            self.items[prediction_id] = (image, heatmap.astype(np.float16))
+            while len(self.items) > self.size:
+                gone, _ = self.items.popitem(last=False)
+                self.drawn.pop((gone, "heatmap"), None)
+                self.drawn.pop((gone, "image"), None)
 
-    def get(self, key: str) -> bytes | None:
-        return self.items.get(key)
+    def png(self, prediction_id: str, picture: str) -> bytes | None:
+        """``heatmap``: the overlay; ``image``: the X-ray as read. None once the prediction has left the cache."""
+        with self.lock:
+            entry, png = self.items.get(prediction_id), self.drawn.get((prediction_id, picture))
+        if entry is None or picture not in ("heatmap", "image"):
+            return None
+        if png is None:
+            image, heatmap = entry
+            png = png_bytes(overlay(image, heatmap.astype(np.float32)) if picture == "heatmap" else image)
+            with self.lock:
+                if prediction_id in self.items:
+                    self.drawn[(prediction_id, picture)] = png
+        return png
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -98,7 +133,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     limits = Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     predictor = predictor or Predictor.load(settings.model_dir, settings.precision, settings.threads, limits)
     audit = AuditLog(connect(settings.resolved_database_url))
-    heatmaps = HeatmapCache(settings.heatmap_cache)
+    pictures = PictureCache(settings.heatmap_cache)
     slots = asyncio.Semaphore(settings.max_concurrent)
     card = predictor.card
     model_info = {
@@ -178,8 +213,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         }
         await run_in_threadpool(audit.record, row)
         by_label.labels(prediction.label, str(prediction.in_distribution)).inc()
-        heatmaps.put(f"{row['id']}/heatmap", png_bytes(overlay(loaded.image, prediction.heatmap)))
-        heatmaps.put(f"{row['id']}/image", png_bytes(loaded.image))
+        pictures.put(row["id"], loaded.image, prediction.heatmap)
         if settings.keep_uploads:
             (settings.data_dir / "uploads").mkdir(parents=True, exist_ok=True)
             (settings.data_dir / "uploads" / f"{row['id']}.{kind}").write_bytes(data)
@@ -195,7 +229,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     @app.get(f"{API}/predictions/{{prediction_id}}/{{picture}}.png")
     async def get_picture(prediction_id: str, picture: str) -> Response:
         """``heatmap.png``: the X-ray with the heat map overlaid; ``image.png``: the X-ray as it was read."""
-        png = heatmaps.get(f"{prediction_id}/{picture}") if picture in ("heatmap", "image") else None
+        png = await run_in_threadpool(pictures.png, prediction_id, picture)
         if png is None:
             raise HTTPException(404, "no such picture (pictures are kept in memory for recent predictions only)")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
