@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from pneumoscan.config import DataConfig, TrainConfig
+from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig
 from pneumoscan.training import PneumoniaClassifier, fit, read_history
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,8 @@ def test_smoke_training_writes_a_complete_run(data_root: Path, tmp_path: Path) -
     assert best == run / "best.ckpt" and best.is_file()
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["arch"] == "efficientnet_lite0"
-    assert config["data_root"] == str(data_root.resolve())
+    assert (PROJECT_ROOT / config["data_root"]).resolve() == data_root.resolve()
+    assert not Path(config["data_root"]).is_absolute()  # run records travel: no absolute paths of this machine
     assert len(config["train_file_list_sha256"]) == 64
     assert config["counts"]["train"]["NORMAL"] + config["counts"]["val"]["NORMAL"] == 1341
     assert config["class_weights"][0] > 1 > config["class_weights"][1]
