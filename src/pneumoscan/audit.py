@@ -9,8 +9,23 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import Boolean, Column, DateTime, Float, MetaData, String, Table, create_engine, event, insert, select
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from pneumoscan.errors import DatabaseUnavailableError
 
 metadata = MetaData()
 predictions = Table(
@@ -35,7 +50,7 @@ def connect(url: str) -> Engine:
     """Open (and create) the database; SQLite runs in WAL mode so readers never block the writer."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
+    engine = create_engine(url, future=True, pool_pre_ping=True)  # a database that comes back is used again
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -45,7 +60,13 @@ def connect(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
-    migrate(engine)
+    try:
+        migrate(engine)
+    except SQLAlchemyError as exc:
+        raise DatabaseUnavailableError(
+            f"the audit database at {engine.url.render_as_string(hide_password=True)} cannot be opened or migrated "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check PNEUMOSCAN_DATABASE_URL and that the database is up"
+        ) from exc
     return engine
 
 

@@ -31,6 +31,16 @@ class ModelNotFoundError(PneumoscanError):
     """No usable model (checkpoint or exported folder) at the given path."""
 
 
+class ModelIntegrityError(PneumoscanError):
+    """A model file that does not match its card: damaged, truncated or replaced. Never served."""
+
+
+class DatabaseUnavailableError(PneumoscanError):
+    """The audit log cannot be written or read; the service answers nothing it cannot record."""
+
+    http_status = 503
+
+
 class InputError(PneumoscanError):
     """An input image that pneumoscan cannot or must not score; ``http_status`` for the service."""
 

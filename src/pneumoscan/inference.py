@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pneumoscan.calibration import calibrated_probability
 from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
-from pneumoscan.errors import ConfigurationError, ModelNotFoundError
+from pneumoscan.errors import ConfigurationError, ModelIntegrityError, ModelNotFoundError
 from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.ood import WARNING as OOD_WARNING
 from pneumoscan.ood import OodGate
@@ -62,6 +62,25 @@ def to_grayscale_image(source: ImageInput, limits: Limits | None = None) -> Imag
         array = source if source.dtype == np.uint8 else np.clip(source, 0, 255).astype(np.uint8)
         return Image.fromarray(array).convert("L")
     return load_xray(source, limits).image  # bytes or a path: any supported format, DICOM included
+
+
+def verify_model_file(model_path: Path, card: dict, precision: str) -> None:
+    """Refuse a model file whose sha256 differs from the card's: a damaged or swapped file must not answer."""
+    import hashlib
+
+    section = card.get("int8" if precision == "int8" else "onnx") or {}
+    expected = section.get("sha256")
+    if not expected:
+        return  # a card written before checksums: nothing to compare
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelIntegrityError(
+            f"{model_path} does not match its model card (sha256 {digest.hexdigest()[:12]}…, the card says {expected[:12]}…): "
+            "the file is damaged, truncated or was replaced; restore it or export the model again"
+        )
 
 
 @dataclass
@@ -114,11 +133,16 @@ class Predictor:
         if not model_path.is_file():
             hint = "export with --int8" if precision == "int8" else "export the model again"
             raise ModelNotFoundError(f"{model_path} is missing: {hint}")
+        verify_model_file(model_path, self.card, precision)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises several kinds for a file it cannot parse
+            raise ModelIntegrityError(f"{model_path} cannot be loaded by ONNX Runtime ({type(exc).__name__}); "
+                                      "export the model again or restore the file") from exc  # fmt: skip
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.card["input"]["size"])
         self.gate = OodGate.load(self.model_dir)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import io
+import logging
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -32,6 +34,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 import pneumoscan
@@ -60,6 +63,8 @@ class ServiceSettings(BaseSettings):
     max_upload_bytes: int = MAX_INPUT_BYTES
     max_pixels: int = MAX_INPUT_PIXELS
     max_concurrent: int = 2  # inferences at once; one per core
+    max_queue: int = 32  # predictions waiting for a slot; beyond it: 503 + Retry-After instead of an unbounded queue
+    cors_origins: list[str] = []  # browser origins allowed to call the API from other sites; none by default
     threads: int = 1  # ONNX Runtime threads per inference: requests run side by side instead
     api_key: str | None = None
     keep_uploads: bool = False
@@ -69,6 +74,8 @@ class ServiceSettings(BaseSettings):
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'pneumoscan.db').as_posix()}"
 
+
+log = logging.getLogger(__name__)
 
 #: Pictures are kept (in memory) at most this many pixels on their long side: enough for a screen.
 PICTURE_MAX_SIDE = 1024
@@ -124,8 +131,41 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def error(status: int, kind: str, detail: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": kind, "detail": detail})
+def error(status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": kind, "detail": detail}, headers=headers)
+
+
+class Admission:
+    """Counts predictions in the service (running or waiting); refuses one beyond ``limit``.
+
+    Only the event loop touches it, so no lock is needed.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.inside = limit, 0
+
+    def enter(self) -> bool:
+        if self.inside >= self.limit:
+            return False
+        self.inside += 1
+        return True
+
+    def leave(self) -> None:
+        self.inside -= 1
+
+
+#: Everything the page needs comes from the app itself; no inline script, no framing by other sites.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+#: FastAPI's interactive docs load Swagger UI from a CDN; they keep only the generic headers.
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
 
 
 def create_app(settings: ServiceSettings | None = None, predictor: Predictor | None = None) -> FastAPI:
@@ -135,6 +175,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     audit = AuditLog(connect(settings.resolved_database_url))
     pictures = PictureCache(settings.heatmap_cache)
     slots = asyncio.Semaphore(settings.max_concurrent)
+    admitted = Admission(settings.max_concurrent + settings.max_queue)
     card = predictor.card
     model_info = {
         "name": card["name"],
@@ -147,7 +188,13 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     requests_total = Counter("pneumoscan_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("pneumoscan_http_request_seconds", "Request latency", ["route"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))  # fmt: skip
+    shed = Counter("pneumoscan_shed_requests", "Predictions refused with 503 at capacity", registry=registry)
     by_label = Counter("pneumoscan_predictions", "Answered predictions", ["label", "in_distribution"], registry=registry)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.error("audit database error on %s: %s", request.url.path, type(exc).__name__)
+        return error(503, "AuditLogUnavailable", "the audit database cannot be reached; retry shortly", {"Retry-After": "5"})
 
     @app.middleware("http")
     async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -192,11 +239,16 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         data = await file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             return error(413, "ImageTooLarge", f"the upload is larger than {settings.max_upload_bytes // 2**20} MB")
-        async with slots:
-            try:
+        if not admitted.enter():
+            shed.inc()
+            return error(503, "Overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"})
+        try:
+            async with slots:
                 loaded, prediction, kind = await run_in_threadpool(score, data)
-            except InputError as exc:
-                return error(exc.http_status, type(exc).__name__, str(exc))
+        except InputError as exc:
+            return error(exc.http_status, type(exc).__name__, str(exc))
+        finally:
+            admitted.leave()
         row = {
             "id": uuid.uuid4().hex,
             "created_at": now(),
@@ -211,7 +263,12 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "in_distribution": prediction.in_distribution,
             "ood_score": prediction.ood_score,
         }
-        await run_in_threadpool(audit.record, row)
+        try:
+            await run_in_threadpool(audit.record, row)
+        except SQLAlchemyError as exc:  # no answer without a record: the client may retry
+            log.error("audit log write failed: %s", type(exc).__name__)
+            return error(503, "AuditLogUnavailable", "the audit database cannot be written; no prediction is given "
+                         "without a record. Retry shortly.", {"Retry-After": "5"})  # fmt: skip
         by_label.labels(prediction.label, str(prediction.in_distribution)).inc()
         pictures.put(row["id"], loaded.image, prediction.heatmap)
         if settings.keep_uploads:
@@ -258,6 +315,18 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             return JSONResponse(status_code=503, content={"status": "unavailable", "reason": f"database: {exc}"[:300]})
         return JSONResponse(content={"status": "ready", "model": model_info})
 
+    # Added last, so outermost: every response gets the headers, refusals (401, 503) included.
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if request.url.path not in DOCS_PATHS:
+            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return response
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key"])  # fmt: skip
     return app
 
 

@@ -1,0 +1,183 @@
+"""Faults, load shedding and security of the service: what a clinic's operator must be able to rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from pneumoscan.data import list_records
+from pneumoscan.inference import Predictor
+from pneumoscan.server import ServiceSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def xray(data_root: Path) -> bytes:
+    return next(r.path for r in list_records(data_root, "test") if r.label == 1).read_bytes()
+
+
+def copy_model(shipped_model: Path, target: Path) -> Path:
+    shutil.copytree(shipped_model, target, ignore=shutil.ignore_patterns("evaluation"))
+    return target
+
+
+# --------------------------------------------------------------------------- model faults
+
+
+@pytest.mark.parametrize("fault", ["tampered", "truncated", "missing"])
+def test_a_damaged_model_stops_the_service_from_starting(fault: str, shipped_model: Path, tmp_path: Path) -> None:
+    model = copy_model(shipped_model, tmp_path / "model")
+    onnx = model / "model.onnx"
+    if fault == "tampered":
+        data = bytearray(onnx.read_bytes())
+        data[len(data) // 2] ^= 0x01  # one bit of one weight
+        onnx.write_bytes(bytes(data))
+    elif fault == "truncated":
+        onnx.write_bytes(onnx.read_bytes()[:100_000])
+    else:
+        onnx.unlink()
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(model), "--port", "0",
+                             "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = "is missing" if fault == "missing" else "does not match its model card"
+    assert expected in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- load shedding
+
+
+class SlowPredictor(Predictor):
+    """The shipped model, slowed down so that requests pile up deterministically."""
+
+    def predict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.4)
+        return super().predict(*args, **kwargs)
+
+
+def test_over_capacity_the_service_sheds_load_with_503_and_retry_after(shipped_model: Path, tmp_path: Path, xray: bytes) -> None:
+    settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, max_concurrent=1, max_queue=2)
+    app = create_app(settings, predictor=SlowPredictor(shipped_model))
+
+    async def burst() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            post = lambda: client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")})  # noqa: E731
+            return await asyncio.gather(*(post() for _ in range(8)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] * 3 + [503] * 5, statuses  # 1 running + 2 waiting; the rest refused at once
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "Overloaded"
+    with TestClient(app) as client:  # capacity is back once the burst is over
+        assert client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")}).status_code == 201
+        assert "pneumoscan_shed_requests_total 5.0" in client.get("/metrics").text
+
+
+# --------------------------------------------------------------------------- database faults
+
+
+def test_database_down_means_503_and_not_ready_then_recovery(shipped_model: Path, tmp_path: Path, xray: bytes) -> None:
+    """A real PostgreSQL stopped under the running app, then started again."""
+    import pgserver
+
+    data = tmp_path / "pg"
+    server = pgserver.get_server(data, cleanup_mode="stop")
+    url = f"postgresql+psycopg://postgres@/postgres?host={data}"
+    try:
+        with TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, database_url=url))) as client:
+            post = lambda: client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")})  # noqa: E731
+            first = post()
+            assert first.status_code == 201
+
+            server.cleanup()  # the database goes away
+            down = post()
+            assert down.status_code == 503 and down.json()["error"] == "AuditLogUnavailable"
+            assert down.headers["retry-after"] == "5" and "probability" not in down.json()  # no answer without a record
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["reason"].startswith("database")
+            assert client.get(f"/api/v1/predictions/{first.json()['id']}").status_code == 503
+            assert client.get("/healthz").status_code == 200  # the process itself is alive
+
+            server = pgserver.get_server(data, cleanup_mode="stop")  # and comes back
+            assert client.get("/readyz").status_code == 200
+            again = post()
+            assert again.status_code == 201
+            listed = [row["id"] for row in client.get("/api/v1/predictions").json()]
+            assert listed == [again.json()["id"], first.json()["id"]]
+    finally:
+        server.cleanup()
+
+
+def test_an_unreachable_database_at_start_is_a_clear_error(shipped_model: Path, tmp_path: Path) -> None:
+    url = f"postgresql+psycopg://postgres@/postgres?host={tmp_path / 'nothing-here'}&connect_timeout=2"
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "serve", "--database-url", url, "--port", "0",
+                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "audit database" in result.stderr and "PNEUMOSCAN_DATABASE_URL" in result.stderr
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_every_api_route_needs_the_key_when_one_is_set(shipped_model: Path, tmp_path: Path) -> None:
+    app = create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, api_key="s3cret"))
+    client = TestClient(app)
+    routes = [(method.upper(), path) for path, item in app.openapi()["paths"].items() if path.startswith("/api/")
+              for method in item]  # fmt: skip
+    assert len(routes) >= 4
+    for method, path in routes:
+        url = path.replace("{prediction_id}", "0" * 32).replace("{picture}", "heatmap")
+        response = client.request(method, url)
+        assert response.status_code == 401, (method, path, response.status_code)
+        assert response.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/api/v1/predictions", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_the_page_and_the_api_send_security_headers_and_cors_is_closed(shipped_model: Path, tmp_path: Path) -> None:
+    client = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path)))
+    for url in ("/", "/static/app.js", "/api/v1/predictions", "/healthz"):
+        headers = client.get(url).headers
+        policy = headers["content-security-policy"]
+        script = next(d for d in policy.split(";") if d.strip().startswith("script-src"))
+        assert script.split() == ["script-src", "'self'"], policy  # no inline or foreign scripts
+        assert "frame-ancestors 'none'" in policy and headers["x-content-type-options"] == "nosniff"
+    preflight = client.options("/api/v1/predictions", headers={"Origin": "https://elsewhere.example",
+                                                                "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert "access-control-allow-origin" not in preflight.headers
+
+    opened = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path,
+                                                   cors_origins=["https://ris.hospital.example"])))  # fmt: skip
+    allowed = opened.options("/api/v1/predictions", headers={"Origin": "https://ris.hospital.example",
+                                                             "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert allowed.headers["access-control-allow-origin"] == "https://ris.hospital.example"
+
+
+def test_triage_output_names_cannot_leave_the_output_folder(data_root: Path, tmp_path: Path, shipped_model: Path) -> None:
+    """Inputs with hostile names (.., absolute-looking, newlines) only ever produce files inside --out."""
+    from pneumoscan.triage import triage
+
+    source = next(r.path for r in list_records(data_root, "test")).read_bytes()
+    folder = tmp_path / "in" / "a" / "b"
+    folder.mkdir(parents=True)
+    for name in ("x..y.jpeg", "<script>.jpeg", "evil\nname.jpeg", "%2e%2e%2fescape.jpeg", "--out.jpeg"):
+        (folder / name).write_bytes(source)
+    out = tmp_path / "in" / "a" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    summary = triage([str(folder / ".." / "b")], out, Predictor.load(shipped_model), progress=False)
+    assert summary["scored"] == 5
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(p == out or out in p.parents for p in created), sorted(map(str, created - {out}))
+    thumbnails = sorted(p.name for p in (out / "thumbnails").iterdir())
+    assert all(len(name) == 36 and name.endswith(".jpg") for name in thumbnails)  # named by content hash only
+    assert np.all([not (tmp_path / "in" / "a" / name).exists() for name in ("escape.jpeg", "evil")])
+    report = (out / "report.html").read_text()
+    assert "<script>.jpeg" not in report and "&lt;script&gt;.jpeg" in report  # names are escaped, never run
