@@ -184,7 +184,11 @@ def load_dicom(data: bytes, limits: Limits) -> LoadedImage:
         pixels = dicom_display_values(ds)
     except NotARadiograph:
         raise
-    except Exception as exc:  # pydicom's pixel handlers raise many kinds; each means the same to a user
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        # pydicom's pixel handlers raise many kinds, each meaning the same to a user; the Rust RLE
+        # decoder (pylibjpeg-rle) even panics with pyo3's PanicException, a BaseException (found by fuzzing)
         raise CorruptImage(f"the DICOM image data cannot be decoded ({type(exc).__name__}: {exc})"[:300]) from exc
     return LoadedImage(Image.fromarray(pixels), "dicom", info)
 
