@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -33,9 +34,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pneumoscan
 from pneumoscan.audit import AuditLog, connect, now
@@ -76,6 +79,41 @@ class ServiceSettings(BaseSettings):
 
 
 log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: a machine-readable kind and a sentence for the user."""
+
+    error: str
+    detail: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class PredictionBody(BaseModel):
+    id: str
+    probability: float
+    label: str
+    threshold: float
+    operating_point: str
+    in_distribution: bool | None
+    ood_score: float | None
+    model: ModelInfo
+    created_at: str
+    heatmap_url: str
+    image_url: str
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI entries for the error statuses a route can answer (checked by the schemathesis test)."""
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+API_ERRORS = (401, 503)
 
 #: Pictures are kept (in memory) at most this many pixels on their long side: enough for a screen.
 PICTURE_MAX_SIDE = 1024
@@ -191,6 +229,16 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     shed = Counter("pneumoscan_shed_requests", "Predictions refused with 503 at capacity", registry=registry)
     by_label = Counter("pneumoscan_predictions", "Answered predictions", ["label", "in_distribution"], registry=registry)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "NotFound", 405: "MethodNotAllowed"}
+        return error(exc.status_code, kinds.get(exc.status_code, "HTTPError"), str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return error(422, "InvalidRequest", f"the request is not valid: {problems}"[:500])
+
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:
         log.error("audit database error on %s: %s", request.url.path, type(exc).__name__)
@@ -234,7 +282,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         prediction = predictor.predict(loaded.image, heatmap=True)
         return loaded, prediction, loaded.format
 
-    @app.post(f"{API}/predictions", status_code=201)
+    @app.post(f"{API}/predictions", status_code=201, response_model=PredictionBody,
+              responses=documented(*API_ERRORS, 413, 415, 422))  # fmt: skip
     async def create_prediction(file: UploadFile = File(...)) -> JSONResponse:
         data = await file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
@@ -276,14 +325,15 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             (settings.data_dir / "uploads" / f"{row['id']}.{kind}").write_bytes(data)
         return JSONResponse(status_code=201, content=public(row))
 
-    @app.get(f"{API}/predictions/{{prediction_id}}")
+    @app.get(f"{API}/predictions/{{prediction_id}}", response_model=PredictionBody, responses=documented(*API_ERRORS, 404, 422))
     async def get_prediction(prediction_id: str) -> dict:
         row = await run_in_threadpool(audit.get, prediction_id)
         if row is None:
             raise HTTPException(404, "no such prediction")
         return public(row)
 
-    @app.get(f"{API}/predictions/{{prediction_id}}/{{picture}}.png")
+    @app.get(f"{API}/predictions/{{prediction_id}}/{{picture}}.png", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, **documented(*API_ERRORS, 404, 422)})  # fmt: skip
     async def get_picture(prediction_id: str, picture: str) -> Response:
         """``heatmap.png``: the X-ray with the heat map overlaid; ``image.png``: the X-ray as it was read."""
         png = await run_in_threadpool(pictures.png, prediction_id, picture)
@@ -291,7 +341,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             raise HTTPException(404, "no such picture (pictures are kept in memory for recent predictions only)")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get(f"{API}/predictions")
+    @app.get(f"{API}/predictions", response_model=list[PredictionBody], responses=documented(*API_ERRORS, 422))
     async def list_predictions(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
         return [public(r) for r in await run_in_threadpool(audit.recent, limit)]
 
