@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from pneumoscan.data import list_records
 from pneumoscan.inference import Predictor
@@ -181,3 +187,91 @@ def test_triage_output_names_cannot_leave_the_output_folder(data_root: Path, tmp
     assert np.all([not (tmp_path / "in" / "a" / name).exists() for name in ("escape.jpeg", "evil")])
     report = (out / "report.html").read_text()
     assert "<script>.jpeg" not in report and "&lt;script&gt;.jpeg" in report  # names are escaped, never run
+
+
+# --------------------------------------------------------------------------- load, kill -9, SIGTERM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import load_test  # noqa: E402  (benchmarks/load_test.py: the same code makes docs/reliability.md)
+
+
+@pytest.mark.slow
+def test_a_short_load_test_gives_no_5xx_and_one_row_per_answer(shipped_model: Path) -> None:
+    result = load_test.run_load(clients=16, seconds=8)
+    assert result["server_errors"] == 0 and result["dropped_connections"] == 0
+    assert result["created"] == result["audit_rows"] > 50 and result["sqlite_integrity"] == "ok"
+    assert set(result["by_kind"]) == {"jpeg", "png", "dicom", "bad"}
+    for kind in ("jpeg", "png", "dicom"):
+        assert set(result["by_kind"][kind]["statuses"]) <= {"201", "503"}
+    assert all(400 <= int(status) < 500 or status == "503" for status in result["by_kind"]["bad"]["statuses"])
+    assert result["server_exit_code"] == 0
+
+
+@pytest.mark.slow
+def test_kill_9_under_load_loses_no_answered_prediction(shipped_model: Path, tmp_path: Path) -> None:
+    """Every 201 the clients saw has its row after SIGKILL, and the SQLite file passes its integrity check."""
+    uploads = load_test.workload(limit=10)
+    tally = load_test.Tally()
+    with load_test.running_server(tmp_path / "service") as server:
+        killer = threading.Timer(3.0, server.process.kill)
+        killer.start()
+        asyncio.run(load_test.drive(server.base, uploads, clients=16, seconds=6, max_requests=10_000, tally=tally))
+        killer.join()
+        assert server.process.wait(timeout=10) == -9
+    assert len(tally.created) > 20 and tally.dropped > 0  # the kill really hit requests in flight
+    with contextlib.closing(sqlite3.connect(server.database)) as connection:
+        assert connection.execute("pragma integrity_check").fetchone()[0] == "ok"
+        stored = {row[0] for row in connection.execute("select id from predictions")}
+    missing = set(tally.created) - stored
+    assert not missing, f"{len(missing)} answered predictions have no audit row"
+    with load_test.running_server(tmp_path / "service") as restarted:  # and the service starts again on that file
+        listed = httpx.get(f"{restarted.base}/api/v1/predictions", params={"limit": 500}, timeout=30).json()
+        assert {row["id"] for row in listed} >= set(tally.created[-len(listed):]) & stored
+
+
+@pytest.mark.slow
+def test_sigterm_lets_requests_in_flight_finish_then_exits_0(data_root: Path, tmp_path: Path) -> None:
+    big = io.BytesIO()  # 2048×2048 PNGs take a while to decode: they are still in flight when SIGTERM comes
+    Image.open(next(r.path for r in list_records(data_root, "test"))).convert("L").resize((2048, 2048)).save(big, format="PNG")
+    with load_test.running_server(tmp_path / "service") as server:
+        results: list[int] = []
+
+        def upload() -> None:
+            response = httpx.post(f"{server.base}/api/v1/predictions", files={"file": ("big.png", big.getvalue(), "image/png")},
+                                  timeout=60)  # fmt: skip
+            results.append(response.status_code)
+
+        threads = [threading.Thread(target=upload) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert server.process.wait(timeout=60) == 0
+    assert results == [201] * 6
+    assert "Waiting for" in server.log.read_text() or "Shutting down" in server.log.read_text()
+
+
+@pytest.mark.slow
+def test_dicom_patient_fields_reach_no_log_line_row_or_answer(data_root: Path, tmp_path: Path) -> None:
+    from dicom_factory import build_dicom
+
+    xray = next(r.path for r in list_records(data_root, "test"))
+    secrets = ["Zebedee^Quinta", "PID-998877", "19991231"]
+    good = build_dicom(xray, patient_name=secrets[0])
+    good = good.replace(b"PID-123456", secrets[1].encode()).replace(b"20200101", secrets[2].encode())
+    assert all(s.encode() in good for s in secrets)
+    ct = build_dicom(xray, modality="CT", patient_name=secrets[0])  # refused: its fields must not leak either
+    with load_test.running_server(tmp_path / "service", "--int8") as server:
+        answers = [httpx.post(f"{server.base}/api/v1/predictions", files={"file": (f"{i}.dcm", data, "application/dicom")},
+                              timeout=60) for i, data in enumerate((good, ct, good[:4000]))]  # fmt: skip
+        listed = httpx.get(f"{server.base}/api/v1/predictions", timeout=30).text
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
+    assert [a.status_code for a in answers] == [201, 422, 422]
+    database = server.database.read_bytes() + b"".join(p.read_bytes() for p in server.data_dir.glob("pneumoscan.db*"))
+    texts = [a.text for a in answers] + [listed, server.log.read_text()]
+    for secret in secrets:
+        assert all(secret not in text for text in texts), secret
+        assert secret.encode() not in database, secret
