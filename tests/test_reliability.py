@@ -119,6 +119,16 @@ def test_database_down_means_503_and_not_ready_then_recovery(shipped_model: Path
             assert again.status_code == 201
             listed = [row["id"] for row in client.get("/api/v1/predictions").json()]
             assert listed == [again.json()["id"], first.json()["id"]]
+
+            server.psql("alter system set default_transaction_read_only = on; select pg_reload_conf();")
+            time.sleep(0.5)  # the reload reaches open sessions asynchronously
+            refused = post()
+            assert refused.status_code == 503 and refused.json()["error"] == "AuditLogUnavailable"
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and "read-only" in ready.json()["reason"]
+            server.psql("alter system reset default_transaction_read_only; select pg_reload_conf();")
+            time.sleep(0.5)
+            assert client.get("/readyz").status_code == 200 and post().status_code == 201
     finally:
         server.cleanup()
 

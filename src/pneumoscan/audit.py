@@ -21,6 +21,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -101,8 +102,13 @@ class AuditLog:
             return [dict(r) for r in rows]
 
     def ping(self) -> None:
+        """Ready means writable: a database that answers but refuses writes would refuse every prediction."""
         with self.engine.connect() as connection:
             connection.execute(select(1))
+            if self.engine.dialect.name == "postgresql" and connection.execute(text("show transaction_read_only")).scalar() == "on":
+                raise DatabaseUnavailableError("the database is read-only")
+            if self.engine.dialect.name == "sqlite" and connection.execute(text("pragma query_only")).scalar():
+                raise DatabaseUnavailableError("the database is read-only")
 
 
 def now() -> datetime:
