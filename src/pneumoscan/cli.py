@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pneumoscan import __version__
 from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS, DataConfig, TrainConfig, default_data_root
-from pneumoscan.errors import ModelNotFoundError, PneumoscanError
+from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError
 
 EPILOG = """examples:
   pneumoscan train --out runs/v1
@@ -70,6 +70,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=data.batch_size)
     g.add_argument("--workers", type=int, default=data.num_workers, help="data-loading processes")
     g.add_argument("--hflip", action="store_true", help="add random horizontal flips (off: chests are not symmetric)")
+    g.add_argument("--strong-photometric", action="store_true", help="gamma, blur, noise and JPEG augmentation")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=train.arch, help="efficientnet_lite0/1/2, simple_cnn, or any timm name")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random weights")
@@ -78,9 +79,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--backbone-lr", type=float, default=train.backbone_lr, help="learning rate of the backbone")
     g.add_argument("--weight-decay", type=float, default=train.weight_decay)
     g.add_argument("--freeze-epochs", type=int, default=train.freeze_epochs, help="epochs with a frozen backbone")
+    g.add_argument("--label-smoothing", type=float, default=train.label_smoothing, help="ε: targets ε/2 and 1-ε/2")
+    g.add_argument("--schedule", choices=("plateau", "cosine"), default=train.schedule, help="learning-rate schedule")
     g.add_argument("--patience", type=int, default=train.patience, help="early-stopping patience on val AUROC")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="plain NCHW memory layout")
     g = p.add_argument_group("run")
+    g.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="settings file with [data] and [train] tables (see configs/); flags given too win")  # fmt: skip
     g.add_argument("--out", type=Path, default=train.out, help="run folder")
     g.add_argument("--limit-train-batches", type=batches, default=train.limit_train_batches, help="count or fraction")
     g.add_argument("--limit-val-batches", type=batches, default=train.limit_val_batches, help="count or fraction")
@@ -91,6 +96,35 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", default=train.strategy, help="auto, ddp, ddp_spawn, fsdp ...")
     g.add_argument("--precision", default=train.precision, help="32-true, bf16-mixed, 16-mixed")
     p.set_defaults(handler=run_train)
+    TRAIN_PARSER.append(p)
+
+
+TRAIN_PARSER: list[argparse.ArgumentParser] = []  # filled by add_train_parser; --config sets its defaults
+#: Field names whose command-line flag has another name.
+FLAG_NAMES = {"num_workers": "workers", "root": "data"}
+
+
+def defaults_from_config(path: Path) -> dict[str, object]:
+    """A run's settings file as argparse defaults: ``[data]`` and ``[train]`` tables of the two dataclasses' fields."""
+    import dataclasses
+    import tomllib
+
+    try:
+        settings = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigurationError(f"no settings file at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}") from None
+    defaults: dict[str, object] = {}
+    for table, config_class in (("data", DataConfig), ("train", TrainConfig)):
+        known = {f.name: f for f in dataclasses.fields(config_class)}
+        for key, value in settings.pop(table, {}).items():
+            if key not in known:
+                raise ConfigurationError(f"{path}: [{table}] has no setting {key!r}; known: {', '.join(sorted(known))}")
+            defaults[FLAG_NAMES.get(key, key)] = Path(value) if key in ("root", "out") else value
+    if settings:
+        raise ConfigurationError(f"{path}: unknown table(s) {sorted(settings)}; use [data] and [train]")
+    return defaults
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -104,6 +138,9 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.workers,
         hflip=args.hflip,
+        strong_photometric=args.strong_photometric,
+        **{name: tuple(getattr(args, name)) if name == "crop_scale" else getattr(args, name)
+           for name in ("crop_scale", "rotation_degrees", "brightness", "contrast") if hasattr(args, name)},
     )
     train = TrainConfig(
         arch=args.arch,
@@ -113,7 +150,10 @@ def run_train(args: argparse.Namespace) -> int:
         backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay,
         freeze_epochs=args.freeze_epochs,
+        label_smoothing=args.label_smoothing,
+        schedule=args.schedule,
         patience=args.patience,
+        **{name: getattr(args, name) for name in ("plateau_patience", "plateau_factor") if hasattr(args, name)},
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
         accelerator=args.accelerator,
@@ -384,7 +424,15 @@ def route_subcommands(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(route_subcommands(list(sys.argv[1:] if argv is None else argv)))
+    arguments = route_subcommands(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(arguments)
+    if getattr(args, "config", None) is not None:  # a settings file: its values become defaults, flags still win
+        try:
+            TRAIN_PARSER[-1].set_defaults(**defaults_from_config(args.config))
+        except PneumoscanError as error:
+            print(f"pneumoscan: error: {error}", file=sys.stderr)
+            return error.exit_code
+        args = parser.parse_args(arguments)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

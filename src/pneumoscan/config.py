@@ -62,6 +62,9 @@ class DataConfig:
     rotation_degrees: float = 10.0
     brightness: float = 0.2
     contrast: float = 0.2
+    # Exposure and equipment differ between sites and years: gamma, blur, noise and JPEG
+    # re-encoding imitate that (see datamodule.PhotometricAugment). Off in v1.
+    strong_photometric: bool = False
 
 
 @dataclass
@@ -75,6 +78,8 @@ class TrainConfig:
     backbone_lr: float = 3e-4
     weight_decay: float = 1e-4
     freeze_epochs: int = 0
+    label_smoothing: float = 0.0  # targets become ε/2 and 1 - ε/2
+    schedule: str = "plateau"  # plateau (ReduceLROnPlateau on val loss) or cosine (to 1 % of the rates over the epochs)
     patience: int = 4
     plateau_patience: int = 1
     plateau_factor: float = 0.3

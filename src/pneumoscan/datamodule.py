@@ -36,9 +36,42 @@ def train_augmentation(config: DataConfig) -> ImageTransform:
         v2.RandomRotation(config.rotation_degrees),
         v2.ColorJitter(brightness=config.brightness, contrast=config.contrast),
     ]
+    if config.strong_photometric:
+        steps.append(PhotometricAugment())
     if config.hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
+
+
+class PhotometricAugment:
+    """Exposure, sharpness, noise and compression as they differ between sites and years.
+
+    Each applies with its own probability: gamma 0.7–1.4, Gaussian blur σ ≤ 1.2 px,
+    Gaussian noise σ ≤ 0.03 of the range, JPEG re-encoding at quality 40–95. The
+    random draws come from torch, so DataLoader workers are seeded by Lightning.
+    """
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        import io
+
+        from PIL import ImageFilter
+
+        def draw(low: float, high: float) -> float:
+            return low + (high - low) * float(torch.rand(()))
+
+        if torch.rand(()) < 0.5:
+            gamma = draw(0.7, 1.4)
+            image = image.point([round(255 * (i / 255) ** gamma) for i in range(256)])
+        if torch.rand(()) < 0.3:
+            image = image.filter(ImageFilter.GaussianBlur(draw(0.3, 1.2)))
+        if torch.rand(()) < 0.3:
+            noise = torch.randn(image.size[1], image.size[0]).numpy() * draw(0.005, 0.03) * 255
+            image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
+        if torch.rand(()) < 0.3:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=int(draw(40, 95)))
+            image = Image.open(buffer).convert("L")
+        return image
 
 
 def eval_transform(config: DataConfig) -> ImageTransform:

@@ -25,6 +25,7 @@ from torchmetrics.classification import BinaryAUROC
 import pneumoscan
 from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig, portable_path, to_jsonable
 from pneumoscan.data import class_counts, file_list_checksum
+from pneumoscan.errors import ConfigurationError
 from pneumoscan.datamodule import XrayDataModule
 from pneumoscan.model import backbone_parameters, create_model, head_parameters
 from pneumoscan.plots import plot_training_curves
@@ -50,6 +51,9 @@ class PneumoniaClassifier(L.LightningModule):
         plateau_factor: float = 0.3,
         channels_last: bool = True,
         image_size: int = 224,
+        label_smoothing: float = 0.0,
+        schedule: str = "plateau",
+        epochs: int = 10,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -68,7 +72,9 @@ class PneumoniaClassifier(L.LightningModule):
 
     def weighted_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weights = self.class_weight[labels.long()]
-        losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        smoothing = self.hparams.get("label_smoothing", 0.0) if self.training else 0.0  # validation loss stays plain
+        targets = labels * (1.0 - smoothing) + 0.5 * smoothing
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         return (weights * losses).sum() / weights.sum()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
@@ -110,6 +116,12 @@ class PneumoniaClassifier(L.LightningModule):
             ],
             weight_decay=hp.weight_decay,
         )
+        if hp.get("schedule", "plateau") == "cosine":
+            floor = 0.01 * min(hp.backbone_lr, hp.lr)  # anneal to 1 % of the smaller rate, not to 0
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, hp.epochs), eta_min=floor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+        if hp.get("schedule", "plateau") != "plateau":
+            raise ConfigurationError(f"schedule must be 'plateau' or 'cosine', not {hp.schedule!r}")
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
         )
@@ -221,6 +233,9 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         plateau_factor=train_config.plateau_factor,
         channels_last=train_config.channels_last,
         image_size=data_config.image_size,
+        label_smoothing=train_config.label_smoothing,
+        schedule=train_config.schedule,
+        epochs=train_config.epochs,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out, filename="best", monitor="val_auroc", mode="max", save_last=False, auto_insert_metric_name=False,
