@@ -82,3 +82,32 @@ def test_two_process_cpu_ddp(data_root: Path, tmp_path: Path) -> None:
     assert "Starting with 2 processes" in log
     assert "gloo" in log
     assert (out / "best.ckpt").is_file() and (out / "curves.png").is_file()
+
+
+def test_ablation_knobs_do_what_they_say(data_root: Path) -> None:
+    from PIL import Image
+
+    from pneumoscan.datamodule import PhotometricAugment
+    from pneumoscan.data import list_records
+
+    image = Image.open(list_records(data_root, "train")[0].path).convert("L")
+    torch.manual_seed(0)
+    augmented = [PhotometricAugment()(image) for _ in range(8)]
+    assert all(a.mode == "L" and a.size == image.size for a in augmented)
+    assert sum(a.tobytes() != image.tobytes() for a in augmented) >= 4
+
+    confident = torch.tensor([12.0, -12.0])
+    labels = torch.tensor([1.0, 0.0])
+    plain = PneumoniaClassifier(pretrained=False, label_smoothing=0.0).train()
+    smoothed = PneumoniaClassifier(pretrained=False, label_smoothing=0.1).train()
+    assert plain.weighted_loss(confident, labels) < 1e-4 < smoothed.weighted_loss(confident, labels)
+    assert smoothed.eval().weighted_loss(confident, labels) < 1e-4  # validation loss is never smoothed
+
+    cosine = PneumoniaClassifier(pretrained=False, schedule="cosine", epochs=4).configure_optimizers()
+    scheduler = cosine["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(4):
+        rates.append(scheduler.get_last_lr()[1])
+        cosine["optimizer"].step()
+        scheduler.step()
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.5 * rates[0]
