@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,9 @@ from sqlalchemy import create_engine, text
 
 from pneumoscan.data import list_records
 from pneumoscan.server import ServiceSettings, create_app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import load_test  # noqa: E402  (its running_server starts the real command)
 
 PYDICOM_FILES = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
 
@@ -121,30 +122,9 @@ def test_api_key_is_required_when_configured(shipped_model: Path, tmp_path: Path
 
 @contextlib.contextmanager
 def live_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``pneumoscan serve`` started by the test on a free port of 127.0.0.1; stopped with SIGTERM."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and process.poll() is None, "server did not become ready"
-            time.sleep(0.3)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    """``pneumoscan serve`` started by the test on a free port of 127.0.0.1 (output in ``server.log``); SIGTERM at the end."""
+    with load_test.running_server(tmp_path) as server:
+        yield server.base, server.process
 
 
 def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:
@@ -155,7 +135,8 @@ def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path,
         assert response.status_code == 201 and response.json()["label"] in ("NORMAL", "PNEUMONIA")
         assert (tmp_path / "pneumoscan.db").is_file()
         process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=30)[0]
+        process.wait(timeout=30)
+    output = (tmp_path / "server.log").read_text()
     assert process.returncode == 0, output
     assert f"{base}/" in output
 
