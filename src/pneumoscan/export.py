@@ -278,7 +278,7 @@ def export_int8(out: Path, root: Path, data: DataConfig, image_size: int, val: l
         "sha256": sha256_file(out / INT8_MODEL_FILE),
         "method": "ONNX Runtime static QDQ: int8 weights per channel with reduce_range, uint8 activations (MinMax) "
         f"calibrated on {len(sample)} images of the training split (validation patients excluded); the first "
-        "convolution, the head convolution, the heat-map convolution and the classifier stay float",
+        "convolution, the head convolution, the classifier and the heat-map branch (CAM convolution, upsampling, normalisation) stay float",
         "validation": {"metrics": summary(val_metrics)},
         "test": {"metrics": summary(test_metrics)},
         "test_delta_vs_fp32": {
