@@ -74,3 +74,11 @@ def test_pretrained_weights_that_are_not_offline_are_a_clear_error() -> None:
 def test_unknown_architecture_is_a_clear_error() -> None:
     with pytest.raises(ConfigurationError, match="unknown architecture"):
         create_model("no_such_net", pretrained=False)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_and_lite2_weights_load_offline_and_recognise_the_photos(arch: str) -> None:
+    """The same key mapping serves the larger Lite models of issue 8's ablations."""
+    model = create_model(arch, pretrained=True, num_classes=1000).eval()
+    assert top5(model, sample_images.coffee())[0] in (967, 968)
+    assert set(top5(model, sample_images.chelsea())) & set(range(281, 286))
