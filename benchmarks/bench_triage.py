@@ -25,15 +25,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench_inference import test_images  # the same 624 test images (or an even sample)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_images(limit: int | None) -> list[Path]:
-    from pneumoscan.config import default_data_root
-    from pneumoscan.data import list_records
-
-    paths = [r.path for r in list_records(default_data_root(), "test")]
-    return paths[:: max(1, len(paths) // limit)][:limit] if limit else paths
 
 
 def upscale(paths: list[Path], folder: Path, size: int = 2048) -> list[Path]:

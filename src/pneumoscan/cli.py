@@ -53,7 +53,7 @@ def devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     data, train = DataConfig(root=Path(".")), TrainConfig()
     p = subparsers.add_parser(
         "train",
@@ -96,10 +96,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", default=train.strategy, help="auto, ddp, ddp_spawn, fsdp ...")
     g.add_argument("--precision", default=train.precision, help="32-true, bf16-mixed, 16-mixed")
     p.set_defaults(handler=run_train)
-    TRAIN_PARSER.append(p)
+    return p
 
 
-TRAIN_PARSER: list[argparse.ArgumentParser] = []  # filled by add_train_parser; --config sets its defaults
 #: Field names whose command-line flag has another name.
 FLAG_NAMES = {"num_workers": "workers", "root": "data"}
 
@@ -246,6 +245,24 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
+    """The exported model and the input limits: the same flags for predict and triage."""
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--int8", action="store_true", help="use the int8 model")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--max-file-mb", type=float, default=MAX_INPUT_BYTES / 2**20, help="refuse larger files")
+    p.add_argument("--max-pixels", type=int, default=MAX_INPUT_PIXELS, help="refuse images with more pixels (before decoding)")
+
+
+def load_predictor(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # a Predictor; imported lazily
+    from pneumoscan.imaging import Limits
+    from pneumoscan.inference import Predictor
+
+    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
+    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads, limits=limits)
+    return predictor
+
+
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
@@ -255,23 +272,16 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("files", nargs="+", type=Path, help="image files or folders (every image inside)")
-    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
-    p.add_argument("--int8", action="store_true", help="use the int8 model")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write X-ray + heat-map PNGs here")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--max-file-mb", type=float, default=MAX_INPUT_BYTES / 2**20, help="refuse larger files")
-    p.add_argument("--max-pixels", type=int, default=MAX_INPUT_PIXELS, help="refuse images with more pixels (before decoding)")
+    add_predictor_arguments(p)
     p.set_defaults(handler=run_predict)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from pneumoscan.imaging import Limits
-    from pneumoscan.inference import Predictor
     from pneumoscan.predict import expand_inputs, format_records, predict_files
 
-    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
-    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads, limits=limits)
+    predictor = load_predictor(args)
     records = predict_files(predictor, expand_inputs(args.files), args.heatmaps)
     print(format_records(records, args.format))
     failed = sum(1 for r in records if r.error)
@@ -298,15 +308,11 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (recursive) or quoted glob patterns")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; an existing worklist is resumed)")
-    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
-    p.add_argument("--int8", action="store_true", help="use the int8 model")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images while the model runs")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--shard", default=None, metavar="K/N", help="process only the K-th of N disjoint parts of the inputs")
     p.add_argument("--no-report", action="store_true", help="skip report.html (the worklist and summary are still written)")
-    p.add_argument("--max-file-mb", type=float, default=MAX_INPUT_BYTES / 2**20, help="refuse larger files")
-    p.add_argument("--max-pixels", type=int, default=MAX_INPUT_PIXELS, help="refuse images with more pixels (before decoding)")
+    add_predictor_arguments(p)
     p.set_defaults(handler=run_triage)
 
     m = subparsers.add_parser(  # reached as 'triage merge' (see main); no help= keeps it out of the command list
@@ -322,13 +328,10 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_triage(args: argparse.Namespace) -> int:
-    from pneumoscan.imaging import Limits
-    from pneumoscan.inference import Predictor
     from pneumoscan.triage import Shard, triage
 
     shard = Shard.parse(args.shard) if args.shard else None
-    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
-    predictor = Predictor.load(args.model, precision="int8" if args.int8 else "fp32", threads=args.threads, limits=limits)
+    predictor = load_predictor(args)
     summary = triage(args.inputs, args.out, predictor, workers=args.workers, batch_size=args.batch_size, shard=shard,
                      report=not args.no_report)  # fmt: skip
     print_triage_summary(summary, args.out, not args.no_report)
@@ -384,6 +387,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return build_parsers()[0]
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``pneumoscan`` parser and its ``train`` subparser (whose defaults a settings file replaces)."""
     parser = argparse.ArgumentParser(
         prog="pneumoscan",
         description="Pneumonia detection on chest X-rays: train, evaluate, explain and export the model.",
@@ -393,13 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    add_train_parser(subparsers)
+    train = add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)
     add_serve_parser(subparsers)
-    return parser
+    return parser, train
 
 
 def configure_logging(verbose: bool) -> None:
@@ -423,12 +431,12 @@ def route_subcommands(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser, train_parser = build_parsers()
     arguments = route_subcommands(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(arguments)
     if getattr(args, "config", None) is not None:  # a settings file: its values become defaults, flags still win
         try:
-            TRAIN_PARSER[-1].set_defaults(**defaults_from_config(args.config))
+            train_parser.set_defaults(**defaults_from_config(args.config))
         except PneumoscanError as error:
             print(f"pneumoscan: error: {error}", file=sys.stderr)
             return error.exit_code

@@ -133,6 +133,15 @@ def class_weights(records: list[Record]) -> list[float]:
     return [n / (k * counts[name]) for name in CLASS_NAMES]
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (model files, images, the gate)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_list_checksum(records: list[Record], root: Path) -> str:
     """sha256 of the sorted relative paths: names *which* files were used, cheaply."""
     digest = hashlib.sha256()

@@ -23,7 +23,7 @@ from torch import nn
 import pneumoscan
 from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
 from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, DataConfig, portable_path
-from pneumoscan.data import Record, list_records, split_by_patient
+from pneumoscan.data import Record, list_records, sha256_file, split_by_patient
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, split_records, write_evaluation
 from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
@@ -81,14 +81,6 @@ class LogitAndHeatmap(nn.Module):
         cam = cam - low
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
         return logit, cam[:, 0], embedding
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_checksum(records: list[Record], root: Path) -> str:

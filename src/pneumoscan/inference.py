@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pneumoscan.calibration import calibrated_probability
 from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
+from pneumoscan.data import sha256_file
 from pneumoscan.errors import ConfigurationError, ModelIntegrityError, ModelNotFoundError
 from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.ood import WARNING as OOD_WARNING
@@ -64,23 +65,16 @@ def to_grayscale_image(source: ImageInput, limits: Limits | None = None) -> Imag
     return load_xray(source, limits).image  # bytes or a path: any supported format, DICOM included
 
 
-def verify_model_file(model_path: Path, card: dict, precision: str) -> None:
-    """Refuse a model file whose sha256 differs from the card's: a damaged or swapped file must not answer."""
-    import hashlib
-
-    section = card.get("int8" if precision == "int8" else "onnx") or {}
-    expected = section.get("sha256")
-    if not expected:
-        return  # a card written before checksums: nothing to compare
-    digest = hashlib.sha256()
-    with open(model_path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
+def verify_model_file(model_path: Path, card: dict, precision: str) -> str:
+    """The file's sha256; refused if it differs from the card's: a damaged or swapped file must not answer."""
+    actual = sha256_file(model_path)
+    expected = (card.get("int8" if precision == "int8" else "onnx") or {}).get("sha256")
+    if expected and actual != expected:  # a card written before checksums has nothing to compare
         raise ModelIntegrityError(
-            f"{model_path} does not match its model card (sha256 {digest.hexdigest()[:12]}…, the card says {expected[:12]}…): "
+            f"{model_path} does not match its model card (sha256 {actual[:12]}…, the card says {expected[:12]}…): "
             "the file is damaged, truncated or was replaced; restore it or export the model again"
         )
+    return actual
 
 
 @dataclass
@@ -133,7 +127,7 @@ class Predictor:
         if not model_path.is_file():
             hint = "export with --int8" if precision == "int8" else "export the model again"
             raise ModelNotFoundError(f"{model_path} is missing: {hint}")
-        verify_model_file(model_path, self.card, precision)
+        self.model_sha256 = verify_model_file(model_path, self.card, precision)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

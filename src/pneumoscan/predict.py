@@ -43,13 +43,15 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     """
     files: list[Path] = []
     for item in inputs:
-        if item.is_dir():
-            files += sorted(
-                p for p in item.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
-        else:
-            files.append(item)
+        files += files_in_folder(item) if item.is_dir() else [item]
     return files
+
+
+def files_in_folder(folder: Path) -> list[Path]:
+    """Every file below ``folder``, sorted; hidden files and folders (``.name``) are not inputs."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def read_image(path: Path, limits: Limits | None = None) -> Image.Image:

@@ -218,7 +218,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     model_info = {
         "name": card["name"],
         "version": card["pneumoscan_version"],
-        "sha256": card["int8"]["sha256"] if settings.precision == "int8" else card["onnx"]["sha256"],
+        "sha256": predictor.model_sha256,
     }
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

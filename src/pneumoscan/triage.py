@@ -37,6 +37,7 @@ from pneumoscan.errors import ConfigurationError, InputError, NotARadiograph, Un
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import load_xray
 from pneumoscan.inference import Predictor, batched
+from pneumoscan.predict import files_in_folder
 from pneumoscan.preprocessing import preprocess
 
 WORKLIST_FILE = "worklist.csv"
@@ -128,9 +129,7 @@ def discover(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            candidates: Iterable[Path] = sorted(
-                p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            candidates: Iterable[Path] = files_in_folder(path)
         elif path.exists() or not glob.has_magic(str(item)):
             candidates = [path]  # a missing file still gets a row that says so
         else:
