@@ -54,14 +54,14 @@ def test_train_settings_files_set_defaults_and_flags_win(tmp_path: Path, capsys:
     from pneumoscan import cli
 
     config = tmp_path / "run.toml"
-    config.write_text('[data]\nseed = 7\nstrong_photometric = true\ncrop_scale = [0.9, 1.0]\n'
+    config.write_text('[data]\nseed = 7\nintensity = "equalize"\nstrong_photometric = true\ncrop_scale = [0.9, 1.0]\n'
                       '[train]\nschedule = "cosine"\nlabel_smoothing = 0.1\nepochs = 3\n')  # fmt: skip
     captured: dict[str, argparse.Namespace] = {}
     monkeypatch.setattr(cli, "run_train", lambda args: captured.setdefault("args", args) and 0)  # no training here
     main(["train", "--config", str(config), "--epochs", "5"])
     args = captured["args"]
     assert (args.seed, args.strong_photometric, args.schedule, args.label_smoothing) == (7, True, "cosine", 0.1)
-    assert args.epochs == 5 and list(args.crop_scale) == [0.9, 1.0]  # the flag wins over the file
+    assert args.intensity == "equalize" and args.epochs == 5 and list(args.crop_scale) == [0.9, 1.0]  # the flag wins over the file
 
     (tmp_path / "bad.toml").write_text("[train]\nlearning_rate = 1\n")
     assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.data import list_records
-from pneumoscan.inference import Predictor, read_card
+from pneumoscan.inference import CARD_FILE, Predictor, read_card
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,37 @@ def test_training_and_inference_preprocessing_give_identical_tensors(predictor: 
         training_tensor = dataset[i][0].numpy()
         inference_tensor = predictor.preprocess(record.path.read_bytes())
         np.testing.assert_array_equal(training_tensor, inference_tensor)
+
+
+def copy_with_intensity(shipped_model: Path, folder: Path, intensity: str) -> Path:
+    """The shipped model's files with a card that asks for another intensity normalisation."""
+    import shutil
+
+    shutil.copytree(shipped_model, folder)
+    card = read_card(folder)
+    card["input"]["intensity"] = intensity
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    return folder
+
+
+def test_a_card_asking_for_equalisation_gets_it_at_inference_as_in_training(shipped_model: Path, data_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.config import DataConfig
+    from pneumoscan.datamodule import XrayDataset, eval_transform
+
+    equalising = Predictor.load(copy_with_intensity(shipped_model, tmp_path / "m", "equalize"))
+    records = list_records(data_root, "test")[:3]
+    dataset = XrayDataset(records, eval_transform(DataConfig(intensity="equalize")))
+    plain = Predictor.load(shipped_model)
+    for i, record in enumerate(records):
+        np.testing.assert_array_equal(dataset[i][0].numpy(), equalising.preprocess(record.path))
+        assert not np.array_equal(plain.preprocess(record.path), equalising.preprocess(record.path))
+
+
+def test_a_card_asking_for_an_unknown_intensity_normalisation_is_refused(shipped_model: Path, tmp_path: Path) -> None:
+    from pneumoscan.errors import ModelIntegrityError
+
+    with pytest.raises(ModelIntegrityError, match="intensity normalisation 'retinex'.*export the model again"):
+        Predictor.load(copy_with_intensity(shipped_model, tmp_path / "m", "retinex"))
 
 
 def test_int8_stays_within_tolerance_of_fp32(shipped_model: Path, data_root: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pneumoscan.config import IMAGENET_MEAN, IMAGENET_STD
@@ -30,3 +31,23 @@ def test_other_sizes_are_resized_to_the_model_size() -> None:
     image = Image.new("L", (300, 200), color=128)
     assert preprocess(image).shape == (3, 224, 224)
     assert preprocess(image, size=160).shape == (3, 160, 160)
+
+
+def test_equalisation_spreads_a_washed_out_film_over_the_whole_grey_range(data_root: Path) -> None:
+    path = list_records(data_root, "train")[0].path
+    film = np.asarray(load_grayscale(path), dtype=np.float32)
+    washed_out = Image.fromarray((96 + film * 0.25).astype(np.uint8))  # grey levels squeezed into 96..159
+    dark = Image.fromarray((film * 0.4).astype(np.uint8))
+    assert np.ptp(preprocess(washed_out)[0]) < 0.3 * np.ptp(preprocess(dark, intensity="equalize")[0])
+    equalised = [preprocess(image, intensity="equalize")[0] for image in (washed_out, dark)]
+    for x in equalised:
+        assert x.min() == pytest.approx((0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], abs=0.05)
+        assert x.max() == pytest.approx((1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], abs=1e-6)
+    # The two exposures of one film end up close: what equalisation is for.
+    plain_gap = np.abs(preprocess(washed_out)[0] - preprocess(dark)[0]).mean()
+    assert np.abs(equalised[0] - equalised[1]).mean() < 0.2 * plain_gap
+
+
+def test_unknown_intensity_normalisation_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown intensity normalisation 'clahe2'"):
+        preprocess(Image.new("L", (32, 32)), intensity="clahe2")

@@ -15,7 +15,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pneumoscan import __version__
-from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS, DataConfig, TrainConfig, default_data_root
+from pneumoscan.config import (
+    DEFAULT_MODEL_DIR,
+    INTENSITY_MODES,
+    MAX_INPUT_BYTES,
+    MAX_INPUT_PIXELS,
+    DataConfig,
+    TrainConfig,
+    default_data_root,
+)
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError
 
 EPILOG = """examples:
@@ -71,6 +79,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--workers", type=int, default=data.num_workers, help="data-loading processes")
     g.add_argument("--hflip", action="store_true", help="add random horizontal flips (off: chests are not symmetric)")
     g.add_argument("--strong-photometric", action="store_true", help="gamma, blur, noise and JPEG augmentation")
+    g.add_argument("--intensity", choices=INTENSITY_MODES, default=data.intensity,
+                   help="intensity normalisation before augmentation and at inference (equalize: histogram equalisation)")  # fmt: skip
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=train.arch, help="efficientnet_lite0/1/2, simple_cnn, or any timm name")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random weights")
@@ -138,6 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         hflip=args.hflip,
         strong_photometric=args.strong_photometric,
+        intensity=args.intensity,
         **{name: tuple(getattr(args, name)) if name == "crop_scale" else getattr(args, name)
            for name in ("crop_scale", "rotation_degrees", "brightness", "contrast") if hasattr(args, name)},
     )
@@ -221,21 +232,28 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         "the validation split scored by the exported model; the test split is then reported once.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.ckpt of a run)")
+    p.add_argument("checkpoint", type=Path, nargs="+",
+                   help="training checkpoint (best.ckpt of a run); several make one ensemble graph")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v2")
     add_data_argument(p)
     p.add_argument("--name", default=None, help="model name (default: the folder name)")
     add_operating_point_arguments(p, "")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, per-channel) and measure it")
+    p.add_argument("--tta-zoom", type=float, default=None, metavar="SHARE",
+                   help="test-time augmentation: also score the central SHARE (e.g. 0.9) of each image and average the logits")  # fmt: skip
     p.set_defaults(handler=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from pneumoscan.export import export
 
-    if not args.checkpoint.is_file():
-        raise ModelNotFoundError(f"no checkpoint at {args.checkpoint}: train one with 'pneumoscan train --out DIR'")
-    card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target, args.int8)
+    for checkpoint in args.checkpoint:
+        if not checkpoint.is_file():
+            raise ModelNotFoundError(f"no checkpoint at {checkpoint}: train one with 'pneumoscan train --out DIR'")
+    if args.tta_zoom is not None and not 0.5 <= args.tta_zoom < 1:
+        raise ConfigurationError(f"--tta-zoom must lie in [0.5, 1), got {args.tta_zoom}")
+    card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target,
+                  args.int8, args.tta_zoom)  # fmt: skip
     test = card["test"]["metrics"]
     print(
         f"exported {card['name']} to {args.out}: threshold {card['operating_point']['threshold']:.4f} "

@@ -20,6 +20,8 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
+#: Intensity normalisations a model can be trained with; the model card records which one.
+INTENSITY_MODES: tuple[str, ...] = ("none", "equalize")
 
 #: Inputs above these are refused before decoding (decompression bombs, wrong files).
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -65,6 +67,9 @@ class DataConfig:
     # Exposure and equipment differ between sites and years: gamma, blur, noise and JPEG
     # re-encoding imitate that (see datamodule.PhotometricAugment). Off in v1.
     strong_photometric: bool = False
+    # Intensity normalisation before augmentation and at inference: none or equalize
+    # (histogram equalisation). The model card records it, so inference repeats it.
+    intensity: str = "none"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from pneumoscan.config import DataConfig
 from pneumoscan.data import Record, class_counts, class_weights, list_records, split_by_patient
-from pneumoscan.preprocessing import load_grayscale, normalize, resize_square
+from pneumoscan.preprocessing import load_grayscale, normalize, resize_and_normalize_intensity
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def train_augmentation(config: DataConfig) -> ImageTransform:
     chest is not a chest the model will ever see.
     """
     steps: list[object] = [
+        lambda image: resize_and_normalize_intensity(image, config.image_size, config.intensity),
         v2.RandomResizedCrop(config.image_size, scale=config.crop_scale, ratio=(0.9, 1.1), antialias=True),
         v2.RandomRotation(config.rotation_degrees),
         v2.ColorJitter(brightness=config.brightness, contrast=config.contrast),
@@ -75,8 +76,8 @@ class PhotometricAugment:
 
 
 def eval_transform(config: DataConfig) -> ImageTransform:
-    """Evaluation: only the resize that inference does too."""
-    return lambda image: resize_square(image, config.image_size)
+    """Evaluation: only the resize and intensity normalisation that inference does too."""
+    return lambda image: resize_and_normalize_intensity(image, config.image_size, config.intensity)
 
 
 class XrayDataset(Dataset):

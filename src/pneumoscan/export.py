@@ -9,6 +9,7 @@ reported once, after everything is fixed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -77,10 +78,48 @@ class LogitAndHeatmap(nn.Module):
         embedding = features.mean(dim=(2, 3))  # what the head sees; the out-of-distribution gate reads it
         cam = nn.functional.relu(nn.functional.conv2d(features, self.cam_weight))
         cam = nn.functional.interpolate(cam, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        low = cam.amin(dim=(2, 3), keepdim=True)
-        cam = cam - low
-        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
-        return logit, cam[:, 0], embedding
+        return logit, min_max_per_image(cam)[:, 0], embedding
+
+    def logit(self, x: torch.Tensor) -> torch.Tensor:
+        """The logit alone, for the extra views of test-time augmentation."""
+        return self.model.forward_head(self.model.forward_features(x)).reshape(-1)
+
+
+def min_max_per_image(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each map of ``N×1×H×W`` to [0, 1], as ``pytorch_grad_cam`` does."""
+    maps = maps - maps.amin(dim=(2, 3), keepdim=True)
+    return maps / (maps.amax(dim=(2, 3), keepdim=True) + 1e-7)
+
+
+class EnsembleGraph(nn.Module):
+    """Several models and optionally a zoomed second view as one graph with a single model's three outputs.
+
+    The logit is the mean of the members' logits over the views (the temperature
+    is fitted to it afterwards), the heat map the renormalised mean of the
+    members' maps on the unzoomed view, and the embedding the members'
+    embeddings side by side, for the out-of-distribution gate.
+    """
+
+    def __init__(self, members: list[LogitAndHeatmap], tta_zoom: float | None = None):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.tta_zoom = tta_zoom
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, maps, embeddings = zip(*(member(x) for member in self.members))
+        views = [torch.stack(logits).mean(dim=0)]
+        if self.tta_zoom:
+            zoomed = zoom_centre(x, self.tta_zoom, self.members[0].image_size)
+            views.append(torch.stack([member.logit(zoomed) for member in self.members]).mean(dim=0))
+        heatmap = min_max_per_image(torch.stack(maps).mean(dim=0)[:, None])[:, 0]
+        return torch.stack(views).mean(dim=0), heatmap, torch.cat(embeddings, dim=1)
+
+
+def zoom_centre(x: torch.Tensor, zoom: float, size: int) -> torch.Tensor:
+    """The central ``zoom`` share of each ``size``×``size`` image, resized back: like the crops training saw (scale 0.85–1)."""
+    margin = round(size * (1 - zoom) / 2)
+    centre = x[:, :, margin : size - margin, margin : size - margin]
+    return nn.functional.interpolate(centre, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def content_checksum(records: list[Record], root: Path) -> str:
@@ -91,9 +130,10 @@ def content_checksum(records: list[Record], root: Path) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(module: PneumoniaClassifier, path: Path, image_size: int) -> Path:
-    """Write the ONNX graph with a dynamic batch dimension."""
-    graph = LogitAndHeatmap(module.model.to(memory_format=torch.contiguous_format), image_size).eval()
+def export_onnx(modules: list[PneumoniaClassifier], path: Path, image_size: int, tta_zoom: float | None = None) -> Path:
+    """Write the ONNX graph with a dynamic batch dimension; one model without TTA is exported as it is."""
+    members = [LogitAndHeatmap(m.model.to(memory_format=torch.contiguous_format), image_size).eval() for m in modules]
+    graph = members[0] if len(members) == 1 and not tta_zoom else EnsembleGraph(members, tta_zoom).eval()
     example = torch.zeros(1, 3, image_size, image_size)
     torch.onnx.export(
         graph,
@@ -116,33 +156,40 @@ def summary(metrics: dict) -> dict:
 
 
 def export(
-    checkpoint: Path,
+    checkpoint: Path | list[Path],
     out: Path,
     root: Path,
     name: str | None = None,
     policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY,
     int8: bool = False,
+    tta_zoom: float | None = None,
 ) -> dict:
     """Export ``checkpoint`` into the model folder ``out`` and return its card.
 
-    With ``int8``, also a statically quantised ``model.int8.onnx`` (calibrated
-    on training images), measured with the fp32 model's temperature and threshold.
+    Several checkpoints become one ensemble graph, and ``tta_zoom`` adds a
+    zoomed second view (see :class:`EnsembleGraph`); either way the result is
+    one ONNX file that every command serves like a single model. With
+    ``int8``, also a statically quantised ``model.int8.onnx`` (calibrated on
+    training images), measured with the fp32 model's temperature and threshold.
     """
-    checkpoint, out, root = Path(checkpoint), Path(out), Path(root)
+    checkpoints = [Path(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
+    out, root = Path(out), Path(root)
+    if int8 and (len(checkpoints) > 1 or tta_zoom):
+        raise ConfigurationError("--int8 quantises single models only; export the ensemble or TTA model without it")
+    modules = [PneumoniaClassifier.load_from_checkpoint(c, map_location="cpu", pretrained=False).eval() for c in checkpoints]
+    data = common_data_config(checkpoints, modules)
+    image_size, intensity = data.image_size, data.intensity
     out.mkdir(parents=True, exist_ok=True)
-    module = PneumoniaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained=False).eval()
-    data = run_data_config(checkpoint)
-    image_size = int(module.hparams.image_size)
-    export_onnx(module, out / MODEL_FILE, image_size)
+    export_onnx(modules, out / MODEL_FILE, image_size, tta_zoom)
 
-    run_config_path = checkpoint.parent / "config.json"
-    run_config = portable_run_config(json.loads(run_config_path.read_text()) if run_config_path.is_file() else {})
+    run_configs = [run_record(c) for c in checkpoints]
+    run_config = run_configs[0]
     card: dict = {
         "name": name or out.name,
         "pneumoscan_version": pneumoscan.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "architecture": module.hparams.arch,
+        "architecture": " + ".join(str(m.hparams.arch) for m in modules),
         "labels": list(CLASS_NAMES),
         "output": "logit: logit of PNEUMONIA, probability = sigmoid(logit / temperature); "
         "heatmap: N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]; "
@@ -151,9 +198,11 @@ def export(
             "name": "image",
             "shape": ["batch", 3, image_size, image_size],
             "size": image_size,
+            "intensity": intensity,
             "dtype": "float32",
             "preprocessing": "decode as 8-bit grayscale, resize to size×size (bilinear, aspect not kept), "
-            "scale to [0, 1], repeat to 3 channels, subtract ImageNet mean and divide by ImageNet std",
+            + ("equalise the grey-level histogram (Pillow ImageOps.equalize), " if intensity == "equalize" else "")
+            + "scale to [0, 1], repeat to 3 channels, subtract ImageNet mean and divide by ImageNet std",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },
@@ -163,6 +212,14 @@ def export(
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
+    if len(checkpoints) > 1:
+        card["training"] = {
+            "command": " && ".join(str(r.get("command")) for r in run_configs),
+            "git_commit": ", ".join(sorted({str(r.get("git_commit")) for r in run_configs})),
+            "members": [{"checkpoint": portable_path(c.resolve()), "config": r} for c, r in zip(checkpoints, run_configs)],
+        }
+    if tta_zoom:
+        card["tta"] = {"views": ["the image", f"its central {tta_zoom:.0%}, resized back"], "combined": "mean of the logits"}
     # Placeholders so a Predictor can open the folder; replaced below once fitted.
     card["calibration"] = {"temperature": 1.0}
     card["operating_point"] = {"threshold": 0.5}
@@ -185,7 +242,7 @@ def export(
     card["test"] = {"metrics": summary(test_metrics), "note": "reported once, after temperature and threshold were fixed on validation"}
     card["ood_gate"] = fit_and_report_gate(onnx_model, out, root, data, val_out["embedding"], test_out["embedding"])
     if int8:
-        card["int8"] = export_int8(out, root, data, image_size, val, test, calibration, card["name"], test_metrics)
+        card["int8"] = export_int8(out, root, data, val, test, calibration, card["name"], test_metrics)
     card["data"] = {
         "root": root.name,
         "train_sha256": content_checksum(list_records(root, "train"), root),
@@ -253,13 +310,13 @@ def fit_and_report_gate(model: Predictor, out: Path, root: Path, data: DataConfi
     }
 
 
-def export_int8(out: Path, root: Path, data: DataConfig, image_size: int, val: list[Record], test: list[Record],
+def export_int8(out: Path, root: Path, data: DataConfig, val: list[Record], test: list[Record],
                 calibration: Calibration, name: str, fp32_test: dict) -> dict:  # fmt: skip
     """Quantise, then score validation and test with the fp32 calibration; the card's int8 section."""
     from pneumoscan.quantization import calibration_sample, quantize_int8
 
     sample = calibration_sample(training_side(root, data))
-    quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, sample, image_size)
+    quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, sample, data.image_size, data.intensity)
     int8_model = Predictor.load(out, precision="int8")
     val_metrics = write_evaluation(out / "evaluation" / "val-int8", val, int8_model.logits([r.path for r in val], progress=True),
                                    calibration, "val", root, name + " (int8)")  # fmt: skip
@@ -279,6 +336,32 @@ def export_int8(out: Path, root: Path, data: DataConfig, image_size: int, val: l
             "specificity": test_metrics["specificity"] - fp32_test["specificity"],
         },
     }
+
+
+def run_record(checkpoint: Path) -> dict:
+    """The run's ``config.json`` beside its checkpoint, made portable ({} if there is none)."""
+    path = checkpoint.parent / "config.json"
+    return portable_run_config(json.loads(path.read_text()) if path.is_file() else {})
+
+
+def common_data_config(checkpoints: list[Path], modules: list[PneumoniaClassifier]) -> DataConfig:
+    """The split and preprocessing all members share; members of different splits would leak validation.
+
+    Image size and intensity normalisation come from the checkpoints themselves, the split from their runs' records.
+    """
+    configs = [
+        dataclasses.replace(run_data_config(c), image_size=int(m.hparams.image_size), intensity=str(m.hparams.get("intensity", "none")))
+        for c, m in zip(checkpoints, modules)
+    ]
+    def key(c: DataConfig) -> tuple:
+        return (c.seed, c.val_fraction, c.image_size, c.intensity)
+
+    if len({key(c) for c in configs}) > 1:
+        raise ConfigurationError(
+            "ensemble members must share the validation split (seed, val_fraction), image size and intensity "
+            f"normalisation; they have {sorted({key(c) for c in configs})}: retrain them on the same split"
+        )
+    return configs[0]
 
 
 def portable_run_config(run_config: dict) -> dict:

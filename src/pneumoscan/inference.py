@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pneumoscan.calibration import calibrated_probability
-from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR
+from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR, INTENSITY_MODES
 from pneumoscan.data import sha256_file
 from pneumoscan.errors import ConfigurationError, ModelIntegrityError, ModelNotFoundError
 from pneumoscan.imaging import Limits, load_xray
@@ -139,6 +139,11 @@ class Predictor:
                                       "export the model again or restore the file") from exc  # fmt: skip
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.card["input"]["size"])
+        self.intensity = str(self.card["input"].get("intensity", "none"))  # cards before intensity normalisation: none
+        if self.intensity not in INTENSITY_MODES:
+            raise ModelIntegrityError(f"{self.model_dir} asks for intensity normalisation {self.intensity!r}, which "
+                                      f"this pneumoscan does not know ({', '.join(INTENSITY_MODES)}); "
+                                      "upgrade pneumoscan or export the model again")  # fmt: skip
         self.gate = OodGate.load(self.model_dir)
         self.limits = limits or Limits()
 
@@ -181,7 +186,7 @@ class Predictor:
         return {name: np.concatenate(values) if values else np.zeros(0, np.float32) for name, values in parts.items()}
 
     def preprocess(self, source: ImageInput) -> np.ndarray:
-        return preprocess(to_grayscale_image(source, self.limits), self.image_size)
+        return preprocess(to_grayscale_image(source, self.limits), self.image_size, self.intensity)
 
     def logits(self, sources: Sequence[ImageInput], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         return self.outputs(sources, ["logit"], batch_size, progress)["logit"].reshape(-1)

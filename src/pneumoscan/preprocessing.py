@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pneumoscan.config import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from pneumoscan.config import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, INTENSITY_MODES
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
@@ -37,6 +37,22 @@ def resize_square(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.I
     return image.resize((size, size), Image.Resampling.BILINEAR)
 
 
+def normalize_intensity(image: Image.Image, mode: str = "none") -> Image.Image:
+    """Undo differences of exposure and equipment before the network sees the image.
+
+    ``equalize`` maps the grey-level histogram to a flat one (Pillow's
+    ``ImageOps.equalize``), so a dark or washed-out film from another site ends
+    up with the same spread of grey levels as the training films.
+    """
+    if mode == "none":
+        return image
+    if mode == "equalize":
+        from PIL import ImageOps
+
+        return ImageOps.equalize(image.convert("L"))
+    raise ValueError(f"unknown intensity normalisation {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
+
+
 def normalize(image: Image.Image) -> np.ndarray:
     """Grayscale image -> float32 array ``3×H×W`` with ImageNet normalisation.
 
@@ -48,11 +64,16 @@ def normalize(image: Image.Image) -> np.ndarray:
     return ((rgb - _MEAN) / _STD).astype(np.float32)
 
 
-def preprocess(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-    """The evaluation/inference transform: resize, then normalise."""
-    return normalize(resize_square(image.convert("L"), size))
+def resize_and_normalize_intensity(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE, intensity: str = "none") -> Image.Image:
+    """The geometric and intensity part of preprocessing that training augments after."""
+    return normalize_intensity(resize_square(image.convert("L"), size), intensity)
 
 
-def preprocess_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+def preprocess(image: Image.Image, size: int = DEFAULT_IMAGE_SIZE, intensity: str = "none") -> np.ndarray:
+    """The evaluation/inference transform: resize, normalise the intensity, then normalise to ImageNet statistics."""
+    return normalize(resize_and_normalize_intensity(image, size, intensity))
+
+
+def preprocess_file(path: str | Path, size: int = DEFAULT_IMAGE_SIZE, intensity: str = "none") -> np.ndarray:
     """Read a file and return the model input for it (``3×size×size`` float32)."""
-    return preprocess(load_grayscale(path), size)
+    return preprocess(load_grayscale(path), size, intensity)

@@ -51,9 +51,9 @@ def calibration_sample(records: list[Record], n: int = DEFAULT_CALIBRATION_IMAGE
 class _ImageReader:
     """Feeds calibration images to ONNX Runtime one batch at a time."""
 
-    def __init__(self, records: list[Record], input_name: str, image_size: int, batch_size: int = 16):
+    def __init__(self, records: list[Record], input_name: str, image_size: int, intensity: str = "none", batch_size: int = 16):
         self.batches = iter(
-            np.stack([preprocess_file(r.path, image_size) for r in records[i : i + batch_size]])
+            np.stack([preprocess_file(r.path, image_size, intensity) for r in records[i : i + batch_size]])
             for i in range(0, len(records), batch_size)
         )
         self.input_name = input_name
@@ -102,7 +102,8 @@ def only_feeding(graph, output: str) -> set[str]:  # noqa: ANN001 - an onnx.Grap
     return ancestors(output) - others
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, records: list[Record], image_size: int, input_name: str = "image") -> Path:
+def quantize_int8(fp32_path: Path, int8_path: Path, records: list[Record], image_size: int, intensity: str = "none",
+                  input_name: str = "image") -> Path:  # fmt: skip
     """Write a QDQ int8 model calibrated on ``records`` (training images)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -116,7 +117,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, records: list[Record], image
         quantize_static(
             str(prepared),
             str(int8_path),
-            Reader(records, input_name, image_size),
+            Reader(records, input_name, image_size, intensity),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=True,

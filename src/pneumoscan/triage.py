@@ -164,7 +164,7 @@ def decode(path: Path, image_size: int, predictor: Predictor) -> Decoded:
     image = loaded.image
     thumbnail = image.copy()
     thumbnail.thumbnail((THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))  # cheap now; the overlay is drawn from this
-    return Decoded(row, preprocess(image, image_size), thumbnail)
+    return Decoded(row, preprocess(image, image_size, predictor.intensity), thumbnail)
 
 
 def _str_or_none(value: object) -> str | None:
