@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig
+from pneumoscan.errors import ConfigurationError
 from pneumoscan.training import PneumoniaClassifier, fit, read_history
 
 pytestmark = pytest.mark.slow
@@ -111,3 +112,24 @@ def test_ablation_knobs_do_what_they_say(data_root: Path) -> None:
         cosine["optimizer"].step()
         scheduler.step()
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.5 * rates[0]
+
+
+def test_weight_averaging_saves_the_averaged_model_and_validates_it(data_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "swa"
+    swa = fit(*smoke_configs(data_root, run, epochs=3, swa_epochs=2), command="test")
+    assert swa == run / "swa.ckpt" and swa.is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 4  # 3 epochs and Lightning's batch-norm epoch for the averaged weights
+    assert summary["swa_val_auroc"] is not None and 0 <= summary["swa_val_auroc"] <= 1
+    saved = torch.load(swa, map_location="cpu", weights_only=False)
+    swa_state = saved["callbacks"]["StochasticWeightAveraging"]
+    assert int(swa_state["n_averaged"]) == 2  # the last two epochs were averaged ...
+    average = swa_state["average_model_state"]
+    weights = [k for k in saved["state_dict"] if k.endswith("conv_stem.weight") or k.endswith("classifier.weight")]
+    assert weights and all(torch.equal(saved["state_dict"][k], average[k]) for k in weights)  # ... and saved
+    restored = PneumoniaClassifier.load_from_checkpoint(swa, pretrained=False).eval()  # loads as a plain classifier
+    with torch.no_grad():
+        assert restored(torch.zeros(1, 3, 224, 224)).shape == (1,)
+
+    with pytest.raises(ConfigurationError, match="swa_epochs must lie between 1 and epochs - 1"):
+        fit(*smoke_configs(data_root, tmp_path / "bad", epochs=2, swa_epochs=2))

@@ -92,6 +92,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--label-smoothing", type=float, default=train.label_smoothing, help="ε: targets ε/2 and 1-ε/2")
     g.add_argument("--schedule", choices=("plateau", "cosine"), default=train.schedule, help="learning-rate schedule")
     g.add_argument("--patience", type=int, default=train.patience, help="early-stopping patience on val AUROC")
+    g.add_argument("--swa-epochs", type=int, default=train.swa_epochs,
+                   help="stochastic weight averaging over the last N epochs (0: off); the averaged model is swa.ckpt")  # fmt: skip
+    g.add_argument("--swa-lr-factor", type=float, default=train.swa_lr_factor, help="SWA learning rates as a share of the rates")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="plain NCHW memory layout")
     g = p.add_argument_group("run")
     g.add_argument("--config", type=Path, default=None, metavar="TOML",
@@ -163,6 +166,8 @@ def run_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         schedule=args.schedule,
         patience=args.patience,
+        swa_epochs=args.swa_epochs,
+        swa_lr_factor=args.swa_lr_factor,
         **{name: getattr(args, name) for name in ("plateau_patience", "plateau_factor") if hasattr(args, name)},
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,

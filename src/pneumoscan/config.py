@@ -86,6 +86,10 @@ class TrainConfig:
     label_smoothing: float = 0.0  # targets become ε/2 and 1 - ε/2
     schedule: str = "plateau"  # plateau (ReduceLROnPlateau on val loss) or cosine (to 1 % of the rates over the epochs)
     patience: int = 4
+    # Stochastic weight averaging of the weights the last swa_epochs epochs start with, trained at swa_lr_factor × the two rates
+    # (0: off). The averaged model is saved as swa.ckpt; early stopping is off in such runs.
+    swa_epochs: int = 0
+    swa_lr_factor: float = 0.3
     plateau_patience: int = 1
     plateau_factor: float = 0.3
     limit_train_batches: float | int = 1.0

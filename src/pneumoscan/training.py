@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
@@ -33,6 +33,7 @@ from pneumoscan.plots import plot_training_curves
 log = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = "best.ckpt"
+SWA_CHECKPOINT = "swa.ckpt"
 
 
 class PneumoniaClassifier(L.LightningModule):
@@ -212,6 +213,25 @@ def read_history(metrics_csv: Path) -> list[dict[str, float]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def stopping_or_averaging(config: TrainConfig) -> list[Callback]:
+    """Early stopping on validation AUROC, or, for stochastic weight averaging, Lightning's SWA callback.
+
+    An averaged run must reach its last epoch: stopping early would leave the
+    average unfinished. Lightning adds one epoch after the last that only
+    recomputes the batch-norm statistics of the averaged weights and then
+    validates them, so the last row of the history is the averaged model's.
+    """
+    if not config.swa_epochs:
+        return [EarlyStopping(monitor="val_auroc", mode="max", patience=config.patience)]
+    if not 0 < config.swa_epochs < config.epochs:
+        raise ConfigurationError(f"swa_epochs must lie between 1 and epochs - 1 ({config.epochs - 1}), not {config.swa_epochs}")
+    rates = [config.swa_lr_factor * config.backbone_lr, config.swa_lr_factor * config.lr]  # optimiser groups: backbone, head
+    # Lightning's swa_epoch_start counts from 1 and it averages the weights each epoch *starts* with:
+    # this averages the weights that the last swa_epochs epochs begin with (the last epoch's own update is not in it).
+    start = config.epochs - config.swa_epochs + 1
+    return [StochasticWeightAveraging(swa_lrs=rates, swa_epoch_start=start, annealing_epochs=1)]
+
+
 def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None = None) -> Path:
     """Train a model and return the path of its best checkpoint (by validation AUROC)."""
     keep_freed_memory()
@@ -254,12 +274,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         limit_train_batches=train_config.limit_train_batches,
         limit_val_batches=train_config.limit_val_batches,
         logger=CSVLogger(out, name="", version=""),
-        callbacks=[
-            checkpoint,
-            EarlyStopping(monitor="val_auroc", mode="max", patience=train_config.patience),
-            LearningRateMonitor(logging_interval="epoch"),
-            EpochTimer(),
-        ],
+        callbacks=[checkpoint, *stopping_or_averaging(train_config), LearningRateMonitor(logging_interval="epoch"), EpochTimer()],
         deterministic=False,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
@@ -271,11 +286,15 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
     trainer.fit(module, datamodule=datamodule)
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else out / BEST_CHECKPOINT
+    if train_config.swa_epochs:
+        trainer.save_checkpoint(out / SWA_CHECKPOINT)  # the averaged weights, with batch-norm statistics recomputed
+        best = out / SWA_CHECKPOINT
     if trainer.is_global_zero:
         history = read_history(out / "metrics.csv")
         plot_training_curves(history, out / "curves.png")
         summary = {
             "best_checkpoint": best.name,
+            "swa_val_auroc": history[-1].get("val_auroc") if train_config.swa_epochs else None,
             "best_val_auroc": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
             "epochs_run": len(history),
             "history": history,
