@@ -22,7 +22,7 @@ def test_onnx_heatmap_equals_grad_cam(smoke_checkpoint: Path, data_root: Path, t
     from pneumoscan.training import PneumoniaClassifier
 
     module = PneumoniaClassifier.load_from_checkpoint(smoke_checkpoint, map_location="cpu", pretrained=False).eval()
-    onnx_path = export_onnx(module, tmp_path / "model.onnx", 224)
+    onnx_path = export_onnx([module], tmp_path / "model.onnx", 224)
     records = list_records(data_root, "test")[::60]
     batch = np.stack([preprocess_file(r.path) for r in records])
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
