@@ -255,8 +255,6 @@ def run_export(args: argparse.Namespace) -> int:
     for checkpoint in args.checkpoint:
         if not checkpoint.is_file():
             raise ModelNotFoundError(f"no checkpoint at {checkpoint}: train one with 'pneumoscan train --out DIR'")
-    if args.tta_zoom is not None and not 0.5 <= args.tta_zoom < 1:
-        raise ConfigurationError(f"--tta-zoom must lie in [0.5, 1), got {args.tta_zoom}")
     card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target,
                   args.int8, args.tta_zoom)  # fmt: skip
     test = card["test"]["metrics"]

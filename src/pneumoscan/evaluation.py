@@ -239,7 +239,7 @@ def checkpoint_logits(checkpoint: Path, paths: list[Path], batch_size: int = 32,
     from pneumoscan.training import PneumoniaClassifier
 
     module = PneumoniaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained=False).eval()
-    size, intensity = module.hparams.image_size, module.hparams.get("intensity", "none")
+    size, intensity = module.hparams.image_size, module.intensity
     out = []
     with torch.inference_mode():
         for chunk in tqdm(list(batched(paths, batch_size)), desc="scoring", unit="batch", disable=not progress):
@@ -253,8 +253,7 @@ def run_data_config(checkpoint: Path) -> DataConfig:
     config_path = checkpoint.parent / "config.json"
     if config_path.is_file():
         data = json.loads(config_path.read_text())["data"]
-        return DataConfig(seed=data["seed"], val_fraction=data["val_fraction"], image_size=data["image_size"],
-                          intensity=data.get("intensity", "none"))  # fmt: skip
+        return DataConfig(seed=data["seed"], val_fraction=data["val_fraction"], image_size=data["image_size"])
     log.warning("no config.json beside %s: using the default split settings", checkpoint)
     return DataConfig()
 

@@ -175,6 +175,8 @@ def export(
     """
     checkpoints = [Path(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
     out, root = Path(out), Path(root)
+    if tta_zoom is not None and not 0.5 <= tta_zoom < 1:
+        raise ConfigurationError(f"--tta-zoom must lie in [0.5, 1), got {tta_zoom}")
     if int8 and (len(checkpoints) > 1 or tta_zoom):
         raise ConfigurationError("--int8 quantises single models only; export the ensemble or TTA model without it")
     modules = [PneumoniaClassifier.load_from_checkpoint(c, map_location="cpu", pretrained=False).eval() for c in checkpoints]
@@ -183,7 +185,7 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(modules, out / MODEL_FILE, image_size, tta_zoom)
 
-    run_configs = [run_record(c) for c in checkpoints]
+    run_configs = [read_run_record(c) for c in checkpoints]
     run_config = run_configs[0]
     card: dict = {
         "name": name or out.name,
@@ -338,7 +340,7 @@ def export_int8(out: Path, root: Path, data: DataConfig, val: list[Record], test
     }
 
 
-def run_record(checkpoint: Path) -> dict:
+def read_run_record(checkpoint: Path) -> dict:
     """The run's ``config.json`` beside its checkpoint, made portable ({} if there is none)."""
     path = checkpoint.parent / "config.json"
     return portable_run_config(json.loads(path.read_text()) if path.is_file() else {})
@@ -350,9 +352,10 @@ def common_data_config(checkpoints: list[Path], modules: list[PneumoniaClassifie
     Image size and intensity normalisation come from the checkpoints themselves, the split from their runs' records.
     """
     configs = [
-        dataclasses.replace(run_data_config(c), image_size=int(m.hparams.image_size), intensity=str(m.hparams.get("intensity", "none")))
+        dataclasses.replace(run_data_config(c), image_size=int(m.hparams.image_size), intensity=m.intensity)
         for c, m in zip(checkpoints, modules)
     ]
+
     def key(c: DataConfig) -> tuple:
         return (c.seed, c.val_fraction, c.image_size, c.intensity)
 

@@ -66,6 +66,11 @@ class PneumoniaClassifier(L.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
+    @property
+    def intensity(self) -> str:
+        """The intensity normalisation the model was trained with ("none" for checkpoints from before the option)."""
+        return str(self.hparams.get("intensity", "none"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of pneumonia, shape ``(N,)``."""
         if self.hparams.channels_last:
