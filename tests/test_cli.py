@@ -76,3 +76,20 @@ def test_the_shipped_configs_are_valid() -> None:
     assert len(configs) >= 2
     for config in configs:
         assert defaults_from_config(config)
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_settings_file_in_configs_is_accepted_by_train(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/ablations.md promises one command per run: a typo in a settings file must fail here, not an hour into a run."""
+    import argparse
+    import tomllib
+
+    from pneumoscan import cli
+
+    captured: dict[str, argparse.Namespace] = {}
+    monkeypatch.setattr(cli, "run_train", lambda args: captured.setdefault("args", args) and 0)
+    assert main(["train", "--config", str(config)]) == 0
+    for table in tomllib.loads(config.read_text()).values():
+        for key, value in table.items():
+            got = getattr(captured["args"], key)
+            assert (list(got) if isinstance(got, tuple) else got) == value, key

@@ -74,13 +74,16 @@ def copy_with_intensity(shipped_model: Path, folder: Path, intensity: str) -> Pa
     return folder
 
 
-def test_a_card_asking_for_equalisation_gets_it_at_inference_as_in_training(shipped_model: Path, data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("intensity", ["equalize", "clahe"])
+def test_a_card_asking_for_an_intensity_normalisation_gets_it_at_inference_as_in_training(
+    shipped_model: Path, data_root: Path, tmp_path: Path, intensity: str
+) -> None:
     from pneumoscan.config import DataConfig
     from pneumoscan.datamodule import XrayDataset, eval_transform
 
-    equalising = Predictor.load(copy_with_intensity(shipped_model, tmp_path / "m", "equalize"))
+    equalising = Predictor.load(copy_with_intensity(shipped_model, tmp_path / "m", intensity))
     records = list_records(data_root, "test")[:3]
-    dataset = XrayDataset(records, eval_transform(DataConfig(intensity="equalize")))
+    dataset = XrayDataset(records, eval_transform(DataConfig(intensity=intensity)))
     plain = Predictor.load(shipped_model)
     for i, record in enumerate(records):
         np.testing.assert_array_equal(dataset[i][0].numpy(), equalising.preprocess(record.path))

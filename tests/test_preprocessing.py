@@ -48,6 +48,31 @@ def test_equalisation_spreads_a_washed_out_film_over_the_whole_grey_range(data_r
     assert np.abs(equalised[0] - equalised[1]).mean() < 0.2 * plain_gap
 
 
+def test_clahe_brings_two_exposures_of_one_film_close_and_keeps_local_detail(data_root: Path) -> None:
+    path = list_records(data_root, "train")[0].path
+    film = np.asarray(load_grayscale(path), dtype=np.float32)
+    washed_out = Image.fromarray((96 + film * 0.25).astype(np.uint8))
+    dark = Image.fromarray((film * 0.4).astype(np.uint8))
+    plain_gap = np.abs(preprocess(washed_out)[0] - preprocess(dark)[0]).mean()
+    adapted = [preprocess(image, intensity="clahe")[0] for image in (washed_out, dark)]
+    # The clip limit caps the gain, so CLAHE closes only part of the gap that global
+    # equalisation closes (measured: about a quarter of it on these films).
+    assert np.abs(adapted[0] - adapted[1]).mean() < 0.85 * plain_gap
+    # Local contrast (differences between neighbouring pixels) grows on the washed-out film.
+    assert np.abs(np.diff(adapted[0], axis=1)).mean() > 2 * np.abs(np.diff(preprocess(washed_out)[0], axis=1)).mean()
+    # Not the same as global equalisation.
+    assert not np.allclose(adapted[0], preprocess(washed_out, intensity="equalize")[0], atol=0.05)
+
+
+def test_every_intensity_mode_has_its_recipe_text_for_the_model_card() -> None:
+    from pneumoscan.config import INTENSITY_MODES
+    from pneumoscan.preprocessing import INTENSITY_STEP_TEXT
+
+    assert set(INTENSITY_STEP_TEXT) == set(INTENSITY_MODES)
+    for mode in INTENSITY_MODES:
+        preprocess(Image.new("L", (40, 30), color=100), intensity=mode)  # every mode runs
+
+
 def test_unknown_intensity_normalisation_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown intensity normalisation 'clahe2'"):
         preprocess(Image.new("L", (32, 32)), intensity="clahe2")

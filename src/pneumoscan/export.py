@@ -28,6 +28,7 @@ from pneumoscan.data import Record, list_records, sha256_file, split_by_patient
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, split_records, write_evaluation
 from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
+from pneumoscan.preprocessing import INTENSITY_STEP_TEXT
 from pneumoscan.training import PneumoniaClassifier
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def export(
             "intensity": intensity,
             "dtype": "float32",
             "preprocessing": "decode as 8-bit grayscale, resize to size×size (bilinear, aspect not kept), "
-            + ("equalise the grey-level histogram (Pillow ImageOps.equalize), " if intensity == "equalize" else "")
+            + INTENSITY_STEP_TEXT[intensity]
             + "scale to [0, 1], repeat to 3 channels, subtract ImageNet mean and divide by ImageNet std",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),

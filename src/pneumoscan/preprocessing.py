@@ -1,7 +1,7 @@
 """The one preprocessing of pneumoscan, shared by training, evaluation and inference.
 
-It needs only NumPy and Pillow so that the ONNX inference path can use the very
-same function as training: the tensors cannot drift apart.
+It needs only NumPy and Pillow (and OpenCV for the ``clahe`` mode) so that the ONNX
+inference path can use the very same function as training: the tensors cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,10 +11,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pneumoscan.config import DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, INTENSITY_MODES
+from pneumoscan.config import CLAHE_CLIP_LIMIT, CLAHE_TILES, DEFAULT_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, INTENSITY_MODES
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+#: How each intensity mode reads in the model card's preprocessing recipe, so that anyone
+#: reimplementing the input of an exported model can repeat it.
+INTENSITY_STEP_TEXT: dict[str, str] = {
+    "none": "",
+    "equalize": "equalise the grey-level histogram (Pillow ImageOps.equalize), ",
+    "clahe": f"apply CLAHE (OpenCV createCLAHE, clipLimit={CLAHE_CLIP_LIMIT}, tileGridSize={CLAHE_TILES}), ",
+}
 
 
 def load_grayscale(path: str | Path) -> Image.Image:
@@ -42,7 +50,10 @@ def normalize_intensity(image: Image.Image, mode: str = "none") -> Image.Image:
 
     ``equalize`` maps the grey-level histogram to a flat one (Pillow's
     ``ImageOps.equalize``), so a dark or washed-out film from another site ends
-    up with the same spread of grey levels as the training films.
+    up with the same spread of grey levels as the training films. ``clahe``
+    equalises each tile of the film separately with a cap on the contrast gain
+    (OpenCV), so lung texture is enhanced locally without amplifying the noise
+    of large flat regions the way global equalisation does.
     """
     if mode == "none":
         return image
@@ -50,6 +61,11 @@ def normalize_intensity(image: Image.Image, mode: str = "none") -> Image.Image:
         from PIL import ImageOps
 
         return ImageOps.equalize(image.convert("L"))
+    if mode == "clahe":
+        import cv2
+
+        clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES)
+        return Image.fromarray(clahe.apply(np.asarray(image.convert("L"))))
     raise ValueError(f"unknown intensity normalisation {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
 
 
