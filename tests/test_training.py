@@ -114,6 +114,30 @@ def test_ablation_knobs_do_what_they_say(data_root: Path) -> None:
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.5 * rates[0]
 
 
+def test_mixup_trains_on_blends_of_two_films_with_the_same_blend_of_their_losses() -> None:
+    module = PneumoniaClassifier(pretrained=False, mixup_alpha=0.4, channels_last=False).train()
+    seen: list[torch.Tensor] = []
+    module.model.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach().clone()))
+    images, labels = torch.randn(6, 3, 64, 64), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    torch.manual_seed(3)
+    loss = module.training_step((images, labels), 0)
+
+    torch.manual_seed(3)  # the same draws as inside the step: the share, then the pairing
+    share = float(torch.distributions.Beta(0.4, 0.4).sample())
+    order = torch.randperm(6)
+    assert 0 < share < 1 and not torch.equal(order, torch.arange(6))
+    torch.testing.assert_close(seen[0], share * images + (1 - share) * images[order])
+    with torch.no_grad():
+        logits = module(seen[0])
+    expected = share * module.weighted_loss(logits, labels) + (1 - share) * module.weighted_loss(logits, labels[order])
+    torch.testing.assert_close(loss.detach(), expected)
+    # Without mixup the network sees the batch itself.
+    seen.clear()
+    module.hparams.mixup_alpha = 0.0
+    module.training_step((images, labels), 0)
+    torch.testing.assert_close(seen[0], images)
+
+
 def test_weight_averaging_saves_the_averaged_model_and_validates_it(data_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "swa"
     swa = fit(*smoke_configs(data_root, run, epochs=3, swa_epochs=2), command="test")

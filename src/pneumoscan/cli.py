@@ -90,6 +90,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--weight-decay", type=float, default=train.weight_decay)
     g.add_argument("--freeze-epochs", type=int, default=train.freeze_epochs, help="epochs with a frozen backbone")
     g.add_argument("--label-smoothing", type=float, default=train.label_smoothing, help="ε: targets ε/2 and 1-ε/2")
+    g.add_argument("--mixup-alpha", type=float, default=train.mixup_alpha,
+                   help="mixup: blend each batch with a shuffled copy, share ~ Beta(α, α) (0: off)")  # fmt: skip
     g.add_argument("--schedule", choices=("plateau", "cosine"), default=train.schedule, help="learning-rate schedule")
     g.add_argument("--patience", type=int, default=train.patience, help="early-stopping patience on val AUROC")
     g.add_argument("--swa-epochs", type=int, default=train.swa_epochs,
@@ -164,6 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         freeze_epochs=args.freeze_epochs,
         label_smoothing=args.label_smoothing,
+        mixup_alpha=args.mixup_alpha,
         schedule=args.schedule,
         patience=args.patience,
         swa_epochs=args.swa_epochs,

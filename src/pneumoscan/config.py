@@ -89,6 +89,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     freeze_epochs: int = 0
     label_smoothing: float = 0.0  # targets become ε/2 and 1 - ε/2
+    # Mixup (Zhang et al. 2018): each training batch is blended with a shuffled copy of itself, with a
+    # share λ ~ Beta(α, α) drawn per batch, and the loss is blended the same way (0: off).
+    mixup_alpha: float = 0.0
     schedule: str = "plateau"  # plateau (ReduceLROnPlateau on val loss) or cosine (to 1 % of the rates over the epochs)
     patience: int = 4
     # Stochastic weight averaging of the weights the last swa_epochs epochs start with, trained at swa_lr_factor × the two rates

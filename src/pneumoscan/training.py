@@ -56,6 +56,7 @@ class PneumoniaClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         schedule: str = "plateau",
         epochs: int = 10,
+        mixup_alpha: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -88,14 +89,35 @@ class PneumoniaClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.weighted_loss(logits, labels)
+        self._log_step(split, loss, logits, labels)
+        return loss
+
+    def _log_step(self, split: str, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         auroc = self.train_auroc if split == "train" else self.val_auroc
         auroc.update(logits.detach().sigmoid(), labels.long())
         self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log(f"{split}_auroc", auroc, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.get("mixup_alpha", 0.0) > 0:
+            return self._mixup_step(batch)
         return self._step(batch, "train")
+
+    def _mixup_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Train on blends of two films, so that the decision between the classes is learnt as a smooth ramp.
+
+        The loss is the same blend of the two images' class-weighted losses, which
+        keeps the class weights meaningful. Training AUROC is scored against the
+        label of the larger share of each blend.
+        """
+        images, labels = batch
+        alpha = float(self.hparams.mixup_alpha)
+        share = float(torch.distributions.Beta(alpha, alpha).sample())
+        order = torch.randperm(len(labels), device=labels.device)
+        logits = self(share * images + (1 - share) * images[order])
+        loss = share * self.weighted_loss(logits, labels) + (1 - share) * self.weighted_loss(logits, labels[order])
+        self._log_step("train", loss, logits, labels if share >= 0.5 else labels[order])
+        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
@@ -263,6 +285,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         label_smoothing=train_config.label_smoothing,
         schedule=train_config.schedule,
         epochs=train_config.epochs,
+        mixup_alpha=train_config.mixup_alpha,
     )
     checkpoint = ModelCheckpoint(
         dirpath=out, filename="best", monitor="val_auroc", mode="max", save_last=False, auto_insert_metric_name=False,
