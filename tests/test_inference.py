@@ -74,7 +74,7 @@ def copy_with_intensity(shipped_model: Path, folder: Path, intensity: str) -> Pa
     return folder
 
 
-@pytest.mark.parametrize("intensity", ["equalize", "clahe"])
+@pytest.mark.parametrize("intensity", ["equalize", "clahe", "morphology"])
 def test_a_card_asking_for_an_intensity_normalisation_gets_it_at_inference_as_in_training(
     shipped_model: Path, data_root: Path, tmp_path: Path, intensity: str
 ) -> None:

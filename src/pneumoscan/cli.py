@@ -80,7 +80,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--hflip", action="store_true", help="add random horizontal flips (off: chests are not symmetric)")
     g.add_argument("--strong-photometric", action="store_true", help="gamma, blur, noise and JPEG augmentation")
     g.add_argument("--intensity", choices=INTENSITY_MODES, default=data.intensity,
-                   help="intensity normalisation before augmentation and at inference (equalize: histogram equalisation; clahe: contrast-limited adaptive equalisation)")  # fmt: skip
+                   help="intensity normalisation before augmentation and at inference (equalize: histogram equalisation; clahe: contrast-limited adaptive equalisation; morphology: grey closing then opening)")  # fmt: skip
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--arch", default=train.arch, help="efficientnet_lite0/1/2, simple_cnn, or any timm name")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="start from random weights")

@@ -21,12 +21,16 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
 #: Intensity normalisations a model can be trained with; the model card records which one.
-INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe")
+INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe", "morphology")
 #: CLAHE (OpenCV) settings of the ``clahe`` mode: OpenCV's usual clip limit, 8×8 tiles
 #: (28-pixel tiles on a 224-pixel image). A model's card names the mode, so changing these
 #: needs a new mode name, or shipped models would be fed other inputs than they learnt on.
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = (8, 8)
+#: Side of the elliptical kernel of the ``morphology`` mode (grey closing, then opening):
+#: strokes thinner than this (burnt-in letters, dust, film noise) go, lung structures stay.
+#: Same rule as CLAHE's settings: a change needs a new mode name.
+MORPHOLOGY_KERNEL = 5
 
 #: Inputs above these are refused before decoding (decompression bombs, wrong files).
 MAX_INPUT_BYTES = 64 * 1024 * 1024
@@ -73,7 +77,8 @@ class DataConfig:
     # re-encoding imitate that (see datamodule.PhotometricAugment). Off in v1.
     strong_photometric: bool = False
     # Intensity normalisation before augmentation and at inference: none, equalize
-    # (histogram equalisation) or clahe (contrast-limited adaptive histogram equalisation). The model card records it, so inference repeats it.
+    # (histogram equalisation), clahe (contrast-limited adaptive histogram equalisation) or
+    # morphology (grey closing then opening). The model card records it, so inference repeats it.
     intensity: str = "none"
 
 
