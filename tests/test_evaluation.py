@@ -100,3 +100,20 @@ def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(
     again = evaluate(tmp_path / "model", small_data_root, "test", tmp_path / "eval")
     for key, value in card["test"]["metrics"].items():
         assert again[key] == value, key
+
+
+def test_threshold_transfer_tells_a_misplaced_threshold_from_a_bad_ranking() -> None:
+    from pneumoscan.evaluation import threshold_transfer
+
+    # Perfect ranking, but every score shifted up: the validation threshold 0.5 lets all
+    # normals through; a threshold refitted on these labels would clear them all.
+    labels = np.array([1] * 50 + [0] * 50)
+    probs = np.concatenate([np.linspace(0.9, 0.99, 50), np.linspace(0.55, 0.85, 50)])
+    op = OperatingPoint(0.5, "sensitivity", 0.98, "98% sensitivity on validation")
+    assert metrics_at_threshold(labels, probs, 0.5)["specificity"] == 0.0
+    transfer = threshold_transfer(labels, probs, op)
+    assert transfer["specificity_at_own_threshold"] == 1.0
+    assert transfer["sensitivity_at_own_threshold"] >= 0.98
+    assert 0.85 < transfer["own_threshold"] < 0.91  # the 49th of the 50 pneumonia scores
+    # A Youden operating point has no target sensitivity to refit for.
+    assert threshold_transfer(labels, probs, OperatingPoint(0.5, "youden", None, "Youden")) is None

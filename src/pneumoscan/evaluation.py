@@ -35,6 +35,7 @@ from pneumoscan.calibration import (
     expected_calibration_error,
     fit_temperature,
     reliability_curve,
+    threshold_for_sensitivity,
 )
 from pneumoscan.config import CLASS_NAMES, DataConfig
 from pneumoscan.data import Record, list_records, split_by_patient
@@ -111,6 +112,27 @@ def metrics_at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshol
     }
 
 
+def threshold_transfer(labels: np.ndarray, probabilities: np.ndarray, operating_point: OperatingPoint) -> dict[str, object] | None:
+    """How much specificity the shipped threshold gives away on these images: a diagnostic.
+
+    The threshold is fitted on validation; on images from another period or site it can
+    sit in the wrong place even when the ranking is good. Refitting it on *these* images
+    for the same target sensitivity shows which of the two failed. The refitted threshold
+    is never an operating point: on ``test`` it would be chosen by looking at test labels.
+    """
+    if operating_point.policy != "sensitivity" or operating_point.target is None or not labels.any():
+        return None
+    own = threshold_for_sensitivity(probabilities, labels, operating_point.target)
+    at_own = metrics_at_threshold(labels, probabilities, own)
+    return {
+        "target_sensitivity": operating_point.target,
+        "own_threshold": own,
+        "sensitivity_at_own_threshold": at_own["sensitivity"],
+        "specificity_at_own_threshold": at_own["specificity"],
+        "note": "diagnostic: a threshold fitted on this split's own labels; never an operating point",
+    }
+
+
 def sensitivity_by_subtype(records: list[Record], predicted: np.ndarray) -> dict[str, dict[str, float]]:
     """Share of bacterial and of viral pneumonias found: viral ones are subtler."""
     out = {}
@@ -152,6 +174,7 @@ def compute_metrics(
         },
         "nll": {"before_calibration": binary_nll(logits, labels), "after_calibration": binary_nll(logits, labels, calibration.temperature)},
         "sensitivity_by_subtype": sensitivity_by_subtype([r for r in records if r.label == 1], predicted[labels == 1]),
+        "threshold_transfer": threshold_transfer(labels, probabilities, op),
     }
 
 
@@ -162,6 +185,18 @@ def write_predictions(path: Path, records: list[Record], probabilities: np.ndarr
         for record, p in zip(records, probabilities):
             writer.writerow([record.path.relative_to(root).as_posix(), record.class_name, f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]])
     return path
+
+
+def transfer_row(metrics: dict) -> str:
+    """The report's line on the threshold transfer diagnostic (empty when it does not apply)."""
+    transfer = metrics.get("threshold_transfer")
+    if not transfer:
+        return ""
+    return (
+        f"\n| diagnostic only: specificity with a threshold refitted on these labels for "
+        f"{transfer['target_sensitivity']:.0%} sensitivity (never an operating point) | "
+        f"{transfer['specificity_at_own_threshold']:.4f} at threshold {transfer['own_threshold']:.4f} |"
+    )
 
 
 def write_report(out: Path, metrics: dict, model_name: str, protocol: str) -> Path:
@@ -184,7 +219,7 @@ calibrated probability (temperature {metrics['temperature']:.3f}).
 | accuracy | {metrics['accuracy']:.4f} |
 | missed pneumonias (FN) / false alarms (FP) | {cm['fn']} / {cm['fp']} |
 | ECE before → after calibration | {metrics['ece']['before_calibration']:.4f} → {metrics['ece']['after_calibration']:.4f} |
-| sensitivity by subtype | {subtype} |
+| sensitivity by subtype | {subtype} |{transfer_row(metrics)}
 
 Protocol: {protocol}
 
