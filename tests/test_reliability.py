@@ -239,10 +239,28 @@ def test_kill_9_under_load_loses_no_answered_prediction(shipped_model: Path, tmp
         assert {row["id"] for row in listed} >= set(tally.created[-len(listed):]) & stored
 
 
+def wait_until_arrived(base: str, n: int, timeout: float = 60.0) -> None:
+    """Block until ``n`` predictions reached the app (answered or in flight) and one is still in flight.
+
+    Only requests that arrived are owed an answer at shutdown; on a busy machine the
+    uploads take a while to arrive, so a fixed sleep is not enough.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+        in_flight = next(float(x.split()[1]) for x in lines if x.startswith("pneumoscan_http_requests_in_flight ")) - 1  # the scrape
+        answered = sum(float(x.split()[1]) for x in lines if x.startswith('pneumoscan_http_requests_total{method="POST",route="/api/v1/predictions"'))
+        if in_flight + answered >= n:
+            assert in_flight >= 1, "every upload was answered before the signal: the test needs slower uploads"
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{n} uploads never arrived")
+
+
 @pytest.mark.slow
 def test_sigterm_lets_requests_in_flight_finish_then_exits_0(data_root: Path, tmp_path: Path) -> None:
-    big = io.BytesIO()  # 2048×2048 PNGs take a while to decode: they are still in flight when SIGTERM comes
-    Image.open(next(r.path for r in list_records(data_root, "test"))).convert("L").resize((2048, 2048)).save(big, format="PNG")
+    big = io.BytesIO()  # 4096×4096 PNGs take a while to decode: they are still in flight when SIGTERM comes
+    Image.open(next(r.path for r in list_records(data_root, "test"))).convert("L").resize((4096, 4096)).save(big, format="PNG")
     with load_test.running_server(tmp_path / "service") as server:
         results: list[int] = []
 
@@ -254,7 +272,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits_0(data_root: Path, tm
         threads = [threading.Thread(target=upload) for _ in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)
+        wait_until_arrived(server.base, 6)
         server.process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=60)

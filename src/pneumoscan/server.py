@@ -31,6 +31,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -226,6 +227,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     requests_total = Counter("pneumoscan_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("pneumoscan_http_request_seconds", "Request latency", ["route"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))  # fmt: skip
+    # Requests whose headers arrived and whose answer has not left: what a shutdown waits for.
+    in_flight = Gauge("pneumoscan_http_requests_in_flight", "Requests being handled (a scrape counts itself)", registry=registry)
     shed = Counter("pneumoscan_shed_requests", "Predictions refused with 503 at capacity", registry=registry)
     by_label = Counter("pneumoscan_predictions", "Answered predictions", ["label", "in_distribution"], registry=registry)
 
@@ -247,7 +250,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     @app.middleware("http")
     async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        response = await call_next(request)
+        with in_flight.track_inprogress():
+            response = await call_next(request)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
         requests_total.labels(request.method, name, str(response.status_code)).inc()
