@@ -63,3 +63,93 @@ def build_dicom(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=preamble)
     return buffer.getvalue()
+
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+
+def compressed_dicom(source: Path, transfer_syntax: str) -> bytes:
+    """An 8-bit DX DICOM of ``source`` with its pixel data compressed by a real encoder.
+
+    JPEG-LS, JPEG 2000 and RLE go through pydicom's encoders (pyjpegls, pylibjpeg-openjpeg,
+    its own RLE); baseline JPEG, which pydicom does not encode, is Pillow's codestream encapsulated.
+    """
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+
+    if transfer_syntax != JPEG_BASELINE:
+        return build_dicom(source, bits=8, transfer_syntax=transfer_syntax)
+    ds = dcmread(io.BytesIO(build_dicom(source, bits=8)))
+    buffer = io.BytesIO()
+    Image.open(source).convert("L").save(buffer, format="JPEG", quality=90)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG_BASELINE
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def claiming_codestream_size(dicom: bytes, width: int, height: int) -> bytes:
+    """The same DICOM, header untouched, whose codestream now declares ``width``×``height`` (a decompression bomb).
+
+    JPEG and JPEG-LS: the start-of-frame marker's size. JPEG 2000: the SIZ marker's image and
+    tile size, so that the decoder allocates the whole declared image in one tile.
+    """
+    import struct
+
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = dcmread(io.BytesIO(dicom))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    if frame.startswith(b"\xff\x4f\xff\x51"):
+        frame[8:16] = struct.pack(">II", width, height)
+        frame[24:32] = struct.pack(">II", width, height)
+    else:
+        at = 2
+        while frame[at + 1] not in (0xC0, 0xC1, 0xC2, 0xC3, 0xF7):
+            at += 2 + struct.unpack(">H", frame[at + 2 : at + 4])[0]
+        frame[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    ds.PixelData = encapsulate([bytes(frame)])
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def deflated_dicom(source: Path, padding: int = 0) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM of ``source``; ``padding`` zero bytes of Data Set Trailing Padding
+    are deflated with it, streamed, so a zip bomb of any inflated size costs the test a few hundred kilobytes."""
+    import zlib
+
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = build_dicom(source, bits=8)
+    ds = dcmread(io.BytesIO(plain))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    deflated_file = out.getvalue()
+    meta_end, plain_end = (_meta_end(data, DicomBytesIO, read_preamble, _read_file_meta_info) for data in (deflated_file, plain))
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [compressor.compress(plain[plain_end:])]
+    if padding:  # (FFFC,FFFC) OB: the one element allowed after Pixel Data
+        parts.append(compressor.compress(b"\xfc\xff\xfc\xffOB\x00\x00" + padding.to_bytes(4, "little")))
+        zeros = bytes(2**20)
+        for start in range(0, padding, len(zeros)):
+            parts.append(compressor.compress(zeros[: min(len(zeros), padding - start)]))
+    parts.append(compressor.flush())
+    return deflated_file[:meta_end] + b"".join(parts)
+
+
+def _meta_end(data: bytes, buffer_type, read_preamble, read_meta) -> int:  # type: ignore[no-untyped-def]
+    buffer = buffer_type(data)
+    read_preamble(buffer, True)
+    read_meta(buffer)
+    return buffer.tell()

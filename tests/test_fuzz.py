@@ -21,7 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dicom_factory import build_dicom
+from dicom_factory import (
+    JPEG_2000_LOSSLESS,
+    JPEG_BASELINE,
+    JPEG_LS_LOSSLESS,
+    build_dicom,
+    claiming_codestream_size,
+    compressed_dicom,
+    deflated_dicom,
+)
 from pneumoscan.data import list_records
 from pneumoscan.errors import InputError
 from pneumoscan.imaging import Limits, LoadedImage, load_xray
@@ -45,9 +53,15 @@ def encoded(kind: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def valid_files(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def synthetic_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("fuzz") / "synthetic.png"
     synthetic_xray().save(source)
+    return source
+
+
+@pytest.fixture(scope="module")
+def valid_files(data_root: Path, synthetic_source: Path) -> dict[str, bytes]:
+    source = synthetic_source
     return {
         "jpeg": encoded("JPEG"),
         "png": encoded("PNG"),
@@ -141,11 +155,20 @@ ABSURD = {
 }
 
 
-def test_absurd_dimensions_are_refused_before_decoding(valid_files: dict[str, bytes], tmp_path: Path) -> None:
-    """Refused with a typed error, in a fresh process whose peak memory shows nothing big was allocated."""
+def test_absurd_dimensions_are_refused_before_decoding(valid_files: dict[str, bytes], synthetic_source: Path,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """Refused with a typed error, in a fresh process whose peak memory shows nothing big was allocated.
+
+    The DICOM bombs keep an honest 96×96 header and lie only in their codestream (JPEG, JPEG-LS,
+    JPEG 2000) or in what their deflated dataset inflates to: today's decoders would allocate 0.6–3 GB.
+    """
     from pydicom import dcmread
 
     cases = {name: make(valid_files) for name, make in ABSURD.items()}
+    for syntax, name in ((JPEG_BASELINE, "jpeg"), (JPEG_LS_LOSSLESS, "jpeg-ls"), (JPEG_2000_LOSSLESS, "jpeg2000")):
+        cases[f"dicom {name} codestream 25000x25000"] = claiming_codestream_size(compressed_dicom(synthetic_source, syntax),
+                                                                                 25_000, 25_000)  # fmt: skip
+    cases["dicom deflated to 300 MB"] = deflated_dicom(synthetic_source, padding=300 * 2**20)
     ds = dcmread(io.BytesIO(valid_files["dicom"]), force=True)
     ds.Rows, ds.Columns = 65_535, 65_535  # the header lies; the pixel data is 96×96
     buffer = io.BytesIO()
@@ -175,6 +198,8 @@ def test_absurd_dimensions_are_refused_before_decoding(valid_files: dict[str, by
     assert set(outcome) == {name.replace(" ", "_") for name in cases}
     assert all(kind in ("ImageTooLarge", "CorruptImage") for kind in outcome.values()), outcome
     assert outcome["png_100000x100000"] == "ImageTooLarge" and outcome["dicom_65535x65535"] == "ImageTooLarge"
+    bombs = {name: kind for name, kind in outcome.items() if "codestream" in name or "deflated" in name}
+    assert len(bombs) == 4 and set(bombs.values()) == {"ImageTooLarge"}, bombs
     assert growth < 100, f"peak memory grew by {growth:.0f} MB while refusing"
 
 

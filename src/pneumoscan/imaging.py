@@ -9,14 +9,25 @@ Sizes are checked *before* decoding, so a decompression bomb is refused, not dec
 from __future__ import annotations
 
 import io
+import numbers
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumoscan.codestream import (
+    DEFLATED_SYNTAX,
+    NATIVE_SYNTAXES,
+    check_declared_size,
+    check_rle_segments,
+    declared_size,
+    inflate_bounded,
+)
 from pneumoscan.config import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
-from pneumoscan.errors import CorruptImage, ImageTooLarge, NotARadiograph, UnsupportedFormat
+from pneumoscan.errors import CorruptImage, ImageTooLarge, InputError, NotARadiograph, UnsupportedFormat
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
 PILLOW_FORMATS = {"jpeg": "JPEG", "png": "PNG", "tiff": "TIFF", "bmp": "BMP", "webp": "WEBP"}
@@ -63,8 +74,6 @@ def sniff_format(data: bytes) -> str:
 
 def looks_like_dicom(data: bytes) -> bool:
     """A bare DICOM dataset (no 128-byte preamble): pydicom parses it and finds DICOM's usual fields."""
-    import warnings
-
     import pydicom
 
     try:
@@ -169,28 +178,119 @@ def scale_to_uint8(array: np.ndarray, low: float | None = None, high: float | No
 
 
 def load_dicom(data: bytes, limits: Limits) -> LoadedImage:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """Decode a DICOM file; whatever its header or pixel data hold, only an :class:`InputError` escapes.
 
+    pydicom converts most values lazily, on first access, so a damaged element
+    (an unknown VR, two values where one is meant, text in a number) raises
+    wherever it is first read: everything from parsing to display values runs
+    under one guard. Nothing is decoded before the sizes are checked, the
+    compressed data's own size included (see :mod:`pneumoscan.codestream`).
+    """
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptImage("the DICOM file is damaged and cannot be read") from exc
-    info = {name: str(ds.get(name)) for name in SAFE_DICOM_FIELDS if ds.get(name) is not None}
-    check_radiograph(ds)
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    check_pixels(columns, rows, limits)
-    try:
-        pixels = dicom_display_values(ds)
-    except NotARadiograph:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns for each invalid value; the refusal says what matters
+            check_deflated_size(data, limits)
+            ds = read_dicom_dataset(data)
+            info = safe_dicom_fields(ds)
+            check_radiograph(ds)
+            rows, columns = header_int(ds, "Rows"), header_int(ds, "Columns")
+            check_pixels(columns, rows, limits)
+            check_pixel_data_size(ds, rows, columns, limits)
+            pixels = dicom_display_values(ds)
+    except InputError:
         raise
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # noqa: BLE001
-        # pydicom's pixel handlers raise many kinds, each meaning the same to a user; the Rust RLE
-        # decoder (pylibjpeg-rle) even panics with pyo3's PanicException, a BaseException (found by fuzzing)
-        raise CorruptImage(f"the DICOM image data cannot be decoded ({type(exc).__name__}: {exc})"[:300]) from exc
+        # pydicom's value conversions and pixel handlers raise many kinds, each meaning the same to a user; the Rust
+        # RLE decoder (pylibjpeg-rle) even panics with pyo3's PanicException, a BaseException (found by fuzzing)
+        raise CorruptImage(f"the DICOM file is damaged and cannot be read ({type(exc).__name__}: {exc})"[:300]) from exc
     return LoadedImage(Image.fromarray(pixels), "dicom", info)
+
+
+def read_dicom_dataset(data: bytes) -> object:
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # noqa: BLE001  (InvalidDicomError, struct.error, EOFError, ...: all "cannot be read")
+        raise CorruptImage("the DICOM file is damaged and cannot be read") from exc
+
+
+def check_deflated_size(data: bytes, limits: Limits) -> None:
+    """A deflated dataset is inflated whole by pydicom: first make sure it inflates to less than the file limit."""
+    if DEFLATED_SYNTAX.encode() not in data[:4096]:  # the transfer syntax is named in the small file meta group
+        return
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    buffer = DicomBytesIO(data)
+    read_preamble(buffer, True)
+    meta = _read_file_meta_info(buffer)
+    if str(meta.get("TransferSyntaxUID", "")) == DEFLATED_SYNTAX:
+        inflate_bounded(data[buffer.tell() :], limits.max_bytes)
+
+
+#: What a DICOM UID may be (PS3.5 9.1): digits and dots, at most 64 characters.
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def safe_dicom_fields(ds: object) -> dict[str, object]:
+    """The fields pneumoscan may return, each only when it reads as what it should be; a damaged one is left out."""
+    info: dict[str, object] = {}
+    for name in SAFE_DICOM_FIELDS:
+        try:
+            value = ds.get(name)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001  (a damaged element of a field that is informative only)
+            continue
+        if value is None or isinstance(value, (list, tuple, bytes)) or type(value).__name__ == "MultiValue":
+            continue
+        text = str(value).strip()
+        if name.endswith("UID") and not (len(text) <= 64 and UID_PATTERN.fullmatch(text)):
+            continue
+        if text and len(text) <= 64 and text.isprintable():
+            info[name] = text
+    return info
+
+
+def header_int(ds: object, keyword: str, default: int | None = None) -> int:
+    """A whole number from the header, or a :class:`CorruptImage` that names the field."""
+    try:
+        value = ds.get(keyword)  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptImage(f"the DICOM header's {keyword} is damaged and cannot be read") from exc
+    if value is None or value == "":
+        if default is None:
+            raise CorruptImage(f"the DICOM header has no {keyword}: the image size is unknown")
+        return default
+    try:
+        if isinstance(value, (str, bytes)) or isinstance(value, numbers.Integral) or float(value).is_integer():
+            return int(value)
+    except (TypeError, ValueError):
+        pass
+    raise CorruptImage(f"the DICOM header's {keyword} is {str(value)[:40]!r}, not one whole number")
+
+
+def check_pixel_data_size(ds: object, rows: int, columns: int, limits: Limits) -> None:
+    """Before decoding: the stored sample size must be plausible, and compressed data must declare the header's size."""
+    samples, bits = header_int(ds, "SamplesPerPixel", 1), header_int(ds, "BitsAllocated", 8)
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32):
+        raise CorruptImage(f"the DICOM header declares {samples} samples of {bits} bits per pixel, which no X-ray image has")
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else "") or "1.2.840.10008.1.2"
+    if syntax in NATIVE_SYNTAXES or "PixelData" not in ds:  # type: ignore[operator]
+        return
+    from pydicom.encaps import generate_frames
+
+    try:
+        first_frame = next(generate_frames(ds.PixelData, number_of_frames=1))  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptImage("the DICOM's compressed pixel data has no readable frame") from exc
+    size = declared_size(syntax, first_frame)
+    if size is None:
+        check_rle_segments(first_frame, samples, bits)
+    else:
+        check_declared_size(size, rows, columns, limits.max_pixels)
 
 
 def check_radiograph(ds: object) -> None:
@@ -203,7 +303,7 @@ def check_radiograph(ds: object) -> None:
             f"this DICOM image is modality {modality or 'unknown'}, not a projection radiograph (CR, DX or DR); "
             "pneumoscan reads chest X-rays only"
         )
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    frames = header_int(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise NotARadiograph(f"this DICOM file holds {frames} frames; send a single chest X-ray image")
 
