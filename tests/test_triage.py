@@ -253,3 +253,67 @@ def test_triage_command_end_to_end(mixed_folder: tuple[Path, dict[str, str]], tm
     (not_a_worklist / "worklist.csv").write_text("name,score\nx,1\n")
     clash = run("triage", str(folder), "--out", str(not_a_worklist))
     assert clash.returncode == 2 and "not a pneumoscan worklist" in clash.stderr
+
+
+# --------------------------------------------------------------------------- hardening (issue 17)
+
+
+def test_a_bug_on_one_study_is_that_studys_error_row(data_root: Path, predictor: Predictor, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import pneumoscan.triage as triage_module
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    images = sample_images(data_root, 4)
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    real = triage_module.load_xray
+
+    def flaky(data, limits=None):  # type: ignore[no-untyped-def]
+        if data == images[1].read_bytes():
+            raise KeyError("a bug in pneumoscan")
+        return real(data, limits)
+
+    monkeypatch.setattr(triage_module, "load_xray", flaky)
+    summary = triage([folder], tmp_path / "out", predictor, progress=False)
+    assert summary["scored"] == 3 and summary["errors"] == 1
+    failed = next(r for r in read_worklist(tmp_path / "out") if r.status == "error")
+    assert failed.path.endswith(images[1].name) and "internal error" in failed.error and "KeyError" in failed.error
+
+
+def test_worklist_cells_cannot_run_as_spreadsheet_formulas(data_root: Path, predictor: Predictor, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Run from inside the studies folder with a glob, the worklist's paths are the bare file names."""
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    image = sample_images(data_root, 1)[0]
+    names = ["=HYPERLINK(1).jpeg", "+1.jpeg", "-2.jpeg", "@SUM(A1).jpeg", "'quoted.jpeg", "plain.jpeg", "=cmd.txt"]
+    for name in names:
+        (folder / name).write_bytes(b"=cmd|' /C calc'!A0" if name.endswith(".txt") else image.read_bytes())
+    monkeypatch.chdir(folder)
+    triage(["*"], tmp_path / "out", predictor, progress=False, report=False)
+    written = sorted(row["path"] for row in read_rows(tmp_path / "out"))
+    assert written == sorted(["'=HYPERLINK(1).jpeg", "'+1.jpeg", "'-2.jpeg", "'@SUM(A1).jpeg", "''quoted.jpeg", "plain.jpeg",
+                              "'=cmd.txt"])  # fmt: skip
+    assert sorted(r.path for r in read_worklist(tmp_path / "out")) == sorted(names)  # read back exactly
+    again = triage(["*"], tmp_path / "out", predictor, progress=False, report=False)
+    assert again["timing"]["scored_this_run"] == 0  # escaped paths resume like any other
+
+
+def test_merge_refuses_a_worklist_whose_sha256_is_not_a_digest(data_root: Path, predictor: Predictor, tmp_path: Path) -> None:
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    shutil.copy(sample_images(data_root, 1)[0], folder / "a.jpeg")
+    triage([folder], tmp_path / "part", predictor, progress=False, report=False)
+    worklist = tmp_path / "part" / "worklist.csv"
+    rows = read_rows(tmp_path / "part")
+    rows[0]["sha256"] = "../../../planted"
+    with worklist.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    from pneumoscan.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="line 2: the sha256 column holds '../../../planted'"):
+        merge([tmp_path / "part"], tmp_path / "merged" / "deep" / "out")
+    assert not list(tmp_path.rglob("planted*"))

@@ -9,15 +9,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from pneumoscan.errors import InputError
 from pneumoscan.explanation import save_side_by_side
 from pneumoscan.imaging import Limits, load_xray
-from pneumoscan.inference import Predictor, batched
+from pneumoscan.inference import Prediction, Predictor
+from pneumoscan.preprocessing import preprocess
+
+T = TypeVar("T")
+
 
 @dataclass
 class Record:
@@ -66,28 +74,98 @@ def read_image(path: Path, limits: Limits | None = None) -> Image.Image:
         raise InputError("cannot be read: permission denied") from exc
 
 
-def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | None = None, batch_size: int = 16) -> list[Record]:
-    """One record per path, in order."""
-    records = [Record(str(p)) for p in paths]
-    readable: list[tuple[int, Image.Image]] = []
-    for i, path in enumerate(paths):
-        try:
-            readable.append((i, read_image(path, predictor.limits)))
-        except InputError as exc:
-            records[i].error = str(exc)
-    for chunk in batched(readable, batch_size):
-        predictions = predictor.predict([image for _, image in chunk], heatmap=heatmap_dir is not None)
-        for (i, image), prediction in zip(chunk, predictions):
-            record = records[i]
-            record.probability, record.label, record.threshold = prediction.probability, prediction.label, prediction.threshold
-            record.in_distribution, record.ood_score, record.warning = (
-                prediction.in_distribution, prediction.ood_score, prediction.warning,
-            )  # fmt: skip
-            if heatmap_dir is not None and prediction.heatmap is not None:
-                target = heatmap_dir / f"{i:05d}-{Path(record.path).stem}.png"
-                caption = f"{prediction.label}  p={prediction.probability:.3f}  (threshold {prediction.threshold:.3f})"
-                record.heatmap = str(save_side_by_side(image, prediction.heatmap, target, caption))
-    return records
+def failure_message(exc: BaseException) -> str:
+    """What a record says when a file failed: the user's reason, or the name of pneumoscan's own bug to report."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot be read: {exc.strerror or exc}"
+    return f"internal error while reading this file ({type(exc).__name__}: {exc}); please report it"[:300]
+
+
+def guarded(action: Callable[[], T]) -> T | BaseException:
+    """Run ``action``; whatever a file makes it raise comes back as a value, so one file never ends a run."""
+    try:
+        return action()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001  (decoders can even panic with a BaseException)
+        return exc
+
+
+@dataclass
+class Pending:
+    """A decoded input waiting for its batch: the model's tensor and, for heat maps only, the picture."""
+
+    index: int
+    tensor: np.ndarray
+    image: Image.Image | None
+
+
+def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | None = None, batch_size: int = 16,
+                  progress: bool | None = None) -> list[Record]:  # fmt: skip
+    """One record per path, in order; see :func:`iter_predictions` (``progress`` None: a bar on a terminal only)."""
+    return list(iter_predictions(predictor, paths, heatmap_dir, batch_size, progress))
+
+
+def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path | None = None, batch_size: int = 16,
+                     progress: bool | None = None) -> Iterator[Record]:  # fmt: skip
+    """Records in input order, ``batch_size`` files at a time.
+
+    Memory stays bounded whatever the folder's size: a file is decoded, reduced
+    to the model's input tensor at once (its full picture is kept only when a
+    heat map is drawn), and scored with at most ``batch_size - 1`` others.
+    """
+    with tqdm(total=len(paths), unit="file", desc="predict", disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = range(start, min(start + batch_size, len(paths)))
+            records = {i: Record(str(paths[i])) for i in chunk}
+            pending: list[Pending] = []
+            for i in chunk:
+                decoded = guarded(lambda: decode_for_model(predictor, paths[i], keep_image=heatmap_dir is not None))
+                if isinstance(decoded, BaseException):
+                    records[i].error = failure_message(decoded)
+                else:
+                    pending.append(Pending(i, *decoded))
+            for item, prediction in score_pending(predictor, pending, heatmap_dir is not None):
+                record = records[item.index]
+                if isinstance(prediction, BaseException):
+                    record.error = f"internal error while scoring ({type(prediction).__name__}: {prediction}); please report it"[:300]
+                    continue
+                fill(record, prediction)
+                if heatmap_dir is not None and item.image is not None and prediction.heatmap is not None:
+                    target = heatmap_dir / f"{item.index:05d}-{Path(record.path).stem}.png"
+                    caption = f"{prediction.label}  p={prediction.probability:.3f}  (threshold {prediction.threshold:.3f})"
+                    drawn = guarded(lambda: save_side_by_side(item.image, prediction.heatmap, target, caption))
+                    if isinstance(drawn, BaseException):
+                        record.warning = f"the heat map could not be written: {failure_message(drawn)}"
+                    else:
+                        record.heatmap = str(drawn)
+            bar.update(len(chunk))
+            yield from (records[i] for i in chunk)
+
+
+def decode_for_model(predictor: Predictor, path: Path, keep_image: bool) -> tuple[np.ndarray, Image.Image | None]:
+    image = read_image(path, predictor.limits)
+    return preprocess(image, predictor.image_size, predictor.intensity), image if keep_image else None
+
+
+def score_pending(predictor: Predictor, pending: list[Pending], heatmap: bool) -> Iterator[tuple[Pending, Prediction | BaseException]]:
+    """One batched forward pass; if the batch fails, each input alone, so only the input at fault gets an error."""
+    if not pending:
+        return
+    batch = guarded(lambda: predictor.predict_tensors(np.stack([item.tensor for item in pending]), heatmap=heatmap))
+    if not isinstance(batch, BaseException):
+        yield from zip(pending, batch)
+        return
+    for item in pending:
+        alone = guarded(lambda: predictor.predict_tensors(item.tensor[None], heatmap=heatmap))
+        yield item, alone if isinstance(alone, BaseException) else alone[0]
+
+
+def fill(record: Record, prediction: Prediction) -> None:
+    record.probability, record.label, record.threshold = prediction.probability, prediction.label, prediction.threshold
+    record.in_distribution, record.ood_score, record.warning = prediction.in_distribution, prediction.ood_score, prediction.warning
 
 
 def format_records(records: list[Record], fmt: str) -> str:
@@ -113,4 +191,4 @@ def format_records(records: list[Record], fmt: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Record", "expand_inputs", "format_records", "predict_files"]
+__all__ = ["Record", "expand_inputs", "format_records", "iter_predictions", "predict_files"]

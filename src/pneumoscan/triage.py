@@ -22,6 +22,7 @@ import io
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,11 +34,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import pneumoscan
-from pneumoscan.errors import ConfigurationError, InputError, NotARadiograph, UnsupportedFormat
+from pneumoscan.errors import ConfigurationError, NotARadiograph, UnsupportedFormat
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import load_xray
-from pneumoscan.inference import Predictor, batched
-from pneumoscan.predict import files_in_folder
+from pneumoscan.inference import Prediction, Predictor, batched
+from pneumoscan.predict import failure_message, files_in_folder, guarded
 from pneumoscan.preprocessing import preprocess
 
 WORKLIST_FILE = "worklist.csv"
@@ -142,21 +143,22 @@ def discover(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def decode(path: Path, image_size: int, predictor: Predictor) -> Decoded:
-    """Read, hash and decode one input; never raises for a bad file (its row says why)."""
+    """Read, hash and decode one input; never raises for a bad file (its row says why), nor for a bug of ours."""
     row = Row(path=path.as_posix())
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        row.status, row.error = FAILED, f"cannot be read: {exc.strerror or exc}"
+    outcome = guarded(lambda: _decode(row, path, image_size, predictor))
+    if isinstance(outcome, BaseException):
+        row.status, row.error = FAILED, failure_message(outcome)
         return Decoded(row)
+    return outcome
+
+
+def _decode(row: Row, path: Path, image_size: int, predictor: Predictor) -> Decoded:
+    data = path.read_bytes()
     row.sha256 = hashlib.sha256(data).hexdigest()
     try:
         loaded = load_xray(data, predictor.limits)
     except (UnsupportedFormat, NotARadiograph) as exc:
         row.status, row.error = SKIPPED, str(exc)
-        return Decoded(row)
-    except InputError as exc:
-        row.status, row.error = FAILED, str(exc)
         return Decoded(row)
     row.format = loaded.format
     row.study_instance_uid = _str_or_none(loaded.info.get("StudyInstanceUID"))
@@ -174,6 +176,22 @@ def _str_or_none(value: object) -> str | None:
 # --------------------------------------------------------------------------- worklist
 
 
+#: A spreadsheet runs a cell that starts with one of these as a formula (CSV injection, OWASP): such text is written
+#: behind a ``'``, which spreadsheets show as text; a leading ``'`` is itself escaped, so reading back is exact.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+#: The columns that hold text (names, messages, UIDs); numbers are written by pneumoscan and never escaped.
+TEXT_COLUMNS = ("path", "label", "error", "status", "format", "study_instance_uid", "series_instance_uid")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def spreadsheet_safe(text: str) -> str:
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def from_spreadsheet_safe(text: str) -> str:
+    return text[1:] if text.startswith("'") else text
+
+
 def read_worklist(folder: Path) -> list[Row]:
     """The rows of a worklist written by an earlier (or interrupted) run; none if there is no worklist yet."""
     path = Path(folder) / WORKLIST_FILE
@@ -184,22 +202,28 @@ def read_worklist(folder: Path) -> list[Row]:
         missing = set(COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise ConfigurationError(f"{path} is not a pneumoscan worklist (no column {sorted(missing)[0]!r}); choose another --out")
-        return [_row_from_csv(record) for record in reader]
+        return [_row_from_csv(record, path, line) for line, record in enumerate(reader, start=2)]
 
 
-def _row_from_csv(record: dict[str, str]) -> Row:
+def _row_from_csv(record: dict[str, str], path: Path, line: int) -> Row:
+    """One worklist row; its ``sha256`` names a thumbnail file, so anything but a digest is refused."""
+
     def optional(name: str) -> str | None:
-        return record[name] or None
+        return from_spreadsheet_safe(record[name]) or None
+
+    if record["sha256"] and not SHA256_HEX.fullmatch(record["sha256"]):
+        raise ConfigurationError(f"{path}, line {line}: the sha256 column holds {record['sha256'][:80]!r}, not a SHA-256 "
+                                 "digest; the worklist was altered: score the studies again into a new --out")  # fmt: skip
 
     return Row(
         rank=int(record["rank"]) if record["rank"] else None,
-        path=record["path"],
+        path=from_spreadsheet_safe(record["path"]),
         probability=float(record["probability"]) if record["probability"] else None,
         label=optional("label"),
         in_distribution={"True": True, "False": False}.get(record["in_distribution"]),
         ood_score=float(record["ood_score"]) if record["ood_score"] else None,
         error=optional("error"),
-        status=record["status"],
+        status=from_spreadsheet_safe(record["status"]),
         format=optional("format"),
         study_instance_uid=optional("study_instance_uid"),
         series_instance_uid=optional("series_instance_uid"),
@@ -225,6 +249,8 @@ def write_worklist(folder: Path, rows: list[Row]) -> Path:
         values = asdict(row)
         values["probability"] = None if row.probability is None else f"{row.probability:.6f}"
         values["ood_score"] = None if row.ood_score is None else f"{row.ood_score:.2f}"
+        for name in TEXT_COLUMNS:
+            values[name] = None if values[name] is None else spreadsheet_safe(str(values[name]))
         writer.writerow({k: "" if v is None else v for k, v in values.items()})
     _write_atomically(path, buffer.getvalue())
     return path
@@ -279,7 +305,7 @@ def triage(
         for decoded in _decode_ahead(pool, pending, predictor):
             drawing = [pool.submit(save_thumbnails, *job) for job in score(predictor, decoded, batch_size, out / THUMBNAIL_DIR, bar)]
             for future in drawing:
-                future.result()
+                future.exception()  # a thumbnail that cannot be drawn costs its picture in the report, not the run
             bar.update(sum(item.tensor is None for item in decoded))
             for item in decoded:
                 rows[item.row.path] = item.row
@@ -321,19 +347,32 @@ def _decode_ahead(pool: ThreadPoolExecutor, files: list[Path], predictor: Predic
 
 def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbnails: Path,
           bar: tqdm | None = None) -> list[tuple[Image.Image, np.ndarray, Path]]:  # fmt: skip
-    """Batched forward passes for the decodable inputs; fills their rows and returns the thumbnails to draw."""
+    """Batched forward passes for the decodable inputs; fills their rows and returns the thumbnails to draw.
+
+    A batch that fails is scored again one input at a time, so only the input at fault gets an error row.
+    """
     ready = [item for item in decoded if item.tensor is not None]
     drawings = []
     for chunk in batched(ready, batch_size):
-        predictions = predictor.predict_tensors(np.stack([item.tensor for item in chunk]), heatmap=True)
+        predictions = guarded(lambda: predictor.predict_tensors(np.stack([item.tensor for item in chunk]), heatmap=True))
+        if isinstance(predictions, BaseException):
+            predictions = [_alone(predictor, item) for item in chunk]
         for item, prediction in zip(chunk, predictions):
             row = item.row
+            if isinstance(prediction, BaseException):
+                row.status, row.error = FAILED, f"internal error while scoring ({type(prediction).__name__}: {prediction}); please report it"[:300]
+                continue
             row.probability, row.label = prediction.probability, prediction.label
             row.in_distribution, row.ood_score = prediction.in_distribution, prediction.ood_score
             drawings.append((item.image, prediction.heatmap, thumbnails / row.thumbnail_name))
         if bar is not None:
             bar.update(len(chunk))
     return drawings
+
+
+def _alone(predictor: Predictor, item: Decoded) -> Prediction | BaseException:
+    outcome = guarded(lambda: predictor.predict_tensors(item.tensor[None], heatmap=True))
+    return outcome if isinstance(outcome, BaseException) else outcome[0]
 
 
 def save_thumbnails(image: Image.Image, heatmap: np.ndarray, path: Path) -> None:
