@@ -58,8 +58,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, *extra: str, ready_timeout: float = 60) -> Iterator[Server]:
-    """``pneumoscan serve`` on a free port; its output goes to a file (a pipe could fill and block it)."""
+def running_server(data_dir: Path, *extra: str, ready_timeout: float = 60, env: dict[str, str] | None = None,
+                   preexec_fn=None) -> Iterator[Server]:  # type: ignore[no-untyped-def]  # fmt: skip
+    """``pneumoscan serve`` on a free port; its output goes to a file (a pipe could fill and block it).
+
+    ``env`` adds ``PNEUMOSCAN_*`` settings to the server's environment; ``preexec_fn`` runs in the child before it starts.
+    """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -67,7 +71,8 @@ def running_server(data_dir: Path, *extra: str, ready_timeout: float = 60) -> It
     log = data_dir / "server.log"
     with log.open("w") as output:
         command = [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                   preexec_fn=preexec_fn)  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", process, data_dir, log)
     try:
         deadline = time.monotonic() + ready_timeout

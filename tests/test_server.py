@@ -121,9 +121,9 @@ def test_api_key_is_required_when_configured(shipped_model: Path, tmp_path: Path
 
 
 @contextlib.contextmanager
-def live_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def live_server(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """``pneumoscan serve`` started by the test on a free port of 127.0.0.1 (output in ``server.log``); SIGTERM at the end."""
-    with load_test.running_server(tmp_path) as server:
+    with load_test.running_server(tmp_path, env=env) as server:
         yield server.base, server.process
 
 

@@ -58,3 +58,40 @@ def test_upload_in_the_browser_shows_label_probability_heatmap_and_errors(shippe
         assert phone.evaluate("document.documentElement.scrollWidth") <= 375
         browser.close()
     assert not [e for e in console_errors if "415" not in e], console_errors
+
+
+def test_with_an_api_key_the_page_asks_for_it_and_shows_the_pictures(shipped_model: Path, data_root: Path, tmp_path: Path) -> None:
+    """The key is asked for on the first 401, kept in this tab's sessionStorage only, and sent for the pictures too."""
+    from playwright.sync_api import expect, sync_playwright
+
+    xray = next(r.path for r in list_records(data_root, "test") if r.label == 1)
+    with live_server(tmp_path / "service", env={"PNEUMOSCAN_API_KEY": "tab-only-key"}) as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        context = browser.new_context(viewport={"width": 1000, "height": 1100})
+        page = context.new_page()
+        page.goto(base + "/")
+        expect(page.locator("#key-form")).to_be_visible(timeout=30_000)  # the recent list got a 401: the page asks
+        expect(page.locator("#key-message")).to_contain_text("API key")
+        page.fill("#key", "wrong-key")
+        page.click("#key-form button")
+        page.set_input_files("#file", str(xray))
+        expect(page.locator("#key-form")).to_be_visible(timeout=30_000)  # refused: asked again, nothing shown
+        assert page.locator("#result").is_hidden()
+        page.fill("#key", "tab-only-key")
+        page.click("#key-form button")  # the upload waiting for the key goes ahead
+        expect(page.locator("#decision")).to_contain_text("Pneumonia suspected", timeout=30_000)
+        deadline = time.monotonic() + 30
+        while page.evaluate("document.getElementById('heatmap').naturalWidth") == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 0
+        assert page.evaluate("document.getElementById('xray').naturalWidth") > 0
+        assert page.evaluate("document.getElementById('xray').src").startswith("blob:")
+        expect(page.locator("#recent tr")).to_have_count(1)
+        assert page.evaluate("sessionStorage.getItem('pneumoscan-api-key')") == "tab-only-key"
+        assert page.evaluate("localStorage.length") == 0
+        page.screenshot(path=str(OUTPUT / "web-api-key.png"), full_page=True)
+
+        other_tab = context.new_page()  # sessionStorage belongs to one tab: a new one asks again
+        other_tab.goto(base + "/")
+        expect(other_tab.locator("#key-form")).to_be_visible(timeout=30_000)
+        browser.close()

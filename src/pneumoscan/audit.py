@@ -47,8 +47,15 @@ predictions = Table(
 )
 
 
-def connect(url: str) -> Engine:
+#: SQLite's durability: FULL syncs the write-ahead log at every commit, so an answered prediction's row survives a power
+#: loss (NORMAL syncs only at checkpoints: the last commits can vanish). Its cost is in benchmarks/bench_service.py.
+SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+def connect(url: str, synchronous: str = "FULL") -> Engine:
     """Open (and create) the database; SQLite runs in WAL mode so readers never block the writer."""
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"synchronous must be one of {SQLITE_SYNCHRONOUS}")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, future=True, pool_pre_ping=True)  # a database that comes back is used again
@@ -58,7 +65,7 @@ def connect(url: str) -> Engine:
         def _wal(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.close()
 
     try:

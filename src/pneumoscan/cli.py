@@ -387,7 +387,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="run the REST API (FastAPI) with the exported model",
         description="Serve the model over HTTP. Every setting can also come from PNEUMOSCAN_* environment variables "
-        "(PNEUMOSCAN_DATABASE_URL, PNEUMOSCAN_API_KEY, ...); flags win.",
+        "(PNEUMOSCAN_DATABASE_URL, PNEUMOSCAN_API_KEY or PNEUMOSCAN_API_KEY_FILE, ...); flags win. On any address but "
+        "the loopback one, an API key is required.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
@@ -396,6 +397,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="serve the int8 model")
     p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
     p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    p.add_argument("--unsafe-allow-unauthenticated-network-access", action="store_true",
+                   help="serve on a non-loopback --host without an API key (only on a closed network: anyone who "
+                   "reaches the port can list and download every X-ray)")  # fmt: skip
     p.set_defaults(handler=run_serve)
 
 
@@ -405,6 +409,7 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides = {
         "host": args.host, "port": args.port, "model_dir": args.model, "data_dir": args.data_dir,
         "database_url": args.database_url, "precision": "int8" if args.int8 else None,
+        "unsafe_allow_unauthenticated_network_access": args.unsafe_allow_unauthenticated_network_access or None,
     }  # fmt: skip
     serve(ServiceSettings(**{k: v for k, v in overrides.items() if v is not None}))
     return 0

@@ -44,7 +44,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import pneumoscan
 from pneumoscan.audit import AuditLog, connect, now
 from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
-from pneumoscan.errors import InputError
+from pneumoscan.admission import Admission, UploadGuard
+from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.inference import Predictor
@@ -71,12 +72,57 @@ class ServiceSettings(BaseSettings):
     cors_origins: list[str] = []  # browser origins allowed to call the API from other sites; none by default
     threads: int = 1  # ONNX Runtime threads per inference: requests run side by side instead
     api_key: str | None = None
+    api_key_file: Path | None = None  # a secret mounted as a file (Docker/Kubernetes secrets); wins over api_key
+    # Serving anything but the loopback address without a key lists and sends every X-ray to whoever can reach the port:
+    # refused at start unless this says, by name, that it is meant.
+    unsafe_allow_unauthenticated_network_access: bool = False
     keep_uploads: bool = False
-    heatmap_cache: int = 256
+    picture_cache_mb: float = 256.0  # X-rays and heat maps of recent predictions, kept in memory: bounded in bytes
+    min_free_disk_mb: float = 512.0  # below it, /readyz says not ready: uploads are spooled and the audit log written there
 
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'pneumoscan.db').as_posix()}"
+
+    def resolved_api_key(self) -> str | None:
+        """The key from ``api_key_file`` or ``api_key``; an empty one is an error, never "no authentication"."""
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigurationError(f"PNEUMOSCAN_API_KEY_FILE {self.api_key_file} cannot be read ({exc.strerror})") from exc
+            source = f"PNEUMOSCAN_API_KEY_FILE ({self.api_key_file})"
+        elif self.api_key is not None:
+            key, source = self.api_key.strip(), "PNEUMOSCAN_API_KEY"
+        else:
+            return None
+        if not key:
+            raise ConfigurationError(f"{source} is empty: set a key (e.g. 'openssl rand -hex 32') or unset it to serve "
+                                     "on 127.0.0.1 without one; an empty key never means 'no authentication'")  # fmt: skip
+        return key
+
+
+def is_loopback(host: str) -> bool:
+    """Only these addresses are reachable from this machine alone."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name (or 0.0.0.0's kin) may be reachable from anywhere
+
+
+def check_exposure(settings: ServiceSettings) -> None:
+    """Refuse to serve patients' X-rays to a network without a key, unless told so by the unsafe setting's name."""
+    if is_loopback(settings.host) or settings.resolved_api_key() or settings.unsafe_allow_unauthenticated_network_access:
+        return
+    raise ConfigurationError(
+        f"refusing to serve on {settings.host} without an API key: anyone who reaches the port could list and download "
+        "every X-ray. Set PNEUMOSCAN_API_KEY (or PNEUMOSCAN_API_KEY_FILE), serve on 127.0.0.1 behind an authenticating "
+        "proxy, or, if the network is closed, say so with --unsafe-allow-unauthenticated-network-access"
+    )
 
 
 log = logging.getLogger(__name__)
@@ -121,28 +167,41 @@ PICTURE_MAX_SIDE = 1024
 
 
 class PictureCache:
-    """The X-ray and heat map of the last N predictions, in memory only (they show the patient's image).
+    """The X-ray and heat map of recent predictions, in memory only (they show the patient's image), bounded in bytes.
 
     PNGs are drawn on the first request for them, off the event loop, then
     kept: an API client that never asks for the picture costs no encoding.
+    The oldest predictions leave first once the pictures and PNGs held pass ``max_bytes``.
     """
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
         self.items: OrderedDict[str, tuple[Image.Image, np.ndarray]] = OrderedDict()
         self.drawn: dict[tuple[str, str], bytes] = {}
+        self.costs: dict[str, int] = {}
+        self.bytes = 0
         self.lock = threading.Lock()
 
     def put(self, prediction_id: str, image: Image.Image, heatmap: np.ndarray) -> None:
         if max(image.size) > PICTURE_MAX_SIDE:
             image = image.copy()
             image.thumbnail((PICTURE_MAX_SIDE, PICTURE_MAX_SIDE))
+        heatmap = heatmap.astype(np.float16)
         with self.lock:
-            self.items[prediction_id] = (image, heatmap.astype(np.float16))
-            while len(self.items) > self.size:
-                gone, _ = self.items.popitem(last=False)
-                self.drawn.pop((gone, "heatmap"), None)
-                self.drawn.pop((gone, "image"), None)
+            self.items[prediction_id] = (image, heatmap)
+            self.charge(prediction_id, image.width * image.height * len(image.getbands()) + heatmap.nbytes)
+            self.evict()
+
+    def charge(self, prediction_id: str, cost: int) -> None:
+        self.costs[prediction_id] = self.costs.get(prediction_id, 0) + cost
+        self.bytes += cost
+
+    def evict(self) -> None:
+        while self.bytes > self.max_bytes and self.items:
+            gone, _ = self.items.popitem(last=False)
+            self.bytes -= self.costs.pop(gone, 0)
+            self.drawn.pop((gone, "heatmap"), None)
+            self.drawn.pop((gone, "image"), None)
 
     def png(self, prediction_id: str, picture: str) -> bytes | None:
         """``heatmap``: the overlay; ``image``: the X-ray as read. None once the prediction has left the cache."""
@@ -154,8 +213,10 @@ class PictureCache:
             image, heatmap = entry
             png = png_bytes(overlay(image, heatmap.astype(np.float32)) if picture == "heatmap" else image)
             with self.lock:
-                if prediction_id in self.items:
+                if prediction_id in self.items and (prediction_id, picture) not in self.drawn:
                     self.drawn[(prediction_id, picture)] = png
+                    self.charge(prediction_id, len(png))
+                    self.evict()
         return png
 
 
@@ -174,25 +235,6 @@ def error(status: int, kind: str, detail: str, headers: dict[str, str] | None = 
     return JSONResponse(status_code=status, content={"error": kind, "detail": detail}, headers=headers)
 
 
-class Admission:
-    """Counts predictions in the service (running or waiting); refuses one beyond ``limit``.
-
-    Only the event loop touches it, so no lock is needed.
-    """
-
-    def __init__(self, limit: int):
-        self.limit, self.inside = limit, 0
-
-    def enter(self) -> bool:
-        if self.inside >= self.limit:
-            return False
-        self.inside += 1
-        return True
-
-    def leave(self) -> None:
-        self.inside -= 1
-
-
 #: Everything the page needs comes from the app itself; no inline script, no framing by other sites.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -209,12 +251,13 @@ DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
 
 def create_app(settings: ServiceSettings | None = None, predictor: Predictor | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
+    api_key = settings.resolved_api_key()
     limits = Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     predictor = predictor or Predictor.load(settings.model_dir, settings.precision, settings.threads, limits)
     audit = AuditLog(connect(settings.resolved_database_url))
-    pictures = PictureCache(settings.heatmap_cache)
+    pictures = PictureCache(int(settings.picture_cache_mb * 2**20))
     slots = asyncio.Semaphore(settings.max_concurrent)
-    admitted = Admission(settings.max_concurrent + settings.max_queue)
+    admitted = Admission(settings.max_concurrent + settings.max_queue)  # receiving, waiting or running
     card = predictor.card
     model_info = {
         "name": card["name"],
@@ -247,25 +290,6 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         log.error("audit database error on %s: %s", request.url.path, type(exc).__name__)
         return error(503, "AuditLogUnavailable", "the audit database cannot be reached; retry shortly", {"Retry-After": "5"})
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        with in_flight.track_inprogress():
-            response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        requests_total.labels(request.method, name, str(response.status_code)).inc()
-        latency.labels(name).observe(time.perf_counter() - start)
-        return response
-
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if settings.api_key and request.url.path.startswith("/api/"):
-            given = request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return error(401, "unauthorized", "a valid X-API-Key header is required")
-        return await call_next(request)
-
     def public(row: dict) -> dict:
         return {
             "id": row["id"],
@@ -289,19 +313,15 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     @app.post(f"{API}/predictions", status_code=201, response_model=PredictionBody,
               responses=documented(*API_ERRORS, 413, 415, 422))  # fmt: skip
     async def create_prediction(file: UploadFile = File(...)) -> JSONResponse:
-        data = await file.read(settings.max_upload_bytes + 1)
-        if len(data) > settings.max_upload_bytes:
-            return error(413, "ImageTooLarge", f"the upload is larger than {settings.max_upload_bytes // 2**20} MB")
-        if not admitted.enter():
-            shed.inc()
-            return error(503, "Overloaded", "the service is at capacity; retry shortly", {"Retry-After": "1"})
+        # Admitted already (UploadGuard); the bytes are read only once a slot is free, so waiting uploads stay spooled.
         try:
             async with slots:
+                data = await file.read(settings.max_upload_bytes + 1)
+                if len(data) > settings.max_upload_bytes:
+                    return error(413, "ImageTooLarge", f"the upload is larger than {settings.max_upload_bytes // 2**20} MB")
                 loaded, prediction, kind = await run_in_threadpool(score, data)
         except InputError as exc:
             return error(exc.http_status, type(exc).__name__, str(exc))
-        finally:
-            admitted.leave()
         row = {
             "id": uuid.uuid4().hex,
             "created_at": now(),
@@ -316,17 +336,25 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "in_distribution": prediction.in_distribution,
             "ood_score": prediction.ood_score,
         }
+        kept = None
+        if settings.keep_uploads:  # kept whole, before the record, or neither: no truncated file, no row without it
+            try:
+                kept = await run_in_threadpool(keep_upload, settings.data_dir / "uploads", f"{row['id']}.{kind}", data)
+            except OSError as exc:
+                log.error("the upload could not be kept: %s", exc.strerror or type(exc).__name__)
+                return error(503, "UploadStoreUnavailable", "the upload cannot be stored (PNEUMOSCAN_KEEP_UPLOADS is set "
+                             f"and the disk refused it: {exc.strerror or 'write error'}); no prediction is given. Retry "
+                             "once the disk has room.", {"Retry-After": "30"})  # fmt: skip
         try:
             await run_in_threadpool(audit.record, row)
         except SQLAlchemyError as exc:  # no answer without a record: the client may retry
             log.error("audit log write failed: %s", type(exc).__name__)
+            if kept is not None:
+                kept.unlink(missing_ok=True)
             return error(503, "AuditLogUnavailable", "the audit database cannot be written; no prediction is given "
                          "without a record. Retry shortly.", {"Retry-After": "5"})  # fmt: skip
         by_label.labels(prediction.label, str(prediction.in_distribution)).inc()
         pictures.put(row["id"], loaded.image, prediction.heatmap)
-        if settings.keep_uploads:
-            (settings.data_dir / "uploads").mkdir(parents=True, exist_ok=True)
-            (settings.data_dir / "uploads" / f"{row['id']}.{kind}").write_bytes(data)
         return JSONResponse(status_code=201, content=public(row))
 
     @app.get(f"{API}/predictions/{{prediction_id}}", response_model=PredictionBody, responses=documented(*API_ERRORS, 404, 422))
@@ -343,7 +371,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         png = await run_in_threadpool(pictures.png, prediction_id, picture)
         if png is None:
             raise HTTPException(404, "no such picture (pictures are kept in memory for recent predictions only)")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})  # a patient's image: never kept
 
     @app.get(f"{API}/predictions", response_model=list[PredictionBody], responses=documented(*API_ERRORS, 422))
     async def list_predictions(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
@@ -367,9 +395,41 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             await run_in_threadpool(audit.ping)
         except Exception as exc:  # any database failure means "not ready", with the reason
             return JSONResponse(status_code=503, content={"status": "unavailable", "reason": f"database: {exc}"[:300]})
+        short = disk_short_of_room(settings)
+        if short:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "reason": short})
         return JSONResponse(content={"status": "ready", "model": model_info})
 
-    # Added last, so outermost: every response gets the headers, refusals (401, 503) included.
+    # Middleware: each one added wraps the ones before it. From the outside in: CORS, security headers on every
+    # answer, metrics (and any escaped exception turned into a JSON 500, so it is counted and carries the headers),
+    # the API key, and the upload guard (size and admission before the body is read).
+    app.add_middleware(UploadGuard, path=f"{API}/predictions", max_file_bytes=settings.max_upload_bytes,
+                       admission=admitted, on_shed=shed.inc)  # fmt: skip
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):  # type: ignore[no-untyped-def]
+        if api_key and request.url.path.startswith("/api/"):
+            given = request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return error(401, "unauthorized", "a valid X-API-Key header is required")
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        with in_flight.track_inprogress():
+            try:
+                response = await call_next(request)
+            except Exception:  # a bug of ours: logged with its traceback, answered in JSON, counted
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                response = error(500, "InternalError", "pneumoscan failed on this request; it was logged. Retry, and "
+                                 "report it if it happens again.")  # fmt: skip
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        requests_total.labels(request.method, name, str(response.status_code)).inc()
+        latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
         response = await call_next(request)
@@ -384,6 +444,41 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     return app
 
 
+def keep_upload(folder: Path, name: str, data: bytes) -> Path:
+    """Written whole or not at all: a temporary file, flushed to disk, then renamed; a failed write leaves nothing."""
+    import os
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+    try:
+        with os.fdopen(handle, "wb") as output:
+            output.write(data)
+            output.flush()
+            os.fsync(output.fileno())
+        os.replace(temporary, folder / name)
+        return folder / name
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def disk_short_of_room(settings: ServiceSettings) -> str | None:
+    """Why the service would fail on the next upload for want of disk, or None."""
+    import shutil
+    import tempfile
+
+    need = settings.min_free_disk_mb * 2**20
+    for what, folder in (("data folder", settings.data_dir), ("temporary folder (uploads are spooled there)", Path(tempfile.gettempdir()))):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue  # a folder that does not exist yet is created on the first write
+        if free < need:
+            return f"disk: the {what} has {free / 2**20:.0f} MB free, less than the {settings.min_free_disk_mb:.0f} MB needed"
+    return None
+
+
 def serve(settings: ServiceSettings) -> None:
     """Run until SIGTERM/SIGINT; uvicorn finishes in-flight requests, then the process exits 0."""
     import signal
@@ -391,6 +486,7 @@ def serve(settings: ServiceSettings) -> None:
 
     import uvicorn
 
+    check_exposure(settings)
     # uvicorn re-raises the signal it caught once it has shut down; end cleanly then.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = create_app(settings)

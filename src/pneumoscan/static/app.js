@@ -10,6 +10,30 @@ function setError(message) {
   show($("error"), Boolean(message));
 }
 
+// The API key, when the service needs one: asked for on the first 401, kept for this tab only (sessionStorage).
+const KEY = "pneumoscan-api-key";
+let retryAfterKey = null;
+
+function askForKey(message, retry) {
+  retryAfterKey = retry;
+  $("key-message").textContent = message;
+  show($("key-form"), true);
+  $("key").focus();
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("key").value = "";
+  show($("key-form"), false);
+  const retry = retryAfterKey;
+  retryAfterKey = null;
+  refreshRecent();
+  if (retry) retry();
+}
+
 async function upload(file) {
   setError("");
   $("status").textContent = `Reading ${file.name} …`;
@@ -25,6 +49,11 @@ async function upload(file) {
   }
   const body = await response.json().catch(() => ({}));
   $("status").textContent = "";
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY);
+    askForKey("This service needs its API key: ask its administrator. The key is kept for this tab only.", () => upload(file));
+    return;
+  }
   if (!response.ok) {
     show($("result"), false);
     setError(`This file could not be analysed: ${body.detail || response.statusText}`);
@@ -35,8 +64,19 @@ async function upload(file) {
 }
 
 function apiHeaders() {
-  const key = sessionStorage.getItem("pneumoscan-api-key");
+  const key = sessionStorage.getItem(KEY);
   return key ? { "X-API-Key": key } : {};
+}
+
+// Pictures come through fetch, with the key, and are shown from blob: URLs (an <img src> cannot send a header).
+const pictureUrls = {};
+
+async function showPicture(id, url) {
+  const response = await fetch(url, { headers: apiHeaders(), cache: "no-store" }).catch(() => null);
+  if (!response || !response.ok) { $(id).removeAttribute("src"); return; }
+  if (pictureUrls[id]) URL.revokeObjectURL(pictureUrls[id]);
+  pictureUrls[id] = URL.createObjectURL(await response.blob());
+  $(id).src = pictureUrls[id];
 }
 
 function render(result, file) {
@@ -51,13 +91,17 @@ function render(result, file) {
   const ood = $("ood");
   ood.textContent = "This does not look like a frontal chest X-ray of a child; the result is not reliable.";
   show(ood, result.in_distribution === false);
-  $("xray").src = result.image_url;
-  $("heatmap").src = result.heatmap_url;
+  showPicture("xray", result.image_url);
+  showPicture("heatmap", result.heatmap_url);
   show($("result"), true);
 }
 
 async function refreshRecent() {
   const response = await fetch(`${api}?limit=10`, { headers: apiHeaders() }).catch(() => null);
+  if (response && response.status === 401) {
+    askForKey("This service needs its API key: ask its administrator. The key is kept for this tab only.", null);
+    return;
+  }
   if (!response || !response.ok) return;
   const rows = await response.json();
   const body = $("recent");
@@ -78,6 +122,7 @@ function init() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) upload(e.dataTransfer.files[0]); });
   $("show-heatmap").addEventListener("change", (e) => { $("heatmap").style.visibility = e.target.checked ? "visible" : "hidden"; });
   $("opacity").addEventListener("input", (e) => { $("heatmap").style.opacity = e.target.value / 100; });
+  $("key-form").addEventListener("submit", saveKey);
   refreshRecent();
 }
 document.addEventListener("DOMContentLoaded", init);
