@@ -116,7 +116,8 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(settings: ServiceSettings) -> None:
     """Refuse to serve patients' X-rays to a network without a key, unless told so by the unsafe setting's name."""
-    if is_loopback(settings.host) or settings.resolved_api_key() or settings.unsafe_allow_unauthenticated_network_access:
+    key = settings.resolved_api_key()  # an empty or unreadable key is an error wherever the service listens
+    if key or is_loopback(settings.host) or settings.unsafe_allow_unauthenticated_network_access:
         return
     raise ConfigurationError(
         f"refusing to serve on {settings.host} without an API key: anyone who reaches the port could list and download "
