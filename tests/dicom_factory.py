@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,6 @@ def claiming_codestream_size(dicom: bytes, width: int, height: int) -> bytes:
     JPEG and JPEG-LS: the start-of-frame marker's size. JPEG 2000: the SIZ marker's image and
     tile size, so that the decoder allocates the whole declared image in one tile.
     """
-    import struct
-
     from pydicom import dcmread
     from pydicom.encaps import encapsulate, generate_frames
 
@@ -153,3 +152,72 @@ def _meta_end(data: bytes, buffer_type, read_preamble, read_meta) -> int:  # typ
     read_preamble(buffer, True)
     read_meta(buffer)
     return buffer.tell()
+
+
+# --------------------------------------------------------------------------- raw elements, for fuzzing the structure
+
+#: VRs whose explicit-VR header has two reserved bytes and a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def raw_element(tag: int, vr: bytes, value: bytes, length: int | None = None, long_header: bool | None = None) -> bytes:
+    """One Explicit VR Little Endian element, byte for byte: any VR bytes, any length field, any value."""
+    long_header = vr in LONG_VRS if long_header is None else long_header
+    size = len(value) if length is None else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    head += b"\x00\x00" + struct.pack("<I", size & 0xFFFFFFFF) if long_header else struct.pack("<H", size & 0xFFFF)
+    return head + value
+
+
+def raw_item(body: bytes, defined: bool = True) -> bytes:
+    """A sequence item; undefined length ends with an item delimiter."""
+    if defined:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+    return struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED_LENGTH) + body + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+
+
+def raw_sequence(tag: int, items: list[bytes], defined: bool = True) -> bytes:
+    body = b"".join(items)
+    if defined:
+        return raw_element(tag, b"SQ", body)
+    return raw_element(tag, b"SQ", body + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), length=UNDEFINED_LENGTH)
+
+
+def raw_dicom(elements: list[bytes]) -> bytes:
+    """Preamble, a File Meta group naming Explicit VR Little Endian, then ``elements`` as given (order included)."""
+    syntax = b"1.2.840.10008.1.2.1\x00"
+    meta = b"".join([
+        raw_element(0x00020001, b"OB", b"\x00\x01"),
+        raw_element(0x00020002, b"UI", b"1.2.840.10008.5.1.4.1.1.1.1\x00"),
+        raw_element(0x00020003, b"UI", b"1.2.826.0.1.3680043.8.498.1\x00"),
+        raw_element(0x00020010, b"UI", syntax),
+    ])  # fmt: skip
+    return b"\x00" * 128 + b"DICM" + raw_element(0x00020000, b"UL", struct.pack("<I", len(meta))) + meta + b"".join(elements)
+
+
+def radiograph_elements(pixels: np.ndarray) -> list[tuple[int, bytes, bytes]]:
+    """(tag, VR, value) of a valid 8-bit DX image: the starting point that the structure fuzzer mutates."""
+    rows, columns = pixels.shape
+    return [
+        (0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.1.1\x00"),
+        (0x00080018, b"UI", b"1.2.826.0.1.3680043.8.498.1\x00"),
+        (0x00080060, b"CS", b"DX"),
+        (0x00100010, b"PN", b"Doe^Jane"),
+        (0x0020000D, b"UI", b"1.2.826.0.1.3680043.8.498.2\x00"),
+        (0x0020000E, b"UI", b"1.2.826.0.1.3680043.8.498.3\x00"),
+        (0x00280002, b"US", struct.pack("<H", 1)),
+        (0x00280004, b"CS", b"MONOCHROME2 "),
+        (0x00280008, b"IS", b"1 "),
+        (0x00280010, b"US", struct.pack("<H", rows)),
+        (0x00280011, b"US", struct.pack("<H", columns)),
+        (0x00280100, b"US", struct.pack("<H", 8)),
+        (0x00280101, b"US", struct.pack("<H", 8)),
+        (0x00280102, b"US", struct.pack("<H", 7)),
+        (0x00280103, b"US", struct.pack("<H", 0)),
+        (0x00281050, b"DS", b"128 "),
+        (0x00281051, b"DS", b"256 "),
+        (0x00281052, b"DS", b"0 "),
+        (0x00281053, b"DS", b"1 "),
+        (0x7FE00010, b"OB", pixels.astype(np.uint8).tobytes()),
+    ]

@@ -29,6 +29,11 @@ from dicom_factory import (
     claiming_codestream_size,
     compressed_dicom,
     deflated_dicom,
+    radiograph_elements,
+    raw_dicom,
+    raw_element,
+    raw_item,
+    raw_sequence,
 )
 from pneumoscan.data import list_records
 from pneumoscan.errors import InputError
@@ -207,3 +212,132 @@ def test_the_dataset_images_still_load(data_root: Path) -> None:
     """The control: the fuzz properties hold because bad input is refused, not because everything is."""
     for record in list_records(data_root, "test")[::100]:
         assert isinstance(load_or_typed_error(record.path.read_bytes()), LoadedImage)
+
+
+# --------------------------------------------------------------------------- DICOM structure
+# Not bytes flipped at random but the header's own structure changed the ways archives and attackers change it: VR
+# bytes, value multiplicity, value types, length fields, nested sequences, missing, repeated or reordered elements.
+
+SEQUENCE_TAGS = [0x00283010, 0x00081140, 0x00400275, 0x00091010]  # VOI LUT, referenced images, request attributes, private
+VALID_VRS = [b"AE", b"AS", b"CS", b"DA", b"DS", b"FD", b"FL", b"IS", b"LO", b"OB", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS",
+             b"ST", b"UI", b"UL", b"UN", b"US", b"UT"]  # fmt: skip
+ODD_VALUES = [b"", b"abc", b"-1", b"1e309", b"NaN", b"\x00\x00", b"99999999999999", b"1\\2", b"\\\\\\", b"\xff\xfe\xfd",
+              b"MONOCHROME1", b"YBR_FULL_422", b"0", b"65535", b"4294967296"]  # fmt: skip
+
+vr_bytes = st.one_of(st.sampled_from(VALID_VRS), st.binary(min_size=2, max_size=2))
+lengths = st.one_of(st.sampled_from([0, 1, 2, 3, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF]), st.integers(0, 2**32 - 1))
+
+
+@st.composite
+def nested_sequence(draw, depth: int = 0) -> bytes:  # type: ignore[no-untyped-def]
+    """A sequence of items holding elements and, down to six levels, sequences; lengths defined or undefined."""
+    items = []
+    for _ in range(draw(st.integers(0, 3))):
+        body = b""
+        for _ in range(draw(st.integers(0, 3))):
+            if depth < 6 and draw(st.booleans()):
+                body += draw(nested_sequence(depth + 1))
+            else:
+                descriptor = struct.pack("<3H", *draw(st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 65535))))
+                body += draw(st.sampled_from([raw_element(0x00283002, b"US", descriptor),
+                                              raw_element(0x00283006, b"OW", draw(st.binary(max_size=64))),
+                                              raw_element(0x00281050, b"DS", draw(st.sampled_from(ODD_VALUES)))]))  # fmt: skip
+        items.append(raw_item(body, defined=draw(st.booleans())))
+    return raw_sequence(draw(st.sampled_from(SEQUENCE_TAGS)), items, defined=draw(st.booleans()))
+
+
+mutation_kinds = st.sampled_from(["vr", "multiplicity", "type", "length", "long_header", "sequence", "drop", "duplicate", "swap"])
+
+
+@st.composite
+def dicom_structures(draw) -> bytes:  # type: ignore[no-untyped-def]
+    """A valid 64×64 DX file with one to four structural changes."""
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    elements = [[tag, vr, value, None, None] for tag, vr, value in radiograph_elements(pixels)]
+    extra: list[tuple[int, bytes]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind, at = draw(mutation_kinds), draw(st.integers(0, len(elements) - 1))
+        element = elements[at]
+        if kind == "vr":
+            element[1] = draw(vr_bytes)
+        elif kind == "multiplicity":
+            element[2] = b"\\".join([element[2]] * draw(st.integers(2, 5))) if element[1] not in (b"US", b"OB") else element[2] * 2
+        elif kind == "type":
+            element[2] = draw(st.one_of(st.sampled_from(ODD_VALUES), st.binary(max_size=32)))
+        elif kind == "length":
+            element[3] = draw(lengths)
+        elif kind == "long_header":
+            element[4] = draw(st.booleans())
+        elif kind == "sequence":
+            extra.append((draw(st.integers(0, len(elements))), draw(nested_sequence())))
+        elif kind == "drop" and len(elements) > 1:
+            elements.pop(at)
+        elif kind == "duplicate":
+            elements.insert(at, list(element))
+        elif kind == "swap":
+            other = draw(st.integers(0, len(elements) - 1))
+            elements[at], elements[other] = elements[other], elements[at]
+    encoded = [raw_element(tag, vr, value, length, long_header) for tag, vr, value, length, long_header in elements]
+    for position, sequence in sorted(extra, reverse=True):
+        encoded.insert(position, sequence)
+    return raw_dicom(encoded)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(dicom_structures())
+def test_dicom_structure_gives_an_image_or_a_typed_error(data: bytes) -> None:
+    load_or_typed_error(data)
+
+
+PIPELINE = settings(max_examples=25, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fuzz_predictor(shipped_model: Path):  # type: ignore[no-untyped-def]
+    from pneumoscan.inference import Predictor
+
+    return Predictor.load(shipped_model, threads=1, limits=LIMITS)
+
+
+@PIPELINE
+@given(st.lists(dicom_structures(), min_size=1, max_size=4))
+def test_dicom_structures_never_abort_predict_or_triage(fuzz_predictor, files: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """Every file gets its record (a score or the reason), and the run goes on to the end."""
+    import tempfile
+
+    from pneumoscan.predict import predict_files
+    from pneumoscan.triage import triage
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, data in enumerate(files):
+            paths.append(Path(folder) / "in" / f"{i:02d}.dcm")
+            paths[-1].parent.mkdir(exist_ok=True)
+            paths[-1].write_bytes(data)
+        records = predict_files(fuzz_predictor, paths, progress=False)
+        assert [r.path for r in records] == [str(p) for p in paths]
+        assert all((r.error is None) != (r.probability is None) for r in records)
+        assert not any("internal error" in (r.error or "") for r in records), [r.error for r in records]
+        summary = triage([Path(folder) / "in"], Path(folder) / "out", fuzz_predictor, progress=False, report=True)
+        assert summary["rows"] == len(files) and summary["scored"] + summary["skipped"] + summary["errors"] == len(files)
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.server import ServiceSettings, create_app
+
+    settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path_factory.mktemp("fuzz-service"),
+                               max_upload_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels)  # fmt: skip
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(dicom_structures())
+def test_dicom_structures_never_give_the_service_a_5xx(fuzz_client, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    response = fuzz_client.post("/api/v1/predictions", files={"file": ("x.dcm", data, "application/dicom")})
+    assert response.status_code in (201, 413, 415, 422), response.text
+    assert response.json().get("detail") or response.status_code == 201

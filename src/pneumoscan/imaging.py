@@ -297,6 +297,8 @@ def check_radiograph(ds: object) -> None:
     """Refuse what the model was not made for: other modalities, clips, files with no image."""
     modality = str(getattr(ds, "Modality", "") or "").upper()
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:  # type: ignore[operator]
+        if modality in RADIOGRAPH_MODALITIES:  # an X-ray without its pixels: the structure was damaged before them
+            raise CorruptImage(f"this {modality} DICOM file's pixel data cannot be found: the file is damaged or truncated")
         raise NotARadiograph(f"this DICOM file holds no image (modality {modality or 'unknown'}): nothing to score")
     if modality not in RADIOGRAPH_MODALITIES:
         raise NotARadiograph(

@@ -116,7 +116,7 @@ def main() -> None:
             ("tiff_header_only.tif", b"II*\x00\x08\x00\x00\x00", 422, "CorruptImage"),
             ("bmp_header_only.bmp", encode(image, "BMP")[:30], 422, "CorruptImage"),
             ("webp_header_only.webp", b"RIFF\x10\x00\x00\x00WEBPVP8 ", 422, "CorruptImage"),
-            ("dicom_no_pixels.dcm", dicom_variant(source, "no_pixels"), 422, "NotARadiograph"),
+            ("dicom_no_pixels.dcm", dicom_variant(source, "no_pixels"), 422, "CorruptImage"),  # a DX without pixels: damaged
             ("dicom_65535x65535.dcm", dicom_variant(source, "huge"), 413, "ImageTooLarge"),
             ("dicom_short_pixel_data.dcm", dicom_variant(source, "short_pixels"), 422, "CorruptImage"),
             ("dicom_structured_report.dcm", dicom_variant(source, "modality_sr"), 422, "NotARadiograph"),
