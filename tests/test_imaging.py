@@ -236,3 +236,25 @@ def test_truncated_dicom_is_corrupt(xray: Path) -> None:
 def test_every_error_is_an_input_error_with_an_http_status() -> None:
     for error in (UnsupportedFormat, CorruptImage, ImageTooLarge, NotARadiograph):
         assert issubclass(error, InputError) and error.http_status in (413, 415, 422)
+
+
+def test_the_head_of_a_file_condemns_what_its_header_condemns(xray: Path) -> None:
+    """The service refuses an over-limit upload from its first bytes, without reading the rest into memory."""
+    import struct
+    import zlib
+
+    from pneumoscan.imaging import HEAD_BYTES, check_head
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    huge_png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(bytes(2 * HEAD_BYTES))))  # fmt: skip
+    with pytest.raises(ImageTooLarge, match="9000×9000"):
+        check_head(huge_png[:HEAD_BYTES])
+    with pytest.raises(UnsupportedFormat):
+        check_head(b"%PDF-1.7 not an image")
+    data = xray.read_bytes()
+    check_head(data[:HEAD_BYTES])  # a good X-ray passes
+    check_head(data[:40])  # a head too short to tell is left to the loader
+    check_head(b"")

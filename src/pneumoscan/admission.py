@@ -67,7 +67,8 @@ class UploadGuard:
             return
         if not self.admission.enter():
             self.on_shed()
-            await send_json(send, 503, "Overloaded", "the service is at capacity; retry shortly", {"retry-after": "1"})
+            await send_json(send, 503, "Overloaded", "the service is at capacity; retry shortly",
+                            {"retry-after": "1", "connection": "close"})  # closed: its body is never read  # fmt: skip
             return
         try:
             await self.run_counting(scope, receive, send)

@@ -112,6 +112,31 @@ def load_xray(source: bytes | str | Path, limits: Limits | None = None) -> Loade
     return load_pillow(data, kind, limits)
 
 
+#: How much of a file :func:`check_head` reads: past any EXIF or ICC block that precedes a JPEG's frame header.
+HEAD_BYTES = 256 * 1024
+
+
+def check_head(head: bytes, limits: Limits | None = None) -> None:
+    """Refuse from a file's first bytes alone what its header already condemns (over the pixel limit, unknown format).
+
+    Lets a caller holding a large upload on disk refuse it without reading it into memory. Anything
+    the head cannot settle (a DICOM, a header beyond the head, a damaged file) is left to :func:`load_xray`.
+    """
+    limits = limits or Limits()
+    if not head:
+        return
+    kind = sniff_format(head)  # decided by the first 64 KB, as for the whole file
+    if kind in PILLOW_FORMATS:
+        try:
+            with Image.open(io.BytesIO(head), formats=[PILLOW_FORMATS[kind]]) as opened:
+                size = opened.size
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(f"the image claims more pixels than the limit of {limits.max_pixels:,}; downscale it first") from exc
+        except Exception:  # noqa: BLE001  (a header cut by the head, or a damaged one: decided on the whole file)
+            return
+        check_pixels(*size, limits)
+
+
 def read_bytes(source: bytes | str | Path, limits: Limits) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)

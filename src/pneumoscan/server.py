@@ -47,7 +47,7 @@ from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXE
 from pneumoscan.admission import Admission, UploadGuard
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.explanation import overlay
-from pneumoscan.imaging import Limits, load_xray
+from pneumoscan.imaging import HEAD_BYTES, Limits, check_head, load_xray
 from pneumoscan.inference import Predictor
 
 API = "/api/v1"
@@ -317,6 +317,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         # Admitted already (UploadGuard); the bytes are read only once a slot is free, so waiting uploads stay spooled.
         try:
             async with slots:
+                check_head(await file.read(HEAD_BYTES), limits)  # a header over the limit: refused without reading the rest
+                await file.seek(0)
                 data = await file.read(settings.max_upload_bytes + 1)
                 if len(data) > settings.max_upload_bytes:
                     return error(413, "ImageTooLarge", f"the upload is larger than {settings.max_upload_bytes // 2**20} MB")
