@@ -77,7 +77,7 @@ class ServiceSettings(BaseSettings):
     # refused at start unless this says, by name, that it is meant.
     unsafe_allow_unauthenticated_network_access: bool = False
     keep_uploads: bool = False
-    picture_cache_mb: float = 256.0  # X-rays and heat maps of recent predictions, kept in memory: bounded in bytes
+    picture_cache_mb: float = 32.0  # X-rays and heat maps of recent predictions, kept in memory: bounded in bytes
     min_free_disk_mb: float = 512.0  # below it, /readyz says not ready: uploads are spooled and the audit log written there
 
     @property
