@@ -36,22 +36,6 @@ def peak_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def dicom_bombs(small: Path) -> dict[str, bytes]:
-    from dicom_factory import (
-        JPEG_2000_LOSSLESS,
-        JPEG_BASELINE,
-        JPEG_LS_LOSSLESS,
-        claiming_codestream_size,
-        compressed_dicom,
-        deflated_dicom,
-    )
-
-    bombs = {f"DICOM, {name} codestream declaring 25000×25000": claiming_codestream_size(compressed_dicom(small, syntax), 25_000, 25_000)
-             for name, syntax in (("JPEG", JPEG_BASELINE), ("JPEG-LS", JPEG_LS_LOSSLESS), ("JPEG 2000", JPEG_2000_LOSSLESS))}  # fmt: skip
-    bombs["DICOM, deflated dataset inflating to 300 MB"] = deflated_dicom(small, padding=300 * 2**20)
-    return bombs
-
-
 def raw_post(base: str, headers: bytes, body_chunks=(), timeout: float = 60) -> tuple[bytes, int]:  # type: ignore[no-untyped-def]
     """A hand-written HTTP request; returns the answer and how many body bytes the server let us send."""
     host, port = base.removeprefix("http://").split(":")
@@ -140,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-concurrent", action="store_true", help="leave out the 40 concurrent 60 MB uploads")
     args = parser.parse_args()
+    from dicom_factory import dicom_bombs
     from load_test import running_server
 
     from pneumoscan.config import default_data_root
@@ -149,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         small = Path(folder) / "small.png"
         Image.open(next(r.path for r in list_records(default_data_root(), "test"))).convert("L").resize((64, 64)).save(small)
-        attacks = [(f"{name} ({len(data) / 1024:.0f} KB)", lambda base, data=data: upload_status(base, data))
+        attacks = [(f"DICOM, {name} ({len(data) / 1024:.0f} KB)", lambda base, data=data: upload_status(base, data))
                    for name, data in dicom_bombs(small).items()]  # fmt: skip
         attacks.append(("1 GB upload, announced by Content-Length", announced_gigabyte))
         attacks.append(("1 GB upload, streamed without Content-Length", streamed_gigabyte))

@@ -125,8 +125,6 @@ def deflated_dicom(source: Path, padding: int = 0) -> bytes:
     import zlib
 
     from pydicom import dcmread
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     plain = build_dicom(source, bits=8)
@@ -135,23 +133,35 @@ def deflated_dicom(source: Path, padding: int = 0) -> bytes:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     deflated_file = out.getvalue()
-    meta_end, plain_end = (_meta_end(data, DicomBytesIO, read_preamble, _read_file_meta_info) for data in (deflated_file, plain))
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [compressor.compress(plain[plain_end:])]
+    parts = [compressor.compress(plain[_meta_end(plain) :])]
     if padding:  # (FFFC,FFFC) OB: the one element allowed after Pixel Data
         parts.append(compressor.compress(b"\xfc\xff\xfc\xffOB\x00\x00" + padding.to_bytes(4, "little")))
         zeros = bytes(2**20)
         for start in range(0, padding, len(zeros)):
             parts.append(compressor.compress(zeros[: min(len(zeros), padding - start)]))
     parts.append(compressor.flush())
-    return deflated_file[:meta_end] + b"".join(parts)
+    return deflated_file[: _meta_end(deflated_file)] + b"".join(parts)
 
 
-def _meta_end(data: bytes, buffer_type, read_preamble, read_meta) -> int:  # type: ignore[no-untyped-def]
-    buffer = buffer_type(data)
+def _meta_end(data: bytes) -> int:
+    """Where the dataset starts: after the preamble and the File Meta group."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    buffer = DicomBytesIO(data)
     read_preamble(buffer, True)
-    read_meta(buffer)
+    _read_file_meta_info(buffer)
     return buffer.tell()
+
+
+def dicom_bombs(source: Path) -> dict[str, bytes]:
+    """Issue 17's DICOM bombs, with ``source``'s honest header size: a JPEG, JPEG-LS and JPEG 2000 codestream declaring
+    25000×25000, and a deflated dataset inflating to 300 MB. Each is a few kilobytes; decoding any costs 0.6–3 GB."""
+    bombs = {f"{name} codestream declaring 25000×25000": claiming_codestream_size(compressed_dicom(source, syntax), 25_000, 25_000)
+             for name, syntax in (("JPEG", JPEG_BASELINE), ("JPEG-LS", JPEG_LS_LOSSLESS), ("JPEG 2000", JPEG_2000_LOSSLESS))}  # fmt: skip
+    bombs["deflated dataset inflating to 300 MB"] = deflated_dicom(source, padding=300 * 2**20)
+    return bombs
 
 
 # --------------------------------------------------------------------------- raw elements, for fuzzing the structure

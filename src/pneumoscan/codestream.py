@@ -155,6 +155,16 @@ def check_declared_size(size: DeclaredSize, rows: int, columns: int, max_pixels:
         raise CorruptImage(f"the DICOM's {size.kind} data declares {size.components} colour components; it is not decoded")
 
 
+def check_frame(transfer_syntax: str, first_frame: bytes, *, rows: int, columns: int, samples: int, bits_allocated: int,
+                max_pixels: int) -> None:  # fmt: skip
+    """Everything a compressed frame must satisfy before a decoder sees it, whatever its transfer syntax."""
+    size = declared_size(transfer_syntax, first_frame)
+    if size is None:
+        check_rle_segments(first_frame, samples, bits_allocated)
+    else:
+        check_declared_size(size, rows, columns, max_pixels)
+
+
 def inflate_bounded(compressed: bytes, max_bytes: int, chunk: int = 2**20) -> int:
     """The inflated size of a deflated dataset, counted a megabyte at a time and refused past ``max_bytes``."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)

@@ -18,14 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumoscan.codestream import (
-    DEFLATED_SYNTAX,
-    NATIVE_SYNTAXES,
-    check_declared_size,
-    check_rle_segments,
-    declared_size,
-    inflate_bounded,
-)
+from pneumoscan.codestream import DEFLATED_SYNTAX, NATIVE_SYNTAXES, check_frame, inflate_bounded
 from pneumoscan.config import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
 from pneumoscan.errors import CorruptImage, ImageTooLarge, InputError, NotARadiograph, UnsupportedFormat
 
@@ -268,7 +261,7 @@ def safe_dicom_fields(ds: object) -> dict[str, object]:
             value = ds.get(name)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001  (a damaged element of a field that is informative only)
             continue
-        if value is None or isinstance(value, (list, tuple, bytes)) or type(value).__name__ == "MultiValue":
+        if not isinstance(value, (str, numbers.Number)):  # absent, several values, or raw bytes
             continue
         text = str(value).strip()
         if name.endswith("UID") and not (len(text) <= 64 and UID_PATTERN.fullmatch(text)):
@@ -289,7 +282,7 @@ def header_int(ds: object, keyword: str, default: int | None = None) -> int:
             raise CorruptImage(f"the DICOM header has no {keyword}: the image size is unknown")
         return default
     try:
-        if isinstance(value, (str, bytes)) or isinstance(value, numbers.Integral) or float(value).is_integer():
+        if isinstance(value, (str, bytes, numbers.Integral)) or float(value).is_integer():
             return int(value)
     except (TypeError, ValueError):
         pass
@@ -311,11 +304,7 @@ def check_pixel_data_size(ds: object, rows: int, columns: int, limits: Limits) -
         first_frame = next(generate_frames(ds.PixelData, number_of_frames=1))  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001
         raise CorruptImage("the DICOM's compressed pixel data has no readable frame") from exc
-    size = declared_size(syntax, first_frame)
-    if size is None:
-        check_rle_segments(first_frame, samples, bits)
-    else:
-        check_declared_size(size, rows, columns, limits.max_pixels)
+    check_frame(syntax, first_frame, rows=rows, columns=columns, samples=samples, bits_allocated=bits, max_pixels=limits.max_pixels)
 
 
 def check_radiograph(ds: object) -> None:

@@ -74,13 +74,13 @@ def read_image(path: Path, limits: Limits | None = None) -> Image.Image:
         raise InputError("cannot be read: permission denied") from exc
 
 
-def failure_message(exc: BaseException) -> str:
+def failure_message(exc: BaseException, doing: str = "reading this file") -> str:
     """What a record says when a file failed: the user's reason, or the name of pneumoscan's own bug to report."""
     if isinstance(exc, InputError):
         return str(exc)
     if isinstance(exc, OSError):
         return f"cannot be read: {exc.strerror or exc}"
-    return f"internal error while reading this file ({type(exc).__name__}: {exc}); please report it"[:300]
+    return f"internal error while {doing} ({type(exc).__name__}: {exc}); please report it"[:300]
 
 
 def guarded(action: Callable[[], T]) -> T | BaseException:
@@ -127,10 +127,10 @@ def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path 
                     records[i].error = failure_message(decoded)
                 else:
                     pending.append(Pending(i, *decoded))
-            for item, prediction in score_pending(predictor, pending, heatmap_dir is not None):
+            for item, prediction in zip(pending, score_each(predictor, [p.tensor for p in pending], heatmap_dir is not None)):
                 record = records[item.index]
                 if isinstance(prediction, BaseException):
-                    record.error = f"internal error while scoring ({type(prediction).__name__}: {prediction}); please report it"[:300]
+                    record.error = failure_message(prediction, "scoring")
                     continue
                 fill(record, prediction)
                 if heatmap_dir is not None and item.image is not None and prediction.heatmap is not None:
@@ -150,17 +150,15 @@ def decode_for_model(predictor: Predictor, path: Path, keep_image: bool) -> tupl
     return preprocess(image, predictor.image_size, predictor.intensity), image if keep_image else None
 
 
-def score_pending(predictor: Predictor, pending: list[Pending], heatmap: bool) -> Iterator[tuple[Pending, Prediction | BaseException]]:
+def score_each(predictor: Predictor, tensors: list[np.ndarray], heatmap: bool) -> list[Prediction | BaseException]:
     """One batched forward pass; if the batch fails, each input alone, so only the input at fault gets an error."""
-    if not pending:
-        return
-    batch = guarded(lambda: predictor.predict_tensors(np.stack([item.tensor for item in pending]), heatmap=heatmap))
+    if not tensors:
+        return []
+    batch = guarded(lambda: predictor.predict_tensors(np.stack(tensors), heatmap=heatmap))
     if not isinstance(batch, BaseException):
-        yield from zip(pending, batch)
-        return
-    for item in pending:
-        alone = guarded(lambda: predictor.predict_tensors(item.tensor[None], heatmap=heatmap))
-        yield item, alone if isinstance(alone, BaseException) else alone[0]
+        return list(batch)
+    alone = [guarded(lambda: predictor.predict_tensors(tensor[None], heatmap=heatmap)) for tensor in tensors]
+    return [outcome if isinstance(outcome, BaseException) else outcome[0] for outcome in alone]
 
 
 def fill(record: Record, prediction: Prediction) -> None:

@@ -12,7 +12,11 @@ import asyncio
 import hashlib
 import hmac
 import io
+import ipaddress
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -42,9 +46,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pneumoscan
+from pneumoscan.admission import Admission, UploadGuard
 from pneumoscan.audit import AuditLog, connect, now
 from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
-from pneumoscan.admission import Admission, UploadGuard
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import HEAD_BYTES, Limits, check_head, load_xray
@@ -104,8 +108,6 @@ class ServiceSettings(BaseSettings):
 
 def is_loopback(host: str) -> bool:
     """Only these addresses are reachable from this machine alone."""
-    import ipaddress
-
     if host.lower() == "localhost":
         return True
     try:
@@ -449,9 +451,6 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
 
 def keep_upload(folder: Path, name: str, data: bytes) -> Path:
     """Written whole or not at all: a temporary file, flushed to disk, then renamed; a failed write leaves nothing."""
-    import os
-    import tempfile
-
     folder.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-")
     try:
@@ -468,9 +467,6 @@ def keep_upload(folder: Path, name: str, data: bytes) -> Path:
 
 def disk_short_of_room(settings: ServiceSettings) -> str | None:
     """Why the service would fail on the next upload for want of disk, or None."""
-    import shutil
-    import tempfile
-
     need = settings.min_free_disk_mb * 2**20
     for what, folder in (("data folder", settings.data_dir), ("temporary folder (uploads are spooled there)", Path(tempfile.gettempdir()))):
         try:

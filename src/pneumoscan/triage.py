@@ -37,8 +37,8 @@ import pneumoscan
 from pneumoscan.errors import ConfigurationError, NotARadiograph, UnsupportedFormat
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import load_xray
-from pneumoscan.inference import Prediction, Predictor, batched
-from pneumoscan.predict import failure_message, files_in_folder, guarded
+from pneumoscan.inference import Predictor, batched
+from pneumoscan.predict import failure_message, files_in_folder, guarded, score_each
 from pneumoscan.preprocessing import preprocess
 
 WORKLIST_FILE = "worklist.csv"
@@ -354,13 +354,10 @@ def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbna
     ready = [item for item in decoded if item.tensor is not None]
     drawings = []
     for chunk in batched(ready, batch_size):
-        predictions = guarded(lambda: predictor.predict_tensors(np.stack([item.tensor for item in chunk]), heatmap=True))
-        if isinstance(predictions, BaseException):
-            predictions = [_alone(predictor, item) for item in chunk]
-        for item, prediction in zip(chunk, predictions):
+        for item, prediction in zip(chunk, score_each(predictor, [item.tensor for item in chunk], heatmap=True)):
             row = item.row
             if isinstance(prediction, BaseException):
-                row.status, row.error = FAILED, f"internal error while scoring ({type(prediction).__name__}: {prediction}); please report it"[:300]
+                row.status, row.error = FAILED, failure_message(prediction, "scoring")
                 continue
             row.probability, row.label = prediction.probability, prediction.label
             row.in_distribution, row.ood_score = prediction.in_distribution, prediction.ood_score
@@ -368,11 +365,6 @@ def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbna
         if bar is not None:
             bar.update(len(chunk))
     return drawings
-
-
-def _alone(predictor: Predictor, item: Decoded) -> Prediction | BaseException:
-    outcome = guarded(lambda: predictor.predict_tensors(item.tensor[None], heatmap=True))
-    return outcome if isinstance(outcome, BaseException) else outcome[0]
 
 
 def save_thumbnails(image: Image.Image, heatmap: np.ndarray, path: Path) -> None:
