@@ -20,6 +20,7 @@ from pneumoscan.config import (
     INTENSITY_MODES,
     MAX_INPUT_BYTES,
     MAX_INPUT_PIXELS,
+    PROJECT_ROOT,
     DataConfig,
     TrainConfig,
     default_data_root,
@@ -79,6 +80,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--workers", type=int, default=data.num_workers, help="data-loading processes")
     g.add_argument("--hflip", action="store_true", help="add random horizontal flips (off: chests are not symmetric)")
     g.add_argument("--strong-photometric", action="store_true", help="gamma, blur, noise and JPEG augmentation")
+    g.add_argument("--balance-views", action="store_true",
+                   help="sample so that view (AP/PA) is independent of the label in each dataset that records views")  # fmt: skip
     g.add_argument("--intensity", choices=INTENSITY_MODES, default=data.intensity,
                    help="intensity normalisation before augmentation and at inference (equalize: histogram equalisation; clahe: contrast-limited adaptive equalisation; morphology: grey closing then opening)")  # fmt: skip
     g = p.add_argument_group("model and optimisation")
@@ -102,6 +105,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--config", type=Path, default=None, metavar="TOML",
                    help="settings file with [data] and [train] tables (see configs/); flags given too win")  # fmt: skip
     g.add_argument("--out", type=Path, default=train.out, help="run folder")
+    g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last.ckpt, with its own split and settings (other flags are ignored)")  # fmt: skip
     g.add_argument("--limit-train-batches", type=batches, default=train.limit_train_batches, help="count or fraction")
     g.add_argument("--limit-val-batches", type=batches, default=train.limit_val_batches, help="count or fraction")
     g = p.add_argument_group("scale-out (passed to Lightning)")
@@ -135,17 +140,26 @@ def defaults_from_config(path: Path) -> dict[str, object]:
         for key, value in settings.pop(table, {}).items():
             if key not in known:
                 raise ConfigurationError(f"{path}: [{table}] has no setting {key!r}; known: {', '.join(sorted(known))}")
-            defaults[FLAG_NAMES.get(key, key)] = Path(value) if key in ("root", "out") else value
+            if key == "root":  # one dataset or a list; relative paths are relative to the project root, like configs/
+                value = [PROJECT_ROOT / v for v in ([value] if isinstance(value, str) else value)]
+            defaults[FLAG_NAMES.get(key, key)] = Path(value) if key == "out" else value
     if settings:
         raise ConfigurationError(f"{path}: unknown table(s) {sorted(settings)}; use [data] and [train]")
     return defaults
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pneumoscan.training import fit
+    from pneumoscan.training import fit, resume_configs
 
+    command = "pneumoscan " + shlex.join(sys.argv[1:])
+    if args.resume is not None:
+        data, train = resume_configs(args.resume)
+        best = fit(data, train, command=command, resume=True)
+        print(f"best checkpoint: {best}")
+        return 0
     data = DataConfig(
-        root=args.data or default_data_root(),
+        root=data_sources(args.data),
+        balance_views=args.balance_views,
         val_fraction=args.val_fraction,
         seed=args.seed,
         image_size=args.image_size,
@@ -182,14 +196,25 @@ def run_train(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         out=args.out,
     )
-    command = "pneumoscan " + shlex.join(sys.argv[1:])
     best = fit(data, train, command=command)
     print(f"best checkpoint: {best}")
     return 0
 
 
 def add_data_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, default=None, help=f"dataset root (default: {default_data_root()})")
+    p.add_argument("--data", type=Path, action="append", default=None,
+                   help="a dataset: a {train,test}/{NORMAL,PNEUMONIA} folder, a folder with labels.csv, a labels CSV "
+                   "(path,label[,patient_id,split,age,sex,view]) or NIH's Data_Entry_2017*.csv; repeat for several "
+                   f"(default: {default_data_root()})")  # fmt: skip
+
+
+def data_sources(values: list[Path] | Path | None) -> tuple[Path, ...] | Path:
+    """``--data`` given once, several times, or not at all (the default dataset)."""
+    if not values:
+        return default_data_root()
+    if isinstance(values, Path):
+        return values
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def add_operating_point_arguments(p: argparse.ArgumentParser, note: str) -> None:

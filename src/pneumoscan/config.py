@@ -14,6 +14,11 @@ from pathlib import Path
 #: Label names in index order: index 1 is the positive class.
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, str] = ("train", "test")
+#: Populations a model can be validated for; a person is an adult from this age (years).
+POPULATIONS: tuple[str, str] = ("child", "adult")
+ADULT_AGE = 18
+#: Share of patients held out as the test part of a dataset that has none of its own.
+TEST_FRACTION = 0.20
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
 
 #: ImageNet statistics: the pretrained backbones were trained with them.
@@ -61,7 +66,9 @@ def default_data_root() -> Path:
 class DataConfig:
     """How images are found, split and fed to the model."""
 
-    root: Path = field(default_factory=default_data_root)
+    # One dataset or several (``--data`` repeated): a folder of {train,test}/{NORMAL,PNEUMONIA}, a folder with
+    # labels.csv, a labels CSV or NIH's Data_Entry_2017*.csv; each is split by patient on its own.
+    root: Path | tuple[Path, ...] = field(default_factory=default_data_root)
     val_fraction: float = 0.10
     seed: int = 42
     image_size: int = DEFAULT_IMAGE_SIZE
@@ -80,6 +87,14 @@ class DataConfig:
     # (histogram equalisation), clahe (contrast-limited adaptive histogram equalisation) or
     # morphology (grey closing then opening). The model card records it, so inference repeats it.
     intensity: str = "none"
+    # Sample images so that view (AP/PA) is independent of the label within each dataset (see data.view_balancing_weights).
+    balance_views: bool = False
+
+    @property
+    def sources(self) -> list[Path]:
+        """Every dataset of the run, in order."""
+        roots = self.root if isinstance(self.root, (tuple, list)) else (self.root,)
+        return [Path(r).expanduser() for r in roots]
 
 
 @dataclass

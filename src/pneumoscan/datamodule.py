@@ -13,11 +13,11 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from pneumoscan.config import DataConfig
-from pneumoscan.data import Record, class_counts, class_weights, list_records, split_by_patient
+from pneumoscan.config import POPULATIONS, DataConfig
+from pneumoscan.data import Record, class_counts, class_weights, records_of, view_balancing_weights
 from pneumoscan.preprocessing import load_grayscale, normalize, resize_and_normalize_intensity
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,13 @@ def eval_transform(config: DataConfig) -> ImageTransform:
     return lambda image: resize_and_normalize_intensity(image, config.image_size, config.intensity)
 
 
+def population_index(record: Record) -> int:
+    """Index of the record's population in ``POPULATIONS`` (-1 when unknown), for per-population validation figures."""
+    return POPULATIONS.index(record.population) if record.population in POPULATIONS else -1
+
+
 class XrayDataset(Dataset):
-    """Records -> (``3×H×W`` float tensor, float label) pairs."""
+    """Records -> (``3×H×W`` float tensor, float label, population index) triples."""
 
     def __init__(self, records: list[Record], transform: ImageTransform):
         self.records = records
@@ -90,15 +95,15 @@ class XrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         record = self.records[index]
         image = self.transform(load_grayscale(record.path))
         array = normalize(image)
-        return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(float(record.label))
+        return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(float(record.label)), torch.tensor(population_index(record))
 
 
 class XrayDataModule(L.LightningDataModule):
-    """Patient-level train/validation split of ``train/``; ``test/`` is not touched here."""
+    """Patient-level train/validation split of every dataset; no test part is touched here."""
 
     def __init__(self, config: DataConfig):
         super().__init__()
@@ -109,10 +114,9 @@ class XrayDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_records:
             return
-        records = list_records(self.config.root, "train")
-        self.train_records, self.val_records = split_by_patient(
-            records, self.config.val_fraction, self.config.seed
-        )
+        sources, seed, fraction = self.config.sources, self.config.seed, self.config.val_fraction
+        self.train_records = records_of(sources, "train", seed, fraction)
+        self.val_records = records_of(sources, "val", seed, fraction)
         log.info("train %s, validation %s", class_counts(self.train_records), class_counts(self.val_records))
 
     @property
@@ -122,17 +126,23 @@ class XrayDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = XrayDataset(self.train_records, train_augmentation(self.config))
+        if self.config.balance_views:
+            weights = view_balancing_weights(self.train_records)
+            generator = torch.Generator().manual_seed(self.config.seed)
+            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
+            return self._loader(dataset, shuffle=False, sampler=sampler)
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(XrayDataset(self.val_records, eval_transform(self.config)), shuffle=False)
 
-    def _loader(self, dataset: XrayDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: XrayDataset, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         workers = self.config.num_workers
         return DataLoader(
             dataset,
             batch_size=self.config.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             drop_last=False,

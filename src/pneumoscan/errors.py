@@ -15,6 +15,10 @@ class DatasetNotFoundError(PneumoscanError):
     """The data root does not have the expected ``{train,test}/{NORMAL,PNEUMONIA}`` layout."""
 
 
+class LabelsFileError(DatasetNotFoundError):
+    """A labels file that cannot be used as it is: a missing column, an unknown label, a path that is not there."""
+
+
 class UnknownPatientIdError(PneumoscanError):
     """A file name does not follow any naming scheme the patient split understands."""
 

@@ -357,3 +357,16 @@ def first_value(value: object) -> float:
         return float(value[0])  # type: ignore[index]
     except TypeError:
         return float(value)  # type: ignore[arg-type]
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([DWMY]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def age_in_years(value: object) -> float | None:
+    """A DICOM age string (``045Y``, ``006M``, ``012W``, ``030D``) or a plain number of years; None if it is neither."""
+    match = _AGE.match(str(value)) if value is not None else None
+    if not match:
+        return None
+    years = float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+    return years if 0 <= years <= 130 else None

@@ -23,8 +23,8 @@ from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 import pneumoscan
-from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig, portable_path, to_jsonable
-from pneumoscan.data import class_counts, file_list_checksum
+from pneumoscan.config import POPULATIONS, PROJECT_ROOT, DataConfig, TrainConfig, portable_path, to_jsonable
+from pneumoscan.data import class_counts, dataset_summary, file_list_checksum
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.datamodule import XrayDataModule
 from pneumoscan.model import backbone_parameters, create_model, head_parameters
@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = "best.ckpt"
 SWA_CHECKPOINT = "swa.ckpt"
+LAST_CHECKPOINT = "last.ckpt"  # Lightning's own, written every epoch: what --resume continues from
+#: What picks the best epoch: the mean over populations of the validation AUROC, so a
+#: population with fewer images counts as much as the larger one.
+SELECTION_METRIC = "val_auroc_mean"
 
 
 class PneumoniaClassifier(L.LightningModule):
@@ -64,6 +68,8 @@ class PneumoniaClassifier(L.LightningModule):
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
         self.train_auroc = BinaryAUROC()
         self.val_auroc = BinaryAUROC()
+        self.val_auroc_by_population = nn.ModuleList(BinaryAUROC() for _ in POPULATIONS)
+        self._val_seen = [False] * len(POPULATIONS)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -85,12 +91,34 @@ class PneumoniaClassifier(L.LightningModule):
         losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         return (weights * losses).sum() / weights.sum()
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
-        images, labels = batch
+    def _step(self, batch: tuple[torch.Tensor, ...], split: str) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
         logits = self(images)
         loss = self.weighted_loss(logits, labels)
         self._log_step(split, loss, logits, labels)
+        if split == "val" and len(batch) > 2:
+            self._update_population_auroc(logits, labels, batch[2])
         return loss
+
+    def _update_population_auroc(self, logits: torch.Tensor, labels: torch.Tensor, populations: torch.Tensor) -> None:
+        for index, metric in enumerate(self.val_auroc_by_population):
+            mask = populations == index
+            if mask.any():
+                metric.update(logits.detach()[mask].sigmoid(), labels[mask].long())
+                self._val_seen[index] = True
+
+    def on_validation_epoch_end(self) -> None:
+        """Per-population validation AUROC, and their mean, which chooses the epoch (``SELECTION_METRIC``)."""
+        values = []
+        for index, metric in enumerate(self.val_auroc_by_population):
+            if self._val_seen[index]:
+                value = metric.compute()
+                self.log(f"val_auroc_{POPULATIONS[index]}", value)
+                values.append(value)
+            metric.reset()
+        self._val_seen = [False] * len(POPULATIONS)
+        mean = torch.stack(values).mean() if values else self.val_auroc.compute()
+        self.log(SELECTION_METRIC, mean, prog_bar=True)
 
     def _log_step(self, split: str, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         auroc = self.train_auroc if split == "train" else self.val_auroc
@@ -98,19 +126,19 @@ class PneumoniaClassifier(L.LightningModule):
         self.log(f"{split}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
         self.log(f"{split}_auroc", auroc, on_step=False, on_epoch=True, prog_bar=True)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         if self.hparams.get("mixup_alpha", 0.0) > 0:
             return self._mixup_step(batch)
         return self._step(batch, "train")
 
-    def _mixup_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _mixup_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Train on blends of two films, so that the decision between the classes is learnt as a smooth ramp.
 
         The loss is the same blend of the two images' class-weighted losses, which
         keeps the class weights meaningful. Training AUROC is scored against the
         label of the larger share of each blend.
         """
-        images, labels = batch
+        images, labels = batch[0], batch[1]
         alpha = float(self.hparams.mixup_alpha)
         share = float(torch.distributions.Beta(alpha, alpha).sample())
         order = torch.randperm(len(labels), device=labels.device)
@@ -119,7 +147,7 @@ class PneumoniaClassifier(L.LightningModule):
         self._log_step("train", loss, logits, labels if share >= 0.5 else labels[order])
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
 
     def on_train_epoch_start(self) -> None:
@@ -203,7 +231,7 @@ def git_commit() -> str | None:
 
 def run_record(data_config: DataConfig, train_config: TrainConfig, datamodule: XrayDataModule, command: str | None) -> dict:
     """Everything ``config.json`` holds: settings, code version, data identity."""
-    root = Path(data_config.root)
+    root = data_config.sources[0]
     records = datamodule.train_records + datamodule.val_records
     return {
         "pneumoscan_version": pneumoscan.__version__,
@@ -214,7 +242,8 @@ def run_record(data_config: DataConfig, train_config: TrainConfig, datamodule: X
         "data": to_jsonable(data_config),
         "train": to_jsonable(train_config),
         "data_root": portable_path(root.resolve()),
-        "train_file_list_sha256": file_list_checksum(records, root),
+        "datasets": [dataset_summary(source, data_config.seed, data_config.val_fraction) for source in data_config.sources],
+        "train_file_list_sha256": file_list_checksum(records),
         "counts": {
             "train": class_counts(datamodule.train_records),
             "val": class_counts(datamodule.val_records),
@@ -222,7 +251,54 @@ def run_record(data_config: DataConfig, train_config: TrainConfig, datamodule: X
             "val_patients": len({r.patient for r in datamodule.val_records}),
         },
         "class_weights": datamodule.class_weights,
+        "selection_metric": SELECTION_METRIC,
     }
+
+
+def resume_configs(run_dir: Path) -> tuple[DataConfig, TrainConfig]:
+    """The settings of an interrupted run, from its ``config.json``, so it continues with the same split and settings."""
+    import dataclasses
+
+    run_dir = Path(run_dir)
+    config_path, last = run_dir / "config.json", run_dir / LAST_CHECKPOINT
+    if not config_path.is_file() or not last.is_file():
+        raise ConfigurationError(
+            f"{run_dir} cannot be resumed: it needs config.json and {LAST_CHECKPOINT} (written after each epoch); "
+            "start a new run instead"
+        )
+    record = json.loads(config_path.read_text())
+
+    def build(config_class: type, values: dict) -> object:
+        known = {f.name for f in dataclasses.fields(config_class)}
+        settings = {k: v for k, v in values.items() if k in known}
+        for key, value in settings.items():
+            if isinstance(value, list):
+                settings[key] = tuple(value)
+        return config_class(**settings)
+
+    data = build(DataConfig, record["data"])
+    roots = data.root if isinstance(data.root, tuple) else (data.root,)
+    data.root = tuple(PROJECT_ROOT / str(r) if not Path(str(r)).is_absolute() else Path(str(r)) for r in roots)
+    train = build(TrainConfig, record["train"])
+    train.out = run_dir
+    return data, train  # type: ignore[return-value]
+
+
+def record_resumption(run_dir: Path, command: str | None) -> None:
+    """Say in ``config.json`` that the run was continued, when, by what command, and from which epoch."""
+    from datetime import datetime, timezone
+
+    config_path = run_dir / "config.json"
+    record = json.loads(config_path.read_text())
+    epoch = torch.load(run_dir / LAST_CHECKPOINT, map_location="cpu", weights_only=False).get("epoch")
+    record.setdefault("resumed", []).append({
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "git_commit": git_commit(),
+        "from_checkpoint": LAST_CHECKPOINT,
+        "epochs_done_before": None if epoch is None else int(epoch) + 1,
+    })
+    config_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_history(metrics_csv: Path) -> list[dict[str, float]]:
@@ -249,7 +325,7 @@ def stopping_or_averaging(config: TrainConfig) -> list[Callback]:
     validates them, so the last row of the history is the averaged model's.
     """
     if not config.swa_epochs:
-        return [EarlyStopping(monitor="val_auroc", mode="max", patience=config.patience)]
+        return [EarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=config.patience)]
     if not 0 < config.swa_epochs < config.epochs:
         raise ConfigurationError(f"swa_epochs must lie between 1 and epochs - 1 ({config.epochs - 1}), not {config.swa_epochs}")
     rates = [config.swa_lr_factor * config.backbone_lr, config.swa_lr_factor * config.lr]  # optimiser groups: backbone, head
@@ -259,8 +335,13 @@ def stopping_or_averaging(config: TrainConfig) -> list[Callback]:
     return [StochasticWeightAveraging(swa_lrs=rates, swa_epoch_start=start, annealing_epochs=1)]
 
 
-def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None = None) -> Path:
-    """Train a model and return the path of its best checkpoint (by validation AUROC)."""
+def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None = None, resume: bool = False) -> Path:
+    """Train a model and return the path of its best checkpoint (by ``SELECTION_METRIC``).
+
+    With ``resume``, continue the run in ``train_config.out`` from its ``last.ckpt``
+    (Lightning restores weights, optimiser, scheduler, callbacks and epoch); the
+    settings must be the run's own (see :func:`resume_configs`).
+    """
     keep_freed_memory()
     L.seed_everything(data_config.seed, workers=True)
     out = Path(train_config.out)
@@ -288,7 +369,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         mixup_alpha=train_config.mixup_alpha,
     )
     checkpoint = ModelCheckpoint(
-        dirpath=out, filename="best", monitor="val_auroc", mode="max", save_last=False, auto_insert_metric_name=False,
+        dirpath=out, filename="best", monitor=SELECTION_METRIC, mode="max", save_last=True, auto_insert_metric_name=False,
         enable_version_counter=False,
     )
     trainer = L.Trainer(
@@ -307,11 +388,15 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         num_sanity_val_steps=0,
         log_every_n_steps=10,
     )
+    resume_from = out / LAST_CHECKPOINT if resume else None
     if trainer.is_global_zero:
-        (out / "config.json").write_text(
-            json.dumps(run_record(data_config, train_config, datamodule, command), indent=2) + "\n"
-        )
-    trainer.fit(module, datamodule=datamodule)
+        if resume:
+            record_resumption(out, command)
+        else:
+            (out / "config.json").write_text(
+                json.dumps(run_record(data_config, train_config, datamodule, command), indent=2) + "\n"
+            )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else out / BEST_CHECKPOINT
     if train_config.swa_epochs:
