@@ -54,3 +54,64 @@ def shipped_model() -> Path:
     if not (DEFAULT_MODEL_DIR / "model_card.json").is_file():
         pytest.fail(f"the shipped model is missing at {DEFAULT_MODEL_DIR}")
     return DEFAULT_MODEL_DIR
+
+
+ADULT_DATA_RELATIVE = Path("..") / "shared" / "data" / "rsna_adult"
+
+
+@pytest.fixture(scope="session")
+def adult_root() -> Path:
+    """The adult set (RSNA labels on NIH films) beside the child set, or ADULT_DATA_ROOT."""
+    import os
+
+    from pneumoscan.config import PROJECT_ROOT
+
+    root = Path(os.environ.get("PNEUMOSCAN_ADULT_DATA", PROJECT_ROOT / ADULT_DATA_RELATIVE)).resolve()
+    if not (root / "labels.csv").is_file():
+        pytest.fail(f"adult dataset not found at {root}: set PNEUMOSCAN_ADULT_DATA or put it at ../shared/data/rsna_adult")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_adult_root(adult_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labels-file dataset of real adult films (links): 24 of each label × view cell, one image per patient."""
+    import csv
+
+    root = tmp_path_factory.mktemp("small_adult")
+    (root / "images").mkdir()
+    taken: dict[tuple[str, str], int] = {}
+    patients: set[str] = set()
+    with open(adult_root / "labels.csv", newline="") as handle, open(root / "labels.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["path", "label", "patient_id", "age", "sex", "view"])
+        for row in csv.DictReader(handle):
+            cell = (row["label"], row["view"])
+            if taken.get(cell, 0) >= 24 or row["patient_id"] in patients:
+                continue
+            taken[cell] = taken.get(cell, 0) + 1
+            patients.add(row["patient_id"])
+            name = Path(row["path"]).name
+            (root / "images" / name).symlink_to(adult_root / row["path"])
+            writer.writerow([f"images/{name}", row["label"], row["patient_id"], row["age"], row["sex"], row["view"]])
+    return root
+
+
+@pytest.fixture(scope="session")
+def two_population_checkpoint(small_data_root: Path, small_adult_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Lite0 checkpoint from a few steps on children and adults (equalised, view-balanced)."""
+    from pneumoscan.config import DataConfig, TrainConfig
+    from pneumoscan.training import fit
+
+    out = tmp_path_factory.mktemp("two_population_run")
+    data = DataConfig(root=(small_data_root, small_adult_root), batch_size=8, num_workers=0, intensity="equalize", balance_views=True)
+    return fit(data, TrainConfig(epochs=1, limit_train_batches=3, out=out), command="pneumoscan train (two-population test fixture)")
+
+
+@pytest.fixture(scope="session")
+def two_population_model(two_population_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That checkpoint exported: per-population temperature, threshold and gate, and the population classifier."""
+    from pneumoscan.export import export
+
+    out = tmp_path_factory.mktemp("two_population_model") / "model"
+    export(two_population_checkpoint, out, name="two-population-smoke")
+    return out

@@ -231,3 +231,50 @@ def radiograph_elements(pixels: np.ndarray) -> list[tuple[int, bytes, bytes]]:
         (0x00281053, b"DS", b"1 "),
         (0x7FE00010, b"OB", pixels.astype(np.uint8).tobytes()),
     ]
+
+
+def acr_nema_dicom(
+    source: Path,
+    bits: int = 10,
+    photometric: str = "MONOCHROME1",
+    modality: str = "CR",
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    age: str | None = "045Y",
+) -> bytes:
+    """An old ACR-NEMA style file: no 128-byte preamble, no File Meta group, implicit VR little endian.
+
+    What older CR readers and archives still hand out, e.g. a 10-bit MONOCHROME1 CR.
+    The dataset is written element by element, as such files are, so nothing announces
+    the transfer syntax: the reader has to infer it.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.filewriter import write_dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import generate_uid
+
+    gray = np.asarray(Image.open(source).convert("L"), dtype=np.float64)
+    top = 2**bits - 1
+    values = gray * (top / 255.0)
+    if photometric == "MONOCHROME1":
+        values = top - values
+    stored = np.round(values).astype(np.uint16 if bits > 8 else np.uint8)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality = modality
+    ds.PatientName, ds.PatientID = "Doe^John", "PID-654321"
+    if age is not None:
+        ds.PatientAge = age
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    if view is not None:
+        ds.ViewPosition = view
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (16 if bits > 8 else 8), bits, bits - 1, 0
+    ds.PixelData = stored.tobytes()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    return buffer.getvalue()

@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from pneumoscan.config import ADULT_AGE, CLASS_NAMES, IMAGE_SUFFIXES, SPLITS, TEST_FRACTION, portable_path
+from pneumoscan.config import CLASS_NAMES, IMAGE_SUFFIXES, SPLITS, TEST_FRACTION, portable_path
 from pneumoscan.errors import DatasetNotFoundError, LabelsFileError, UnknownPatientIdError
+from pneumoscan.population import population_of_age
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +187,6 @@ LABEL_SPLITS = ("train", "val", "test")
 NIH_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 
 
-def population_of_age(age: float | None) -> str | None:
-    """``child`` under 18 years, ``adult`` from 18; unknown without an age."""
-    if age is None:
-        return None
-    return "child" if age < ADULT_AGE else "adult"
-
-
 def dataset_kind(source: Path) -> str:
     """``folder`` (Kermany's layout), ``labels`` (a CSV of path,label,...) or ``nih`` (Data_Entry_2017*.csv)."""
     source = Path(source).expanduser()
@@ -226,9 +220,7 @@ def image_inside(root: Path, relative: str, csv_path: Path, line: int) -> Path:
     candidate = Path(relative.strip())
     if candidate.is_absolute() or ".." in candidate.parts:
         raise _row_error(csv_path, line, f"path {relative!r} leaves the dataset folder; give it relative to {root.name}/")
-    path = root / candidate
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise _row_error(csv_path, line, f"path {relative!r} leads outside the dataset folder (a link?)")
+    path = root / candidate  # a symbolic link inside the folder is the owner's choice and is followed
     if not path.is_file():
         raise _row_error(csv_path, line, f"no image at {relative!r} (looked in {root.name}/)")
     return path

@@ -37,8 +37,8 @@ from pneumoscan.calibration import (
     reliability_curve,
     threshold_for_sensitivity,
 )
-from pneumoscan.config import CLASS_NAMES, DataConfig
-from pneumoscan.data import Record, list_records, split_by_patient
+from pneumoscan.config import CLASS_NAMES, PROJECT_ROOT, DataConfig, default_data_root
+from pneumoscan.data import Record, records_of
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError
 from pneumoscan.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
 
@@ -56,13 +56,11 @@ class Calibration:
     operating_point: OperatingPoint
 
 
-def split_records(root: Path, split: str, seed: int, val_fraction: float) -> list[Record]:
-    """The images of ``val`` (the by-patient hold-out of ``train/``) or ``test``."""
-    if split == "test":
-        return list_records(root, "test")
-    if split == "val":
-        return split_by_patient(list_records(root, "train"), val_fraction, seed)[1]
-    raise ConfigurationError(f"split must be 'val' or 'test', not {split!r}")
+def split_records(root: Path | list[Path], split: str, seed: int, val_fraction: float) -> list[Record]:
+    """The images of ``val`` (each dataset's by-patient validation part) or ``test`` (each one's test part)."""
+    if split not in ("val", "test"):
+        raise ConfigurationError(f"split must be 'val' or 'test', not {split!r}")
+    return records_of(root if isinstance(root, list) else [Path(root)], split, seed, val_fraction)
 
 
 def fit_calibration(
@@ -175,16 +173,72 @@ def compute_metrics(
         "nll": {"before_calibration": binary_nll(logits, labels), "after_calibration": binary_nll(logits, labels, calibration.temperature)},
         "sensitivity_by_subtype": sensitivity_by_subtype([r for r in records if r.label == 1], predicted[labels == 1]),
         "threshold_transfer": threshold_transfer(labels, probabilities, op),
+        "by_view": view_figures(records, probabilities, op.threshold),
     }
 
 
-def write_predictions(path: Path, records: list[Record], probabilities: np.ndarray, threshold: float, root: Path) -> Path:
+def write_predictions(path: Path, records: list[Record], probabilities: np.ndarray, threshold: float, root: Path | None = None) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "probability", "predicted"])
+        writer.writerow(["path", "label", "probability", "predicted", "population", "view"])
         for record, p in zip(records, probabilities):
-            writer.writerow([record.path.relative_to(root).as_posix(), record.class_name, f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]])
+            name = record.path.relative_to(root).as_posix() if root and record.root is None else record.relative
+            writer.writerow([name, record.class_name, f"{p:.6f}", CLASS_NAMES[int(p >= threshold)], record.population or "", record.view or ""])
     return path
+
+
+def reversed_view_weights(records: list[Record]) -> np.ndarray:
+    """Weights that give NORMAL the view mix of PNEUMONIA and the other way round.
+
+    A model that learnt "AP means pneumonia" ranks well on the original mix and
+    badly on the reversed one; a model that reads the lungs does not care.
+    """
+    labels = np.asarray([r.label for r in records])
+    views = np.asarray([r.view or "" for r in records])
+    weights = np.ones(len(records))
+    for view in set(views):
+        share = {y: np.mean(views[labels == y] == view) for y in (0, 1)}
+        for y in (0, 1):
+            if share[y] > 0:
+                weights[(labels == y) & (views == view)] = share[1 - y] / share[y]
+    return weights
+
+
+def view_figures(records: list[Record], probabilities: np.ndarray, threshold: float) -> dict[str, object] | None:
+    """Figures within each view, with the view mix reversed, and what the view alone would score.
+
+    The view-only baseline ranks every AP film above every PA film: its AUROC is
+    what a model gets from the shortcut alone, the bar a real model must clear
+    within each view and under the reversed mix.
+    """
+    views = [r.view for r in records]
+    if not any(views):
+        return None
+    labels = np.asarray([r.label for r in records])
+    p = np.asarray(probabilities, dtype=np.float64)
+    out: dict[str, object] = {}
+    for view in sorted({v for v in views if v}):
+        mask = np.asarray([v == view for v in views])
+        if len(np.unique(labels[mask])) < 2:
+            continue
+        out[view] = {
+            "n": int(mask.sum()), "n_pneumonia": int(labels[mask].sum()), "n_normal": int((labels[mask] == 0).sum()),
+            "auroc": float(roc_auc_score(labels[mask], p[mask])),
+            "auroc_ci": list(bootstrap_auroc_ci(labels[mask], p[mask], [r.patient for r, m in zip(records, mask) if m], 500)),
+            **metrics_at_threshold(labels[mask], p[mask], threshold),
+        }
+    weights = reversed_view_weights(records)
+    ap_score = np.asarray([1.0 if v == "AP" else 0.0 for v in views])
+    out["reversed_view_mix"] = {
+        "auroc": float(roc_auc_score(labels, p, sample_weight=weights)),
+        "method": "images weighted so that NORMAL has PNEUMONIA's share of each view and the other way round",
+    }
+    out["view_only_baseline"] = {
+        "auroc": float(roc_auc_score(labels, ap_score)),
+        "auroc_reversed_view_mix": float(roc_auc_score(labels, ap_score, sample_weight=weights)),
+        "method": "score 1 for an AP film, 0 for PA: the shortcut alone",
+    }
+    return out
 
 
 def transfer_row(metrics: dict) -> str:
@@ -288,7 +342,14 @@ def run_data_config(checkpoint: Path) -> DataConfig:
     config_path = checkpoint.parent / "config.json"
     if config_path.is_file():
         data = json.loads(config_path.read_text())["data"]
-        return DataConfig(seed=data["seed"], val_fraction=data["val_fraction"], image_size=data["image_size"])
+        roots = data.get("root")
+        roots = [roots] if isinstance(roots, str) else roots or []
+        root = tuple(PROJECT_ROOT / r for r in roots)  # recorded relative to the project root (absolute stays absolute)
+        return DataConfig(
+            root=(root[0] if len(root) == 1 else root) if root else default_data_root(),
+            seed=data["seed"], val_fraction=data["val_fraction"], image_size=data["image_size"],
+            intensity=data.get("intensity", "none"),
+        )
     log.warning("no config.json beside %s: using the default split settings", checkpoint)
     return DataConfig()
 

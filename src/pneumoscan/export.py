@@ -22,11 +22,11 @@ from PIL import Image
 from torch import nn
 
 import pneumoscan
-from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY
-from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, DataConfig, portable_path
-from pneumoscan.data import Record, list_records, sha256_file, split_by_patient
+from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, calibrated_probability
+from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, POPULATIONS, TEST_FRACTION, DataConfig, portable_path
+from pneumoscan.data import Record, dataset_summary, records_of, sha256_file
 from pneumoscan.errors import ConfigurationError
-from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, split_records, write_evaluation
+from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, write_evaluation
 from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
 from pneumoscan.preprocessing import INTENSITY_STEP_TEXT
 from pneumoscan.training import PneumoniaClassifier
@@ -39,6 +39,29 @@ INTENDED_USE = (
     "Decision support for reading frontal chest X-rays of children aged 1–5: it flags images likely to show "
     "pneumonia so that a clinician looks at them first. It is not a diagnosis and does not replace a radiologist."
 )
+INTENDED_USE_BOTH = (
+    "Decision support for reading frontal (PA or AP) chest X-rays of children aged 1–5 and of adults: it flags images "
+    "likely to show pneumonia so that a clinician looks at them first, each with the operating point of its population. "
+    "It is not a diagnosis and does not replace a radiologist."
+)
+LIMITATIONS_BOTH = [
+    "Children: one hospital's pediatric frontal chest X-rays (Guangzhou Women and Children's Medical Center, Kermany "
+    "et al. 2018), ages 1–5. Adults: frontal films of one US hospital (NIH Clinical Center, 18–91 years) with RSNA 2018 "
+    "radiologist labels, 1,669 images, of which a fifth of the patients is the test part. Other hospitals, equipment, "
+    "and ages 6–17 are untested; the gate flags films unlike those validated.",
+    "Adult labels: PNEUMONIA is 'Lung Opacity' read by a radiologist on the image alone, not a confirmed diagnosis; "
+    "NORMAL is 'Normal'. Films with other abnormalities ('No Lung Opacity / Not Normal') were not in the data, so "
+    "how the model scores them is unknown.",
+    "In the adult data the view follows the label (AP bedside films are mostly pneumonia); training balanced view "
+    "against label, and the figures within AP, within PA and with the view mix reversed are reported, beside what the "
+    "view alone would score. AP films are also sicker patients: within-AP figures are the ones to read for a ward.",
+    "Lateral views, and films that DICOM says are not of the chest, are refused; the model sees frontal views only.",
+    "Each population's threshold is fitted on its own by-patient validation part; on test parts recorded elsewhere or "
+    "at another time, sensitivity and specificity differ from validation (see the figures below).",
+    "The adult files were 256 px and already histogram-equalised; every input is equalised before the network, so a "
+    "film gets the same answer either way (measured below), but full-resolution adult films were not in the data.",
+    "Images are resized to 224×224 without keeping the aspect ratio, as the training data was.",
+]
 LIMITATIONS = [
     "Trained and validated on one hospital's pediatric frontal chest X-rays (Guangzhou Women and Children's "
     "Medical Center, Kermany et al. 2018), ages 1–5; adults, lateral views and other hospitals' equipment are untested.",
@@ -123,11 +146,11 @@ def zoom_centre(x: torch.Tensor, zoom: float, size: int) -> torch.Tensor:
     return nn.functional.interpolate(centre, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def content_checksum(records: list[Record], root: Path) -> str:
-    """sha256 over (relative path, file sha256) of every image: identifies the data itself."""
+def content_checksum(records: list[Record]) -> str:
+    """sha256 over (dataset/relative path, file sha256) of every image: identifies the data itself."""
     digest = hashlib.sha256()
-    for record in sorted(records, key=lambda r: r.path.relative_to(root).as_posix()):
-        digest.update(f"{record.path.relative_to(root).as_posix()} {sha256_file(record.path)}\n".encode())
+    for record in sorted(records, key=lambda r: r.relative):
+        digest.update(f"{record.relative} {sha256_file(record.path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -152,14 +175,14 @@ def export_onnx(modules: list[PneumoniaClassifier], path: Path, image_size: int,
 def summary(metrics: dict) -> dict:
     """The headline figures of a split for the card (plots stay in the evaluation folder)."""
     keys = ("n", "n_pneumonia", "n_normal", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity",
-            "precision", "f1", "accuracy", "confusion_matrix", "ece", "sensitivity_by_subtype", "threshold_transfer")  # fmt: skip
+            "precision", "f1", "accuracy", "confusion_matrix", "ece", "sensitivity_by_subtype", "threshold_transfer", "by_view")  # fmt: skip
     return {k: metrics[k] for k in keys}
 
 
 def export(
     checkpoint: Path | list[Path],
     out: Path,
-    root: Path,
+    root: Path | list[Path] | None = None,
     name: str | None = None,
     policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY,
@@ -168,24 +191,123 @@ def export(
 ) -> dict:
     """Export ``checkpoint`` into the model folder ``out`` and return its card.
 
-    Several checkpoints become one ensemble graph, and ``tta_zoom`` adds a
-    zoomed second view (see :class:`EnsembleGraph`); either way the result is
-    one ONNX file that every command serves like a single model. With
+    ``root`` names the datasets (default: the run's own). Each population found in
+    their validation parts (children, adults) gets its own temperature, threshold and
+    gate, fitted on its own validation part; a model of several populations also gets
+    a population classifier. Several checkpoints become one ensemble graph, and
+    ``tta_zoom`` adds a zoomed second view (see :class:`EnsembleGraph`). With
     ``int8``, also a statically quantised ``model.int8.onnx`` (calibrated on
-    training images), measured with the fp32 model's temperature and threshold.
+    training images), measured with the fp32 model's temperatures and thresholds.
     """
     checkpoints = [Path(c) for c in (checkpoint if isinstance(checkpoint, list) else [checkpoint])]
-    out, root = Path(out), Path(root)
+    out = Path(out)
     if tta_zoom is not None and not 0.5 <= tta_zoom < 1:
         raise ConfigurationError(f"--tta-zoom must lie in [0.5, 1), got {tta_zoom}")
     if int8 and (len(checkpoints) > 1 or tta_zoom):
         raise ConfigurationError("--int8 quantises single models only; export the ensemble or TTA model without it")
     modules = [PneumoniaClassifier.load_from_checkpoint(c, map_location="cpu", pretrained=False).eval() for c in checkpoints]
     data = common_data_config(checkpoints, modules)
+    if root is not None:
+        data = dataclasses.replace(data, root=tuple(root) if isinstance(root, (list, tuple)) else Path(root))
+    sources = data.sources
     image_size, intensity = data.image_size, data.intensity
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(modules, out / MODEL_FILE, image_size, tta_zoom)
 
+    card = base_card(checkpoints, modules, out, name, data)
+    # Placeholders so a Predictor can open the folder; replaced below once fitted.
+    card["calibration"], card["operating_point"] = {"temperature": 1.0}, {"threshold": 0.5}
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2))
+    onnx_model = Predictor.load(out)
+
+    parts = {split: records_of(sources, split, data.seed, data.val_fraction) for split in ("train", "val", "test")}
+    scored = {split: onnx_model.outputs([r.path for r in parts[split]], ["logit", "embedding"], progress=True) for split in ("val", "test")}
+    scored["train"] = onnx_model.outputs([r.path for r in parts["train"]], ["embedding"], progress=True)
+    populations = [p for p in POPULATIONS if any(r.population == p for r in parts["val"])]
+    if not populations:
+        raise ConfigurationError("no validation image has a known population (child or adult): give the labels file an age column")
+    single = len(populations) == 1
+    probes = ood_probe_images()
+    probe_embeddings = onnx_model.outputs([image for _, image in probes], ["embedding"])["embedding"]
+
+    entries: dict[str, dict] = {}
+    calibrations: dict[str, Calibration] = {}
+    for population in populations:
+        folder = out / "evaluation" if single else out / "evaluation" / population
+        pick = {split: [i for i, r in enumerate(parts[split]) if r.population == population] for split in parts}
+        val = [parts["val"][i] for i in pick["val"]]
+        test = [parts["test"][i] for i in pick["test"]]
+        val_logits, test_logits = (scored[s]["logit"].reshape(-1)[pick[s]] for s in ("val", "test"))
+        calibration = fit_calibration(val_logits, np.asarray([r.label for r in val]), policy, target)
+        calibrations[population] = calibration
+        label = card["name"] if single else f"{card['name']} ({population})"
+        val_metrics = write_evaluation(folder / "val", val, val_logits, calibration, "val", None, label)
+        test_metrics = write_evaluation(folder / "test", test, test_logits, calibration, "test", None, label)
+        gate = fit_and_report_gate(
+            out, None if single else population, scored["train"]["embedding"][pick["train"]],
+            scored["val"]["embedding"][pick["val"]], scored["test"]["embedding"][pick["test"]], probes, probe_embeddings,
+            len(pick["train"]),
+        )
+        entries[population] = {
+            "calibration": {"method": "temperature scaling fitted on this population's validation part (NLL)",
+                            "temperature": calibration.temperature},
+            "operating_point": calibration.operating_point.to_dict(),
+            "validation": {"metrics": summary(val_metrics)},
+            "test": {"metrics": summary(test_metrics),
+                     "note": "reported once, after temperature, threshold and gate were fixed on validation"},
+            "ood_gate": gate,
+            "invariance": equalisation_invariance(onnx_model, test[:INVARIANCE_IMAGES], calibration.temperature),
+        }
+    if single:
+        entry = entries[populations[0]]
+        card["population"] = populations[0]
+        card["calibration"], card["operating_point"] = entry["calibration"], entry["operating_point"]
+        card["validation"]["metrics"], card["test"] = entry["validation"]["metrics"], entry["test"]
+        card["ood_gate"], card["invariance"] = entry["ood_gate"], entry["invariance"]
+    else:
+        del card["calibration"], card["operating_point"]
+        card["intended_use"], card["limitations"] = INTENDED_USE_BOTH, LIMITATIONS_BOTH
+        card["populations"] = entries
+        card["population_classifier"] = fit_and_report_population_classifier(out, parts, scored, populations)
+    if int8:
+        card["int8"] = export_int8(out, data, parts, calibrations, card["name"], entries, single)
+    card["data"] = {
+        "datasets": [dataset_summary(source, data.seed, data.val_fraction) for source in sources],
+        "train_sha256": content_checksum(parts["train"] + parts["val"]),
+        "test_sha256": content_checksum(parts["test"]),
+        "checksum_method": "sha256 over sorted lines '<dataset>/<relative path> <sha256 of file>'",
+    }
+    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    (out / "MODEL_CARD.md").write_text(render_card(card))
+    return card
+
+
+#: Test images per population on which equalising the file first must not change the answer.
+INVARIANCE_IMAGES = 200
+
+
+def equalisation_invariance(model: Predictor, records: list[Record], temperature: float) -> dict[str, object]:
+    """|Δprobability| between each file and its histogram-equalised copy: real films arrive either way."""
+    from PIL import ImageOps
+
+    from pneumoscan.imaging import load_xray
+
+    images = [load_xray(r.path).image for r in records]
+    plain = model.logits(images)
+    equalised = model.logits([ImageOps.equalize(image) for image in images])
+    delta = np.abs(calibrated_probability(plain, temperature) - calibrated_probability(equalised, temperature))
+    return {
+        "n": len(records),
+        "median_abs_delta_probability": float(np.median(delta)),
+        "p95_abs_delta_probability": float(np.quantile(delta, 0.95)),
+        "max_abs_delta_probability": float(delta.max()),
+        "method": f"the first {len(records)} test images of the population, as stored and after Pillow's ImageOps.equalize",
+    }
+
+
+def base_card(checkpoints: list[Path], modules: list[PneumoniaClassifier], out: Path, name: str | None, data: DataConfig) -> dict:
+    """What the card says before anything is fitted: identity, input contract, training provenance."""
+    image_size, intensity = data.image_size, data.intensity
     run_configs = [read_run_record(c) for c in checkpoints]
     run_config = run_configs[0]
     card: dict = {
@@ -194,7 +316,7 @@ def export(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "architecture": " + ".join(str(m.hparams.arch) for m in modules),
         "labels": list(CLASS_NAMES),
-        "output": "logit: logit of PNEUMONIA, probability = sigmoid(logit / temperature); "
+        "output": "logit: logit of PNEUMONIA, probability = sigmoid(logit / temperature of the image's population); "
         "heatmap: N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]; "
         "embedding: N×C globally pooled features of the last block",
         "input": {
@@ -211,7 +333,8 @@ def export(
         },
         "onnx": {"file": MODEL_FILE, "opset": ONNX_OPSET, "sha256": sha256_file(out / MODEL_FILE)},
         "training": {"command": run_config.get("command"), "git_commit": run_config.get("git_commit"), "config": run_config},
-        "validation": {"split": {"seed": data.seed, "val_fraction": data.val_fraction, "by": "patient, stratified by class"}},
+        "validation": {"split": {"seed": data.seed, "val_fraction": data.val_fraction, "test_fraction": TEST_FRACTION,
+                                 "by": "patient, stratified by class, each dataset on its own"}},
         "intended_use": INTENDED_USE,
         "limitations": LIMITATIONS,
     }
@@ -221,39 +344,6 @@ def export(
             "git_commit": ", ".join(sorted({str(r.get("git_commit")) for r in run_configs})),
             "members": [{"checkpoint": portable_path(c.resolve()), "config": r} for c, r in zip(checkpoints, run_configs)],
         }
-    if tta_zoom:
-        card["tta"] = {"views": ["the image", f"its central {tta_zoom:.0%}, resized back"], "combined": "mean of the logits"}
-    # Placeholders so a Predictor can open the folder; replaced below once fitted.
-    card["calibration"] = {"temperature": 1.0}
-    card["operating_point"] = {"threshold": 0.5}
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2))
-    onnx_model = Predictor.load(out)
-
-    val = split_records(root, "val", data.seed, data.val_fraction)
-    val_out = onnx_model.outputs([r.path for r in val], ["logit", "embedding"], progress=True)
-    val_logits = val_out["logit"].reshape(-1)
-    calibration = fit_calibration(val_logits, np.asarray([r.label for r in val]), policy, target)
-    card["calibration"] = {"method": "temperature scaling fitted on the validation split (NLL)", "temperature": calibration.temperature}
-    card["operating_point"] = calibration.operating_point.to_dict()
-
-    val_metrics = write_evaluation(out / "evaluation" / "val", val, val_logits, calibration, "val", root, card["name"])
-    test = split_records(root, "test", data.seed, data.val_fraction)
-    test_out = onnx_model.outputs([r.path for r in test], ["logit", "embedding"], progress=True)
-    test_logits = test_out["logit"].reshape(-1)
-    test_metrics = write_evaluation(out / "evaluation" / "test", test, test_logits, calibration, "test", root, card["name"])
-    card["validation"]["metrics"] = summary(val_metrics)
-    card["test"] = {"metrics": summary(test_metrics), "note": "reported once, after temperature and threshold were fixed on validation"}
-    card["ood_gate"] = fit_and_report_gate(onnx_model, out, root, data, val_out["embedding"], test_out["embedding"])
-    if int8:
-        card["int8"] = export_int8(out, root, data, val, test, calibration, card["name"], test_metrics)
-    card["data"] = {
-        "root": root.name,
-        "train_sha256": content_checksum(list_records(root, "train"), root),
-        "test_sha256": content_checksum(test, root),
-        "checksum_method": "sha256 over sorted lines '<relative path> <sha256 of file>'",
-    }
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    (out / "MODEL_CARD.md").write_text(render_card(card))
     return card
 
 
@@ -286,24 +376,33 @@ def ood_probe_images() -> list[tuple[str, Image.Image]]:
     return probes
 
 
-def fit_and_report_gate(model: Predictor, out: Path, root: Path, data: DataConfig, val_embeddings: np.ndarray, test_embeddings: np.ndarray) -> dict:
-    """Fit the gate on training-split features, threshold on validation; report test and non-X-ray shares."""
-    from pneumoscan.ood import DEFAULT_KEEP, GATE_FILE, fit_gate
+def fit_and_report_gate(
+    out: Path, population: str | None, train_embeddings: np.ndarray, val_embeddings: np.ndarray, test_embeddings: np.ndarray,
+    probes: list[tuple[str, Image.Image]], probe_embeddings: np.ndarray, n_train: int,
+) -> dict:
+    """Fit one population's gate on its training features, threshold on its validation part; report test and non-X-rays.
 
-    train_side = training_side(root, data)
-    train_embeddings = model.outputs([r.path for r in train_side], ["embedding"], progress=True)["embedding"]
-    gate = fit_gate(train_embeddings, val_embeddings, DEFAULT_KEEP)
-    gate.save(out)
-    probes = ood_probe_images()
-    probe_scores = gate.score(model.outputs([image for _, image in probes], ["embedding"])["embedding"])
-    kept_probes = [name for (name, _), score in zip(probes, probe_scores) if score <= gate.threshold]
+    The threshold keeps ``GATE_KEEP`` of validation unless that lets a non-X-ray probe
+    through, then ``GATE_KEEP_FALLBACK`` (the rule of docs/ablations.md; probes are no test part).
+    """
+    from pneumoscan.ood import fit_gate, gate_file
+
+    for keep in (GATE_KEEP, GATE_KEEP_FALLBACK):
+        gate = fit_gate(train_embeddings, val_embeddings, keep)
+        probe_scores = gate.score(probe_embeddings)
+        kept_probes = [name for (name, _), score in zip(probes, probe_scores) if score <= gate.threshold]
+        if not kept_probes:
+            break
+    gate.save(out, population)
+    file = gate_file(population)
     return {
-        "file": GATE_FILE,
-        "sha256": sha256_file(out / GATE_FILE),
+        "file": file,
+        "sha256": sha256_file(out / file),
         "method": "squared Mahalanobis distance of the pooled features (ONNX output 'embedding') from the training "
-        f"split's, Ledoit-Wolf covariance fitted on {len(train_side)} training images; threshold = the "
-        f"{DEFAULT_KEEP:.0%} quantile of the validation scores",
+        f"part's, Ledoit-Wolf covariance fitted on {n_train} training images; threshold = the "
+        f"{gate.keep:.1%} quantile of the validation scores",
         "threshold": gate.threshold,
+        "keep": gate.keep,
         "kept_validation_share": float(np.mean(gate.in_distribution(gate.score(val_embeddings)))),
         "kept_test_share": float(np.mean(gate.in_distribution(gate.score(test_embeddings)))),
         "non_xray_rejected_share": 1.0 - len(kept_probes) / len(probes),
@@ -313,32 +412,65 @@ def fit_and_report_gate(model: Predictor, out: Path, root: Path, data: DataConfi
     }
 
 
-def export_int8(out: Path, root: Path, data: DataConfig, val: list[Record], test: list[Record],
-                calibration: Calibration, name: str, fp32_test: dict) -> dict:  # fmt: skip
-    """Quantise, then score validation and test with the fp32 calibration; the card's int8 section."""
+GATE_KEEP, GATE_KEEP_FALLBACK = 0.995, 0.99
+
+
+def fit_and_report_population_classifier(out: Path, parts: dict[str, list[Record]], scored: dict[str, dict], populations: list[str]) -> dict:
+    """Child or adult from the embedding, fitted on the training parts; right how often on validation and test."""
+    from pneumoscan.population import POPULATION_FILE, fit_population_classifier
+
+    train = [i for i, r in enumerate(parts["train"]) if r.population in populations]
+    classifier = fit_population_classifier(scored["train"]["embedding"][train], [parts["train"][i].population for i in train])
+    classifier.save(out)
+    report: dict = {
+        "file": POPULATION_FILE,
+        "sha256": sha256_file(out / POPULATION_FILE),
+        "method": f"logistic regression (scikit-learn) on the standardised embedding of {len(train)} training images; "
+        "adult when P(adult) ≥ 0.5; a DICOM PatientAge, when present, decides instead (under 18: child)",
+    }
+    for split in ("val", "test"):
+        guessed = classifier.predict(scored[split]["embedding"])
+        report[split] = {
+            population: {
+                "n": sum(r.population == population for r in parts[split]),
+                "right_share": float(np.mean([g == population for g, r in zip(guessed, parts[split]) if r.population == population])),
+            }
+            for population in populations
+        }
+    return report
+
+
+def export_int8(out: Path, data: DataConfig, parts: dict[str, list[Record]], calibrations: dict[str, Calibration],
+                name: str, entries: dict[str, dict], single: bool) -> dict:  # fmt: skip
+    """Quantise, then score each population's validation and test parts with its fp32 calibration."""
     from pneumoscan.quantization import calibration_sample, quantize_int8
 
-    sample = calibration_sample(training_side(root, data))
+    sample = calibration_sample(parts["train"])
     quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, sample, data.image_size, data.intensity)
     int8_model = Predictor.load(out, precision="int8")
-    val_metrics = write_evaluation(out / "evaluation" / "val-int8", val, int8_model.logits([r.path for r in val], progress=True),
-                                   calibration, "val", root, name + " (int8)")  # fmt: skip
-    test_metrics = write_evaluation(out / "evaluation" / "test-int8", test, int8_model.logits([r.path for r in test], progress=True),
-                                    calibration, "test", root, name + " (int8)")  # fmt: skip
-    return {
+    section: dict = {
         "file": INT8_MODEL_FILE,
         "sha256": sha256_file(out / INT8_MODEL_FILE),
         "method": "ONNX Runtime static QDQ: int8 weights per channel with reduce_range, uint8 activations (MinMax) "
-        f"calibrated on {len(sample)} images of the training split (validation patients excluded); the first "
+        f"calibrated on {len(sample)} images of the training parts (validation and test patients excluded); the first "
         "convolution, the head convolution, the classifier and the heat-map branch (CAM convolution, upsampling, normalisation) stay float",
-        "validation": {"metrics": summary(val_metrics)},
-        "test": {"metrics": summary(test_metrics)},
-        "test_delta_vs_fp32": {
-            "auroc": test_metrics["auroc"] - fp32_test["auroc"],
-            "sensitivity": test_metrics["sensitivity"] - fp32_test["sensitivity"],
-            "specificity": test_metrics["specificity"] - fp32_test["specificity"],
-        },
     }
+    for population, calibration in calibrations.items():
+        folder = out / "evaluation" if single else out / "evaluation" / population
+        figures: dict = {}
+        for split in ("val", "test"):
+            records = [r for r in parts[split] if r.population == population]
+            metrics = write_evaluation(folder / f"{split}-int8", records, int8_model.logits([r.path for r in records], progress=True),
+                                       calibration, split, None, f"{name} ({population}, int8)")  # fmt: skip
+            figures["validation" if split == "val" else "test"] = {"metrics": summary(metrics)}
+        fp32_test = entries[population]["test"]["metrics"]
+        int8_test = figures["test"]["metrics"]
+        figures["test_delta_vs_fp32"] = {k: int8_test[k] - fp32_test[k] for k in ("auroc", "sensitivity", "specificity")}
+        if single:
+            section.update(figures)
+        else:
+            section.setdefault("populations", {})[population] = figures
+    return section
 
 
 def read_run_record(checkpoint: Path) -> dict:
@@ -358,7 +490,7 @@ def common_data_config(checkpoints: list[Path], modules: list[PneumoniaClassifie
     ]
 
     def key(c: DataConfig) -> tuple:
-        return (c.seed, c.val_fraction, c.image_size, c.intensity)
+        return (c.seed, c.val_fraction, c.image_size, c.intensity, tuple(str(p) for p in c.sources))
 
     if len({key(c) for c in configs}) > 1:
         raise ConfigurationError(
@@ -374,13 +506,9 @@ def portable_run_config(run_config: dict) -> dict:
     if "data_root" in run_config:
         run_config["data_root"] = portable_path(run_config["data_root"])
     if isinstance(run_config.get("data"), dict) and "root" in run_config["data"]:
-        run_config["data"]["root"] = portable_path(run_config["data"]["root"])
+        roots = run_config["data"]["root"]
+        run_config["data"]["root"] = [portable_path(r) for r in roots] if isinstance(roots, list) else portable_path(roots)
     return run_config
-
-
-def training_side(root: Path, data: DataConfig) -> list[Record]:
-    """The training side of the by-patient split: int8 calibration never sees validation or test."""
-    return split_by_patient(list_records(root, "train"), data.val_fraction, data.seed)[0]
 
 
 def _fmt_split(metrics: dict) -> str:
@@ -393,26 +521,102 @@ def _fmt_split(metrics: dict) -> str:
     )
 
 
-def render_card(card: dict) -> str:
-    """The human-readable model card."""
-    op, val, test = card["operating_point"], card["validation"]["metrics"], card["test"]["metrics"]
-    limits = "\n".join(f"- {item}" for item in card["limitations"])
-    gate = card.get("ood_gate")
-    gate_text = "none" if not gate else (
+def _gate_text(gate: dict | None) -> str:
+    if not gate:
+        return "none"
+    return (
         f"{gate['method']} (threshold {gate['threshold']:.1f}, `{gate['file']}`). Kept: "
         f"{gate['kept_validation_share']:.1%} of validation and {gate['kept_test_share']:.1%} of test images. "
         f"Rejected: {gate['non_xray_rejected_share']:.1%} of {gate['non_xray_n']} images that are not chest X-rays "
         f"(scikit-image's sample photos, CT/MR/US images from pydicom's test files, blank and noise images)"
         + (f"; not rejected: {', '.join(gate['non_xray_kept'])}." if gate["non_xray_kept"] else ".")
     )
+
+
+def _view_rows(metrics: dict, split: str) -> str:
+    """Rows within each view, with the reversed view mix and the view-only baseline beside."""
+    views = metrics.get("by_view")
+    if not views:
+        return ""
+    rows = []
+    for view in ("AP", "PA"):
+        if view in views:
+            v = views[view]
+            low, high = v["auroc_ci"]
+            rows.append(f"| {split}, {view} only | {v['n']} ({v['n_pneumonia']} pneumonia) | {v['auroc']:.4f} ({low:.4f}–{high:.4f}) | "
+                        f"{v['sensitivity']:.4f} | {v['specificity']:.4f} |")
+    baseline = views["view_only_baseline"]
+    rows.append(f"| {split}, view mix reversed (weighted) | {metrics['n']} | {views['reversed_view_mix']['auroc']:.4f} | | |")
+    rows.append(f"| {split}, view-only baseline (AP = pneumonia) | {metrics['n']} | {baseline['auroc']:.4f} "
+                f"(reversed mix: {baseline['auroc_reversed_view_mix']:.4f}) | | |")
+    return "\n".join(rows)
+
+
+def _population_section(title: str, entry: dict, int8: dict | None) -> str:
+    op, val, test = entry["operating_point"], entry["validation"]["metrics"], entry["test"]["metrics"]
     int8_rows = ""
-    if "int8" in card:
+    if int8:
         int8_rows = (
-            f"| validation, int8 | {_fmt_split(card['int8']['validation']['metrics'])[2:]}\n"
-            f"| test, int8 | {_fmt_split(card['int8']['test']['metrics'])[2:]}\n\n"
-            f"int8 (`{card['int8']['file']}`, sha256 `{card['int8']['sha256']}`): {card['int8']['method']}; "
-            "same temperature and threshold as fp32.\n"
+            f"| validation, int8 | {_fmt_split(int8['validation']['metrics'])[2:]}\n"
+            f"| test, int8 | {_fmt_split(int8['test']['metrics'])[2:]}\n"
         )
+    view_rows = "\n".join(r for r in (_view_rows(val, "validation"), _view_rows(test, "test")) if r)
+    views = ("\n\nBy view, at the same operating point:\n\n| part | n | AUROC (95% CI) | sensitivity | specificity |\n"
+             f"|---|---|---|---|---|\n{view_rows}") if view_rows else ""
+    inv = entry.get("invariance")
+    invariance = (f"\n\nSame film, equalised or not ({inv['n']} test images): median |Δprobability| "
+                  f"{inv['median_abs_delta_probability']:.4f}, 95th percentile {inv['p95_abs_delta_probability']:.4f}, "
+                  f"max {inv['max_abs_delta_probability']:.4f}.") if inv else ""
+    return f"""## {title}
+
+Temperature {entry['calibration']['temperature']:.4f}; operating point **{op['name']}**: threshold {op['threshold']:.4f}
+on the calibrated probability (policy `{op['policy']}`, target {op['target']}).
+
+| split | n | AUROC (95% CI, by patient) | sensitivity | specificity | precision | accuracy | missed pneumonias | false alarms | ECE |
+|---|---|---|---|---|---|---|---|---|---|
+| validation | {_fmt_split(val)[2:]}
+| test | {_fmt_split(test)[2:]}
+{int8_rows}{views}{invariance}
+
+Out-of-distribution gate: {_gate_text(entry.get('ood_gate'))}
+"""
+
+
+def render_card(card: dict) -> str:
+    """The human-readable model card: one section per population."""
+    limits = "\n".join(f"- {item}" for item in card["limitations"])
+    int8 = card.get("int8")
+    if "populations" in card:
+        sections = "\n".join(
+            _population_section(f"{population.capitalize()}ren" if population == "child" else f"{population.capitalize()}s",
+                                entry, (int8 or {}).get("populations", {}).get(population))
+            for population, entry in card["populations"].items()
+        )
+        classifier = card["population_classifier"]
+        right = ", ".join(f"{p} {v['right_share']:.1%} of {v['n']}" for p, v in classifier["test"].items())
+        routing = f"\n## Population\n\n{classifier['method']}. Right on the test parts: {right}.\n"
+        operating = "per population, below"
+        temperature = "per population, below"
+    else:
+        entry = {k: card[k] for k in ("calibration", "operating_point", "ood_gate") if k in card}
+        entry.update(validation=card["validation"], test=card["test"], invariance=card.get("invariance"))
+        sections = _population_section("Figures at the operating point", entry, int8)
+        routing = ""
+        op = card["operating_point"]
+        operating = f"**{op['name']}**: threshold {op['threshold']:.4f} on the calibrated probability"
+        temperature = f"{card['calibration']['temperature']:.4f} ({card['calibration']['method']})"
+    int8_text = (f"\nint8 (`{int8['file']}`, sha256 `{int8['sha256']}`): {int8['method']}; same temperatures and "
+                 "thresholds as fp32.\n") if int8 else ""
+    datasets = card["data"].get("datasets", [])
+    data_rows = "\n".join(
+        f"| {d['name']} ({d['kind']}) | " + " | ".join(
+            f"{d['counts'][s]['NORMAL']} / {d['counts'][s]['PNEUMONIA']} ({d['patients'][s]} patients)" for s in ("train", "val", "test")
+        ) + f" | {d.get('labels_file_sha256', '—')[:16]} |"
+        for d in datasets
+    )
+    data_table = ("\n## Data\n\n| dataset | train NORMAL / PNEUMONIA | validation | test | labels file sha256 |\n"
+                  f"|---|---|---|---|---|\n{data_rows}\n\nTest patients of each dataset: sha256 of their sorted ids in "
+                  "`model_card.json` (`data.datasets[].test_patients_sha256`).\n") if datasets else ""
     return f"""# Model card: {card['name']}
 
 {card['intended_use']}
@@ -423,26 +627,15 @@ def render_card(card: dict) -> str:
 | input | `{card['input']['name']}` float32 {card['input']['shape']}: {card['input']['preprocessing']} |
 | labels | {', '.join(card['labels'])} |
 | output | {card['output']} |
-| temperature | {card['calibration']['temperature']:.4f} ({card['calibration']['method']}) |
-| operating point | **{op['name']}**: threshold {op['threshold']:.4f} on the calibrated probability (policy `{op['policy']}`, target {op['target']}) |
+| temperature | {temperature} |
+| operating point | {operating} |
 | ONNX | `{card['onnx']['file']}`, opset {card['onnx']['opset']}, sha256 `{card['onnx']['sha256']}` |
 | training command | `{card['training']['command']}` (commit `{card['training']['git_commit']}`) |
-| data | train sha256 `{card['data']['train_sha256']}`, test sha256 `{card['data']['test_sha256']}` ({card['data']['checksum_method']}) |
-
-## Figures at the operating point
-
-| split | n | AUROC (95% CI, by patient) | sensitivity | specificity | precision | accuracy | missed pneumonias | false alarms | ECE |
-|---|---|---|---|---|---|---|---|---|---|
-| validation | {_fmt_split(val)[2:]}
-| test | {_fmt_split(test)[2:]}
-{int8_rows}
-Threshold and temperature were fitted on the validation split (about 10 % of the
-patients of `train/`, by patient); the test split was scored once, afterwards.
-Reports with plots: `evaluation/val/report.md`, `evaluation/test/report.md`.
-
-## Out-of-distribution gate
-
-{gate_text}
+| data | train+validation sha256 `{card['data']['train_sha256']}`, test sha256 `{card['data']['test_sha256']}` ({card['data']['checksum_method']}) |
+{int8_text}{data_table}{routing}
+{sections}
+Thresholds and temperatures were fitted on validation parts (by patient); test parts were
+scored once, afterwards. Reports with plots: `evaluation/`.
 
 ## Limitations
 

@@ -41,6 +41,9 @@ class LoadedImage:
     image: Image.Image  # mode "L"
     format: str  # jpeg, png, tiff, bmp, webp, dicom
     info: dict[str, object] = field(default_factory=dict)
+    # A DICOM's PatientAge in years: it routes the image to its population. Kept apart from ``info``,
+    # which may be returned and logged, because it is a patient field.
+    age_years: float | None = None
 
 
 def sniff_format(data: bytes) -> str:
@@ -215,6 +218,7 @@ def load_dicom(data: bytes, limits: Limits) -> LoadedImage:
             check_pixels(columns, rows, limits)
             check_pixel_data_size(ds, rows, columns, limits)
             pixels = dicom_display_values(ds)
+            age = dicom_age(ds)
     except InputError:
         raise
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -223,16 +227,50 @@ def load_dicom(data: bytes, limits: Limits) -> LoadedImage:
         # pydicom's value conversions and pixel handlers raise many kinds, each meaning the same to a user; the Rust
         # RLE decoder (pylibjpeg-rle) even panics with pyo3's PanicException, a BaseException (found by fuzzing)
         raise CorruptImage(f"the DICOM file is damaged and cannot be read ({type(exc).__name__}: {exc})"[:300]) from exc
-    return LoadedImage(Image.fromarray(pixels), "dicom", info)
+    return LoadedImage(Image.fromarray(pixels), "dicom", info, age)
 
 
 def read_dicom_dataset(data: bytes) -> object:
     import pydicom
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # noqa: BLE001  (InvalidDicomError, struct.error, EOFError, ...: all "cannot be read")
         raise CorruptImage("the DICOM file is damaged and cannot be read") from exc
+    name_transfer_syntax(ds)
+    return ds
+
+
+def name_transfer_syntax(ds: object) -> None:
+    """Give an old ACR-NEMA style file (no preamble, no File Meta group) the transfer syntax it was read with.
+
+    pydicom infers implicit/explicit VR and byte order while parsing such a file
+    but cannot decode its pixels without a Transfer Syntax UID; the encoding it
+    found is that UID (only the three uncompressed syntaxes can lack a meta group).
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta  # type: ignore[attr-defined]
+    meta.TransferSyntaxUID = syntax
+
+
+def dicom_age(ds: object) -> float | None:
+    """PatientAge (``045Y``) in years, or None when absent or not an age."""
+    try:
+        value = ds.get("PatientAge")  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001  (a damaged age is no age)
+        return None
+    return age_in_years(value) if isinstance(value, str) and value.strip() else None
 
 
 def check_deflated_size(data: bytes, limits: Limits) -> None:
@@ -322,6 +360,47 @@ def check_radiograph(ds: object) -> None:
     frames = header_int(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise NotARadiograph(f"this DICOM file holds {frames} frames; send a single chest X-ray image")
+    check_chest_frontal(ds)
+
+
+#: BodyPartExamined values (DICOM's defined terms and what modalities write) that are the chest.
+CHEST_WORDS = ("CHEST", "THORAX", "THORAC", "TORAX", "LUNG", "CXR")
+#: Values that clearly name another part: the film is of something else.
+OTHER_BODY_PARTS = (
+    "SKULL", "HEAD", "BRAIN", "FACE", "SINUS", "JAW", "TMJ", "NECK", "CSPINE", "TSPINE", "LSPINE", "SPINE", "SACRUM",
+    "COCCYX", "ABDOMEN", "PELVIS", "HIP", "FEMUR", "THIGH", "KNEE", "PATELLA", "LEG", "TIBIA", "FIBULA", "ANKLE",
+    "FOOT", "HEEL", "CALCANEUS", "TOE", "SHOULDER", "HUMERUS", "ARM", "ELBOW", "FOREARM", "WRIST", "HAND", "FINGER",
+    "EXTREMITY", "KUB", "BLADDER", "KIDNEY",
+)
+#: ViewPosition values of lateral films (the model is validated on frontal AP/PA views only).
+LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE")
+
+
+def check_chest_frontal(ds: object) -> None:
+    """Refuse a film that says it is not of the chest, or not frontal; chest synonyms and empty values pass."""
+    part = text_field(ds, "BodyPartExamined")
+    if part and not any(word in part for word in CHEST_WORDS):
+        words = set(re.split(r"[^A-Z]+", part))
+        if words & set(OTHER_BODY_PARTS) or part.replace(" ", "") in OTHER_BODY_PARTS:
+            raise NotARadiograph(
+                f"this X-ray is of the {part.lower()} (BodyPartExamined {part!r}), not the chest; "
+                "pneumoscan reads frontal chest X-rays only"
+            )
+    view = text_field(ds, "ViewPosition")
+    if view and (view in LATERAL_VIEWS or "LATERAL" in view):
+        raise NotARadiograph(
+            f"this chest X-ray is a lateral view (ViewPosition {view!r}); pneumoscan is validated on frontal "
+            "(PA or AP) views only: send the frontal film of the study"
+        )
+
+
+def text_field(ds: object, keyword: str) -> str:
+    """A short text field, upper-case and trimmed; empty when absent, damaged or not text."""
+    try:
+        value = ds.get(keyword)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        return ""
+    return value.strip().upper() if isinstance(value, str) else ""
 
 
 def dicom_display_values(ds: object) -> np.ndarray:

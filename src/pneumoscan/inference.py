@@ -19,12 +19,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pneumoscan.calibration import calibrated_probability
-from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR, INTENSITY_MODES
+from pneumoscan.config import CLASS_NAMES, DEFAULT_MODEL_DIR, INTENSITY_MODES, POPULATIONS
 from pneumoscan.data import sha256_file
 from pneumoscan.errors import ConfigurationError, ModelIntegrityError, ModelNotFoundError
 from pneumoscan.imaging import Limits, load_xray
 from pneumoscan.ood import WARNING as OOD_WARNING
 from pneumoscan.ood import OodGate
+from pneumoscan.population import PopulationClassifier, PopulationDecision, decide_population
 from pneumoscan.preprocessing import preprocess
 
 MODEL_FILE = "model.onnx"
@@ -77,11 +78,38 @@ def verify_model_file(model_path: Path, card: dict, precision: str) -> str:
     return actual
 
 
+@dataclass(frozen=True)
+class PopulationSettings:
+    """What is fitted to one population on its own validation part: temperature, threshold, gate."""
+
+    temperature: float
+    threshold: float
+    operating_point: str
+    gate: OodGate | None = None
+
+
+def population_settings(card: dict, model_dir: Path) -> dict[str, PopulationSettings]:
+    """Per population from the card; a card from before populations (v1) describes one: children."""
+    if "populations" not in card:
+        return {"child": PopulationSettings(
+            float(card["calibration"]["temperature"]), float(card["operating_point"]["threshold"]),
+            str(card["operating_point"].get("name", "unfitted")), OodGate.load(model_dir),
+        )}
+    return {
+        name: PopulationSettings(
+            float(entry["calibration"]["temperature"]), float(entry["operating_point"]["threshold"]),
+            str(entry["operating_point"]["name"]), OodGate.load(model_dir, name),
+        )
+        for name, entry in card["populations"].items()
+        if name in POPULATIONS
+    }
+
+
 @dataclass
 class Prediction:
     """What pneumoscan answers for one image."""
 
-    probability: float  # calibrated probability of pneumonia
+    probability: float  # calibrated probability of pneumonia (with the temperature of its population)
     label: str  # PNEUMONIA when probability >= threshold
     threshold: float
     operating_point: str
@@ -89,10 +117,18 @@ class Prediction:
     in_distribution: bool | None = None  # None: the model has no out-of-distribution gate
     ood_score: float | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)  # size×size in [0, 1]
+    population: str | None = None  # child or adult: whose operating point and gate were used
+    population_source: str | None = None  # what decided it: the image, the DICOM PatientAge, or the model's only one
+    population_note: str | None = None  # the image and the DICOM age disagree
 
     @property
     def warning(self) -> str | None:
         return OOD_WARNING if self.in_distribution is False else None
+
+    @property
+    def validated(self) -> bool:
+        """False for an image the gate flags: its decision must not be shown as a verdict."""
+        return self.in_distribution is not False
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -100,6 +136,9 @@ class Prediction:
             "label": self.label,
             "threshold": self.threshold,
             "operating_point": self.operating_point,
+            "population": self.population,
+            "population_source": self.population_source,
+            "population_note": self.population_note,
             "in_distribution": self.in_distribution,
             "ood_score": self.ood_score,
             "warning": self.warning,
@@ -144,8 +183,18 @@ class Predictor:
             raise ModelIntegrityError(f"{self.model_dir} asks for intensity normalisation {self.intensity!r}, which "
                                       f"this pneumoscan does not know ({', '.join(INTENSITY_MODES)}); "
                                       "upgrade pneumoscan or export the model again")  # fmt: skip
-        self.gate = OodGate.load(self.model_dir)
+        self.populations = population_settings(self.card, self.model_dir)
+        self.population_classifier = PopulationClassifier.load(self.model_dir)
+        self.gate = next(iter(self.populations.values())).gate if len(self.populations) == 1 else None
         self.limits = limits or Limits()
+
+    @property
+    def has_gate(self) -> bool:
+        return any(settings.gate is not None for settings in self.populations.values())
+
+    @property
+    def needs_embedding(self) -> bool:
+        return self.has_gate or self.population_classifier is not None
 
     @classmethod
     def load(
@@ -159,16 +208,38 @@ class Predictor:
         return cls(model_dir, precision, threads, limits)
 
     @property
+    def default_population(self) -> str:
+        """The population of a model of one; for several, the first (children) when nothing else decides."""
+        return next(iter(self.populations))
+
+    @property
     def temperature(self) -> float:
-        return float(self.card["calibration"]["temperature"])
+        return self.populations[self.default_population].temperature
 
     @property
     def threshold(self) -> float:
-        return float(self.card["operating_point"]["threshold"])
+        return self.populations[self.default_population].threshold
 
     @property
     def operating_point(self) -> str:
-        return str(self.card["operating_point"]["name"])
+        return self.populations[self.default_population].operating_point
+
+    def decide_populations(self, embeddings: np.ndarray | None, n: int, ages: Sequence[float | None] | None) -> list[PopulationDecision]:
+        """Route each image: the model's only population, or the image's look overruled by a stated DICOM age."""
+        ages = list(ages) if ages is not None else [None] * n
+        if len(self.populations) == 1:
+            return [decide_population(None, None, only=self.default_population) for _ in range(n)]
+        looks: list[str | None] = (
+            self.population_classifier.predict(embeddings) if self.population_classifier is not None and embeddings is not None
+            else [None] * n
+        )
+        decisions = []
+        for look, age in zip(looks, ages):
+            decision = decide_population(look, age)
+            if decision.population not in self.populations:  # no classifier and no age: the first population, said so
+                decision = PopulationDecision(self.default_population, "default (nothing told the population)", look)
+            decisions.append(decision)
+        return decisions
 
     def run(self, batch: np.ndarray, outputs: Sequence[str] = ("logit",)) -> dict[str, np.ndarray]:
         """Named outputs (``logit``, ``heatmap``, ``embedding``) for preprocessed inputs ``N×3×H×W``."""
@@ -191,39 +262,70 @@ class Predictor:
     def logits(self, sources: Sequence[ImageInput], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         return self.outputs(sources, ["logit"], batch_size, progress)["logit"].reshape(-1)
 
+    def gate_scores(self, embeddings: np.ndarray | None, populations: list[str]) -> list[float | None]:
+        """Each image's out-of-distribution score under the gate of its own population (one product per population)."""
+        scores: list[float | None] = [None] * len(populations)
+        for name, settings in self.populations.items():
+            rows = [i for i, p in enumerate(populations) if p == name]
+            if rows and settings.gate is not None and embeddings is not None:
+                for i, score in zip(rows, settings.gate.score(embeddings[rows])):
+                    scores[i] = float(score)
+        return scores
+
     def predict(
         self, images: ImageInput | Sequence[ImageInput], heatmap: bool = False, batch_size: int = 32
     ) -> Prediction | list[Prediction]:
-        """Calibrated probability, label at the model's threshold and (on request) a heat map.
+        """Calibrated probability, label at the threshold of the image's population and (on request) a heat map.
 
-        A single image gives one :class:`Prediction`; a list gives a list.
+        A single image gives one :class:`Prediction`; a list gives a list. A
+        DICOM's PatientAge is read from paths and bytes and routes the image.
         """
         single = not isinstance(images, (list, tuple))
         sources = [images] if single else list(images)
         predictions: list[Prediction] = []
         for chunk in batched(sources, batch_size):
-            predictions += self.predict_tensors(np.stack([self.preprocess(s) for s in chunk]), heatmap)
+            loaded = [self.read_image(s) for s in chunk]
+            tensors = np.stack([self.preprocess(image) for image, _ in loaded])
+            predictions += self.predict_tensors(tensors, heatmap, ages=[age for _, age in loaded])
         return predictions[0] if single else predictions
 
-    def predict_tensors(self, batch: np.ndarray, heatmap: bool = False) -> list[Prediction]:
-        """:meth:`predict` for inputs already preprocessed (``N×3×H×W``), e.g. decoded by worker threads."""
-        names = ["logit"] + (["heatmap"] if heatmap else []) + (["embedding"] if self.gate else [])
+    def read_image(self, source: ImageInput) -> tuple[Image.Image, float | None]:
+        """The grayscale image and, for a DICOM, the patient's age in years (None when not stated)."""
+        if isinstance(source, (str, Path, bytes)):
+            loaded = load_xray(source, self.limits)
+            return loaded.image, loaded.age_years
+        return to_grayscale_image(source, self.limits), None
+
+    def predict_tensors(
+        self, batch: np.ndarray, heatmap: bool = False, ages: Sequence[float | None] | None = None
+    ) -> list[Prediction]:
+        """:meth:`predict` for inputs already preprocessed (``N×3×H×W``), e.g. decoded by worker threads.
+
+        ``ages`` (years, from DICOM PatientAge; None where unknown) overrule the image's look for the population.
+        """
+        names = ["logit"] + (["heatmap"] if heatmap else []) + (["embedding"] if self.needs_embedding else [])
         out = self.run(batch, names)
-        logits, maps = out["logit"].reshape(-1), out.get("heatmap")
-        scores = self.gate.score(out["embedding"]) if self.gate else None
+        logits, maps, embeddings = out["logit"].reshape(-1), out.get("heatmap"), out.get("embedding")
+        decisions = self.decide_populations(embeddings, len(logits), ages)
+        scores = self.gate_scores(embeddings, [d.population for d in decisions])
         predictions = []
-        for i, logit in enumerate(logits):
-            probability = float(calibrated_probability(logit, self.temperature))
+        for i, (logit, decision) in enumerate(zip(logits, decisions)):
+            settings = self.populations[decision.population]
+            score = scores[i]
+            probability = float(calibrated_probability(logit, settings.temperature))
             predictions.append(
                 Prediction(
                     probability=probability,
-                    label=CLASS_NAMES[int(probability >= self.threshold)],
-                    threshold=self.threshold,
-                    operating_point=self.operating_point,
+                    label=CLASS_NAMES[int(probability >= settings.threshold)],
+                    threshold=settings.threshold,
+                    operating_point=settings.operating_point,
                     logit=float(logit),
-                    in_distribution=bool(scores[i] <= self.gate.threshold) if scores is not None else None,
-                    ood_score=float(scores[i]) if scores is not None else None,
+                    in_distribution=bool(score <= settings.gate.threshold) if score is not None else None,
+                    ood_score=score,
                     heatmap=maps[i] if maps is not None else None,
+                    population=decision.population,
+                    population_source=decision.source,
+                    population_note=decision.note,
                 )
             )
         return predictions

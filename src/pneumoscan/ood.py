@@ -21,7 +21,15 @@ import numpy as np
 
 GATE_FILE = "ood_gate.npz"
 DEFAULT_KEEP = 0.99
-WARNING = "This does not look like a frontal chest X-ray of a child; the result is not reliable."
+WARNING = (
+    "Not validated for this image: it does not look like the frontal chest X-rays this model was validated on; "
+    "the probability is shown for reference only."
+)
+
+
+def gate_file(population: str | None = None) -> str:
+    """``ood_gate.npz`` for a model of one population, ``ood_gate.<population>.npz`` for each of several."""
+    return GATE_FILE if population is None else f"ood_gate.{population}.npz"
 
 
 @cache
@@ -58,8 +66,8 @@ class OodGate:
     def in_distribution(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) <= self.threshold
 
-    def save(self, model_dir: Path) -> Path:
-        path = Path(model_dir) / GATE_FILE
+    def save(self, model_dir: Path, population: str | None = None) -> Path:
+        path = Path(model_dir) / gate_file(population)
         np.savez_compressed(
             path,
             mean=self.mean.astype(np.float32),
@@ -70,8 +78,8 @@ class OodGate:
         return path
 
     @classmethod
-    def load(cls, model_dir: Path) -> OodGate | None:
-        path = Path(model_dir) / GATE_FILE
+    def load(cls, model_dir: Path, population: str | None = None) -> OodGate | None:
+        path = Path(model_dir) / gate_file(population)
         if not path.is_file():
             return None
         with np.load(path) as data:
