@@ -44,6 +44,10 @@ predictions = Table(
     Column("label", String(16), nullable=False),
     Column("in_distribution", Boolean, nullable=True),
     Column("ood_score", Float, nullable=True),
+    Column("population", String(16), nullable=True),  # child or adult: whose operating point decided (0002)
+    Column("population_source", String(64), nullable=True),  # what decided it; never the age itself
+    Column("operating_point", String(128), nullable=True),
+    Column("population_note", String(256), nullable=True),  # the image and the DICOM age disagree (the age is not kept)
 )
 
 

@@ -245,15 +245,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pneumoscan.evaluation import evaluate
 
     out = args.out or Path("runs") / f"eval-{args.split}"
-    metrics = evaluate(args.model or DEFAULT_MODEL_DIR, args.data or default_data_root(), args.split, out, args.policy, args.target,
+    results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
                        "int8" if args.int8 else "fp32")  # fmt: skip
-    low, high = metrics["auroc_ci"]
-    print(
-        f"{args.split}: n={metrics['n']} AUROC {metrics['auroc']:.4f} (95% CI {low:.4f}-{high:.4f}) | "
-        f"at threshold {metrics['threshold']:.4f} ({metrics['operating_point']}): sensitivity {metrics['sensitivity']:.4f}, "
-        f"specificity {metrics['specificity']:.4f}, precision {metrics['precision']:.4f}, accuracy {metrics['accuracy']:.4f}"
-    )
-    print(f"report: {out / 'report.md'}")
+    by_population = results.get("populations") or {"": results}
+    for population, metrics in by_population.items():
+        low, high = metrics["auroc_ci"]
+        print(
+            f"{args.split}{' ' + population if population else ''}: n={metrics['n']} AUROC {metrics['auroc']:.4f} "
+            f"(95% CI {low:.4f}-{high:.4f}) | at threshold {metrics['threshold']:.4f} ({metrics['operating_point']}): "
+            f"sensitivity {metrics['sensitivity']:.4f}, specificity {metrics['specificity']:.4f}, "
+            f"precision {metrics['precision']:.4f}, accuracy {metrics['accuracy']:.4f}"
+        )
+        for view, figures in (metrics.get("by_view") or {}).items():
+            if "sensitivity" in figures:
+                print(f"  within {view}: n={figures['n']} AUROC {figures['auroc']:.4f}, sensitivity {figures['sensitivity']:.4f}, "
+                      f"specificity {figures['specificity']:.4f}")  # fmt: skip
+        if metrics.get("by_view"):
+            print(f"  view mix reversed: AUROC {metrics['by_view']['reversed_view_mix']['auroc']:.4f} "
+                  f"(view alone: {metrics['by_view']['view_only_baseline']['auroc_reversed_view_mix']:.4f})")  # fmt: skip
+        print(f"report: {(out / population if population else out) / 'report.md'}")
     return 0
 
 
@@ -283,14 +293,15 @@ def run_export(args: argparse.Namespace) -> int:
     for checkpoint in args.checkpoint:
         if not checkpoint.is_file():
             raise ModelNotFoundError(f"no checkpoint at {checkpoint}: train one with 'pneumoscan train --out DIR'")
-    card = export(args.checkpoint, args.out, args.data or default_data_root(), args.name, args.policy, args.target,
-                  args.int8, args.tta_zoom)  # fmt: skip
-    test = card["test"]["metrics"]
-    print(
-        f"exported {card['name']} to {args.out}: threshold {card['operating_point']['threshold']:.4f} "
-        f"({card['operating_point']['name']}), temperature {card['calibration']['temperature']:.3f}; "
-        f"test AUROC {test['auroc']:.4f}, sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}"
-    )
+    card = export(args.checkpoint, args.out, args.data, args.name, args.policy, args.target, args.int8, args.tta_zoom)
+    entries = card.get("populations") or {card.get("population", "child"): card}
+    for population, entry in entries.items():
+        test, op = entry["test"]["metrics"], entry["operating_point"]
+        print(
+            f"exported {card['name']} to {args.out} [{population}]: threshold {op['threshold']:.4f} ({op['name']}), "
+            f"temperature {entry['calibration']['temperature']:.3f}; test AUROC {test['auroc']:.4f}, "
+            f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}"
+        )
     return 0
 
 

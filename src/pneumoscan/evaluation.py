@@ -366,12 +366,14 @@ class ModelUnderTest:
             split = self.onnx.card["validation"]["split"]
             self.seed, self.val_fraction = split["seed"], split["val_fraction"]
             self.name = self.onnx.card["name"]
+            datasets = self.onnx.card.get("data", {}).get("datasets") or []
+            self.sources = [PROJECT_ROOT / d["source"] for d in datasets] or [default_data_root()]
         elif self.path.is_file() and self.path.suffix == ".ckpt":
             if precision != "fp32":
                 raise ConfigurationError("int8 needs an exported model folder, not a checkpoint")
             self.onnx = None
             config = run_data_config(self.path)
-            self.seed, self.val_fraction = config.seed, config.val_fraction
+            self.seed, self.val_fraction, self.sources = config.seed, config.val_fraction, config.sources
             self.name = self.path.name
         else:
             raise ModelNotFoundError(f"{self.path} is neither a training checkpoint (.ckpt) nor an exported model folder")
@@ -381,28 +383,55 @@ class ModelUnderTest:
             return self.onnx.logits(paths, progress=True)
         return checkpoint_logits(self.path, paths)
 
-    def calibration(self, root: Path, policy: str, target: float) -> Calibration:
-        """An exported model's own; for a checkpoint, fitted now on its validation split."""
+    def calibrations(self, sources: list[Path], policy: str, target: float) -> dict[str, Calibration]:
+        """Per population: an exported model's own; for a checkpoint, fitted now on each population's validation part."""
         if self.onnx is not None:
             card = self.onnx.card
-            op = card["operating_point"]
-            return Calibration(card["calibration"]["temperature"], OperatingPoint(op["threshold"], op["policy"], op["target"], op["name"]))
-        val = split_records(root, "val", self.seed, self.val_fraction)
-        return fit_calibration(self.logits([r.path for r in val]), np.asarray([r.label for r in val]), policy, target)
+            entries = card.get("populations") or {card.get("population", "child"): card}
+            return {
+                population: Calibration(entry["calibration"]["temperature"], OperatingPoint(
+                    entry["operating_point"]["threshold"], entry["operating_point"]["policy"],
+                    entry["operating_point"]["target"], entry["operating_point"]["name"]))
+                for population, entry in entries.items()
+            }
+        val = split_records(sources, "val", self.seed, self.val_fraction)
+        logits = self.logits([r.path for r in val])
+        out = {}
+        for population in sorted({r.population or "child" for r in val}):
+            pick = [i for i, r in enumerate(val) if (r.population or "child") == population]
+            out[population] = fit_calibration(logits[pick], np.asarray([val[i].label for i in pick]), policy, target)
+        return out
 
 
 def evaluate(
     model: Path,
-    root: Path,
+    root: Path | list[Path] | None,
     split: str,
     out: Path,
     policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY,
     precision: str = "fp32",
 ) -> dict:
-    """Score ``split`` and write the evaluation files into ``out``."""
+    """Score ``split`` and write the evaluation files into ``out`` (``out/<population>`` for a model of several).
+
+    Each image is measured at the operating point of the population its dataset
+    records; ``root`` defaults to the model's own datasets. Returns the metrics of
+    a single-population model, or ``{"populations": {name: metrics}}``.
+    """
     subject = ModelUnderTest(model, precision)
-    calibration = subject.calibration(root, policy, target)
-    records = split_records(root, split, subject.seed, subject.val_fraction)
+    sources = subject.sources if root is None else (list(root) if isinstance(root, (list, tuple)) else [Path(root)])
+    calibrations = subject.calibrations(sources, policy, target)
+    records = split_records(sources, split, subject.seed, subject.val_fraction)
     logits = subject.logits([r.path for r in records])
-    return write_evaluation(Path(out), records, logits, calibration, split, Path(root), subject.name)
+    single = len(calibrations) == 1
+    results = {}
+    for population, calibration in calibrations.items():
+        pick = [i for i, r in enumerate(records) if (r.population or "child") == population or single]
+        if not pick:
+            continue
+        folder = Path(out) if single else Path(out) / population
+        results[population] = write_evaluation(folder, [records[i] for i in pick], logits[pick], calibration, split, None,
+                                               subject.name if single else f"{subject.name} ({population})")  # fmt: skip
+    if not results:
+        raise ConfigurationError(f"no image of {split} belongs to a population the model is validated for ({', '.join(calibrations)})")
+    return next(iter(results.values())) if single else {"populations": results}

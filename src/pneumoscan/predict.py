@@ -20,19 +20,27 @@ from tqdm import tqdm
 
 from pneumoscan.errors import InputError
 from pneumoscan.explanation import save_side_by_side
-from pneumoscan.imaging import Limits, load_xray
+from pneumoscan.imaging import LoadedImage, Limits, load_xray
 from pneumoscan.inference import Prediction, Predictor
 from pneumoscan.preprocessing import preprocess
 
 T = TypeVar("T")
 
 
+NOT_VALIDATED = "not validated for this image"
+
+
 @dataclass
 class Record:
     path: str
+    decision: str | None = None  # the label, or NOT_VALIDATED when the gate flags the image
     probability: float | None = None
     label: str | None = None
     threshold: float | None = None
+    operating_point: str | None = None
+    population: str | None = None
+    population_source: str | None = None
+    population_note: str | None = None
     in_distribution: bool | None = None
     ood_score: float | None = None
     warning: str | None = None
@@ -62,14 +70,14 @@ def files_in_folder(folder: Path) -> list[Path]:
     )
 
 
-def read_image(path: Path, limits: Limits | None = None) -> Image.Image:
+def read_image(path: Path, limits: Limits | None = None) -> LoadedImage:
     """Decode a file with the one loader; its typed errors carry the plain message."""
     if not path.exists():
         raise InputError("file not found")
     if path.is_dir():
         raise InputError("is a folder, not an image")
     try:
-        return load_xray(path, limits).image
+        return load_xray(path, limits)
     except PermissionError as exc:
         raise InputError("cannot be read: permission denied") from exc
 
@@ -100,6 +108,7 @@ class Pending:
     index: int
     tensor: np.ndarray
     image: Image.Image | None
+    age_years: float | None = None  # a DICOM's PatientAge: it routes the image to its population
 
 
 def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | None = None, batch_size: int = 16,
@@ -127,7 +136,8 @@ def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path 
                     records[i].error = failure_message(decoded)
                 else:
                     pending.append(Pending(i, *decoded))
-            for item, prediction in zip(pending, score_each(predictor, [p.tensor for p in pending], heatmap_dir is not None)):
+            scored = score_each(predictor, [p.tensor for p in pending], heatmap_dir is not None, [p.age_years for p in pending])
+            for item, prediction in zip(pending, scored):
                 record = records[item.index]
                 if isinstance(prediction, BaseException):
                     record.error = failure_message(prediction, "scoring")
@@ -135,7 +145,7 @@ def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path 
                 fill(record, prediction)
                 if heatmap_dir is not None and item.image is not None and prediction.heatmap is not None:
                     target = heatmap_dir / f"{item.index:05d}-{Path(record.path).stem}.png"
-                    caption = f"{prediction.label}  p={prediction.probability:.3f}  (threshold {prediction.threshold:.3f})"
+                    caption = heatmap_caption(prediction)
                     drawn = guarded(lambda: save_side_by_side(item.image, prediction.heatmap, target, caption))
                     if isinstance(drawn, BaseException):
                         record.warning = f"the heat map could not be written: {failure_message(drawn)}"
@@ -145,24 +155,38 @@ def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path 
             yield from (records[i] for i in chunk)
 
 
-def decode_for_model(predictor: Predictor, path: Path, keep_image: bool) -> tuple[np.ndarray, Image.Image | None]:
-    image = read_image(path, predictor.limits)
-    return preprocess(image, predictor.image_size, predictor.intensity), image if keep_image else None
+def heatmap_caption(prediction: Prediction) -> str:
+    """The picture's caption: a flagged image gets no verdict, only the reason and the muted probability."""
+    if not prediction.validated:
+        return f"{NOT_VALIDATED}  (p={prediction.probability:.3f}, for reference)"
+    return f"{prediction.label}  p={prediction.probability:.3f}  (threshold {prediction.threshold:.3f}, {prediction.population})"
 
 
-def score_each(predictor: Predictor, tensors: list[np.ndarray], heatmap: bool) -> list[Prediction | BaseException]:
+def decode_for_model(predictor: Predictor, path: Path, keep_image: bool) -> tuple[np.ndarray, Image.Image | None, float | None]:
+    loaded = read_image(path, predictor.limits)
+    tensor = preprocess(loaded.image, predictor.image_size, predictor.intensity)
+    return tensor, loaded.image if keep_image else None, loaded.age_years
+
+
+def score_each(predictor: Predictor, tensors: list[np.ndarray], heatmap: bool,
+               ages: list[float | None] | None = None) -> list[Prediction | BaseException]:  # fmt: skip
     """One batched forward pass; if the batch fails, each input alone, so only the input at fault gets an error."""
     if not tensors:
         return []
-    batch = guarded(lambda: predictor.predict_tensors(np.stack(tensors), heatmap=heatmap))
+    ages = ages or [None] * len(tensors)
+    batch = guarded(lambda: predictor.predict_tensors(np.stack(tensors), heatmap=heatmap, ages=ages))
     if not isinstance(batch, BaseException):
         return list(batch)
-    alone = [guarded(lambda: predictor.predict_tensors(tensor[None], heatmap=heatmap)) for tensor in tensors]
+    alone = [guarded(lambda: predictor.predict_tensors(tensor[None], heatmap=heatmap, ages=[age])) for tensor, age in zip(tensors, ages)]
     return [outcome if isinstance(outcome, BaseException) else outcome[0] for outcome in alone]
 
 
 def fill(record: Record, prediction: Prediction) -> None:
     record.probability, record.label, record.threshold = prediction.probability, prediction.label, prediction.threshold
+    record.decision = prediction.label if prediction.validated else NOT_VALIDATED
+    record.operating_point = prediction.operating_point
+    record.population, record.population_source = prediction.population, prediction.population_source
+    record.population_note = prediction.population_note
     record.in_distribution, record.ood_score, record.warning = prediction.in_distribution, prediction.ood_score, prediction.warning
 
 
@@ -170,7 +194,8 @@ def format_records(records: list[Record], fmt: str) -> str:
     """``table`` for people, ``json`` and ``csv`` for programs."""
     if fmt == "json":
         return json.dumps([r.to_dict() for r in records], indent=2)
-    columns = ["path", "probability", "label", "threshold", "in_distribution", "ood_score", "heatmap", "error"]
+    columns = ["path", "decision", "probability", "label", "threshold", "population", "population_source", "operating_point",
+               "in_distribution", "ood_score", "heatmap", "error", "population_note"]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -179,13 +204,16 @@ def format_records(records: list[Record], fmt: str) -> str:
             writer.writerow({k: ("" if getattr(r, k) is None else getattr(r, k)) for k in columns})
         return buffer.getvalue().rstrip("\n")
     width = max([len(r.path) for r in records] + [4])
-    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<9}  {'threshold':<9}  note"]
+    lines = [f"{'path':<{width}}  {'decision':<29}  {'probability':>11}  {'threshold':<9}  {'population':<10}  note"]
     for r in records:
         if r.error:
-            lines.append(f"{r.path:<{width}}  {'-':>11}  {'ERROR':<9}  {'-':<9}  {r.error}")
+            lines.append(f"{r.path:<{width}}  {'ERROR':<29}  {'-':>11}  {'-':<9}  {'-':<10}  {r.error}")
+        elif r.decision == NOT_VALIDATED:  # no verdict: the probability in brackets, for reference only
+            note = "; ".join(n for n in (r.warning, r.population_note) if n)
+            lines.append(f"{r.path:<{width}}  {NOT_VALIDATED:<29}  {f'({r.probability:.4f})':>11}  {'-':<9}  {r.population or '-':<10}  {note}")
         else:
-            note = r.warning or ""
-            lines.append(f"{r.path:<{width}}  {r.probability:>11.4f}  {r.label:<9}  {r.threshold:<9.4f}  {note}")
+            note = r.population_note or ""
+            lines.append(f"{r.path:<{width}}  {r.decision or r.label:<29}  {r.probability:>11.4f}  {r.threshold:<9.4f}  {r.population or '-':<10}  {note}")
     return "\n".join(lines)
 
 

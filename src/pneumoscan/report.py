@@ -109,6 +109,10 @@ def render_report(rows: Sequence[Row], summary: dict, thumbnails: Path) -> str:
 def _model_line(model: dict) -> str:
     if not model:
         return "model unknown"
+    points = model.get("operating_points") or {}
+    if len(points) > 1:
+        described = "; ".join(f"{p}: {v['name']}, threshold {float(v['threshold']):.4f}" for p, v in points.items())
+        return html.escape(f"model {model.get('name')} ({model.get('precision')}), operating points by population: {described}")
     return html.escape(
         f"model {model.get('name')} ({model.get('precision')}), operating point "
         f"{model.get('operating_point')}, threshold {float(model.get('threshold', 0)):.4f}"
@@ -122,7 +126,7 @@ def _cards(summary: dict) -> str:
         ("studies scored", summary.get("scored", 0), ""),
         ("above threshold (PNEUMONIA)", labels.get("PNEUMONIA", 0), "pos"),
         ("below threshold (NORMAL)", labels.get("NORMAL", 0), "neg"),
-        ("flagged as unlike the training X-rays", summary.get("out_of_distribution", 0), "warn"),
+        ("not validated for this image (no verdict)", summary.get("out_of_distribution", 0), "warn"),
         ("skipped (not an image pneumoscan reads)", summary.get("skipped", 0), ""),
         ("errors", summary.get("errors", 0), "warn" if summary.get("errors") else ""),
     ]
@@ -215,9 +219,13 @@ def _table_row(row: Row, threshold: float, thumbnails: Path, embed: bool, folder
     if embed and row.probability is not None and thumbnail.is_file():
         data = base64.b64encode(thumbnail.read_bytes()).decode("ascii")
         picture = f'<img src="data:image/jpeg;base64,{data}" alt="X-ray and heat map of rank {row.rank}" loading="lazy">'
+    threshold = row.threshold if row.threshold is not None else threshold  # each study's own population's
     if row.probability is None:
         probability_cell = '<td data-value="">–</td>'
         label_cell = f'<td>{"skipped" if row.status == "skipped" else "error"}</td>'
+    elif row.in_distribution is False:  # no red or green verdict: the reason first, the probability muted beneath
+        probability_cell = f'<td data-value="{row.probability:.6f}" class="muted">({row.probability:.3f})</td>'
+        label_cell = '<td class="unvalidated"><b>not validated for this image</b><br><span class="muted">for reference only</span></td>'
     else:
         colour = "#b3261e" if row.probability >= threshold else "#1b6e3a"
         probability_cell = (
@@ -229,7 +237,13 @@ def _table_row(row: Row, threshold: float, thumbnails: Path, embed: bool, folder
         label_cell = f'<td class="{css}">{html.escape(row.label or "")}</td>'
     notes = []
     if row.in_distribution is False:
-        notes.append('<span class="warn">unlike the training X-rays: result unreliable</span>')
+        notes.append('<span class="warn">unlike the chest X-rays this model was validated on</span>')
+    if row.population:
+        notes.append(f'<span class="muted">{html.escape(row.population)} operating point'
+                     f'{f", threshold {row.threshold:.3f}" if row.threshold is not None else ""}'
+                     f' ({html.escape(row.population_source or "")})</span>')
+    if row.population_note:
+        notes.append(f'<span class="warn">{html.escape(row.population_note)}</span>')
     if row.error:
         notes.append(html.escape(row.error))
     if row.study_instance_uid:

@@ -39,7 +39,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -150,6 +150,10 @@ class PredictionBody(BaseModel):
     label: str
     threshold: float
     operating_point: str
+    population: str | None = Field(None, description="child or adult: whose temperature, threshold and gate were used")
+    population_source: str | None = Field(None, description="what decided the population: the image, the DICOM PatientAge, or the model's only population")
+    population_note: str | None = Field(None, description="set when the image and the DICOM PatientAge disagree")
+    validated: bool = Field(True, description="false: not validated for this image (the gate flagged it); show no verdict")
     in_distribution: bool | None
     ood_score: float | None
     model: ModelInfo
@@ -299,7 +303,11 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "probability": row["probability"],
             "label": row["label"],
             "threshold": row["threshold"],
-            "operating_point": predictor.operating_point,
+            "operating_point": row.get("operating_point") or predictor.operating_point,
+            "population": row.get("population"),
+            "population_source": row.get("population_source"),
+            "population_note": row.get("population_note"),
+            "validated": row["in_distribution"] is not False,
             "in_distribution": row["in_distribution"],
             "ood_score": row["ood_score"],
             "model": {"name": row["model_name"], "version": row["model_version"], "sha256": row["model_sha256"]},
@@ -310,7 +318,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
 
     def score(data: bytes) -> tuple[object, object, str]:
         loaded = load_xray(data, limits)
-        prediction = predictor.predict(loaded.image, heatmap=True)
+        tensor = predictor.preprocess(loaded.image)
+        prediction = predictor.predict_tensors(tensor[None], heatmap=True, ages=[loaded.age_years])[0]
         return loaded, prediction, loaded.format
 
     @app.post(f"{API}/predictions", status_code=201, response_model=PredictionBody,
@@ -340,6 +349,10 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "label": prediction.label,
             "in_distribution": prediction.in_distribution,
             "ood_score": prediction.ood_score,
+            "population": prediction.population,
+            "population_source": prediction.population_source,
+            "operating_point": prediction.operating_point,
+            "population_note": prediction.population_note,
         }
         kept = None
         if settings.keep_uploads:  # kept whole, before the record, or neither: no truncated file, no row without it

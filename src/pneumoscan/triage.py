@@ -64,6 +64,10 @@ class Row:
     label: str | None = None
     in_distribution: bool | None = None
     ood_score: float | None = None
+    population: str | None = None  # child or adult: whose operating point decided
+    threshold: float | None = None  # that population's threshold
+    population_source: str | None = None  # the image, the DICOM PatientAge, or the model's only population
+    population_note: str | None = None  # the image and the DICOM age disagree
     error: str | None = None
     status: str = SCORED  # scored | skipped (not an image pneumoscan reads) | error (an image that failed)
     format: str | None = None
@@ -115,6 +119,7 @@ class Decoded:
     row: Row
     tensor: np.ndarray | None = None
     image: Image.Image | None = field(default=None, repr=False)
+    age_years: float | None = field(default=None, repr=False)  # DICOM PatientAge: routes the study, never written down
 
 
 # --------------------------------------------------------------------------- inputs
@@ -166,7 +171,7 @@ def _decode(row: Row, path: Path, image_size: int, predictor: Predictor) -> Deco
     image = loaded.image
     thumbnail = image.copy()
     thumbnail.thumbnail((THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))  # cheap now; the overlay is drawn from this
-    return Decoded(row, preprocess(image, image_size, predictor.intensity), thumbnail)
+    return Decoded(row, preprocess(image, image_size, predictor.intensity), thumbnail, loaded.age_years)
 
 
 def _str_or_none(value: object) -> str | None:
@@ -211,6 +216,9 @@ def _row_from_csv(record: dict[str, str], path: Path, line: int) -> Row:
     def optional(name: str) -> str | None:
         return from_spreadsheet_safe(record[name]) or None
 
+    def optional_new(name: str) -> str | None:  # columns a worklist from before populations does not have
+        return from_spreadsheet_safe(record.get(name) or "") or None
+
     if record["sha256"] and not SHA256_HEX.fullmatch(record["sha256"]):
         raise ConfigurationError(f"{path}, line {line}: the sha256 column holds {record['sha256'][:80]!r}, not a SHA-256 "
                                  "digest; the worklist was altered: score the studies again into a new --out")  # fmt: skip
@@ -222,6 +230,10 @@ def _row_from_csv(record: dict[str, str], path: Path, line: int) -> Row:
         label=optional("label"),
         in_distribution={"True": True, "False": False}.get(record["in_distribution"]),
         ood_score=float(record["ood_score"]) if record["ood_score"] else None,
+        population=optional_new("population"),
+        threshold=float(record["threshold"]) if record.get("threshold") else None,
+        population_source=optional_new("population_source"),
+        population_note=optional_new("population_note"),
         error=optional("error"),
         status=from_spreadsheet_safe(record["status"]),
         format=optional("format"),
@@ -354,13 +366,16 @@ def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbna
     ready = [item for item in decoded if item.tensor is not None]
     drawings = []
     for chunk in batched(ready, batch_size):
-        for item, prediction in zip(chunk, score_each(predictor, [item.tensor for item in chunk], heatmap=True)):
+        outcomes = score_each(predictor, [item.tensor for item in chunk], heatmap=True, ages=[item.age_years for item in chunk])
+        for item, prediction in zip(chunk, outcomes):
             row = item.row
             if isinstance(prediction, BaseException):
                 row.status, row.error = FAILED, failure_message(prediction, "scoring")
                 continue
             row.probability, row.label = prediction.probability, prediction.label
             row.in_distribution, row.ood_score = prediction.in_distribution, prediction.ood_score
+            row.population, row.threshold = prediction.population, prediction.threshold
+            row.population_source, row.population_note = prediction.population_source, prediction.population_note
             drawings.append((item.image, prediction.heatmap, thumbnails / row.thumbnail_name))
         if bar is not None:
             bar.update(len(chunk))
@@ -378,6 +393,7 @@ def save_thumbnails(image: Image.Image, heatmap: np.ndarray, path: Path) -> None
 
 
 def predictor_description(predictor: Predictor) -> dict:
+    """The model and every operating point it may use, one per population."""
     return {
         "name": predictor.card.get("name"),
         "folder": Path(predictor.model_dir).name,
@@ -385,6 +401,10 @@ def predictor_description(predictor: Predictor) -> dict:
         "threshold": predictor.threshold,
         "operating_point": predictor.operating_point,
         "temperature": predictor.temperature,
+        "operating_points": {
+            population: {"threshold": s.threshold, "name": s.operating_point, "temperature": s.temperature}
+            for population, s in predictor.populations.items()
+        },
     }
 
 
@@ -392,7 +412,8 @@ def summarise(rows: list[Row], model: dict, timings: Timings, *, shard: Shard | 
               resumed: int = 0, inputs: int | None = None) -> dict:  # fmt: skip
     """Counts by outcome, the model and its operating point, timings: what ``summary.json`` holds."""
     scored = [r for r in rows if r.status == SCORED]
-    labels = {label: sum(r.label == label for r in scored) for label in ("PNEUMONIA", "NORMAL")}
+    validated = [r for r in scored if r.in_distribution is not False]  # a flagged study is no verdict either way
+    labels = {label: sum(r.label == label for r in validated) for label in ("PNEUMONIA", "NORMAL")}
     return {
         "pneumoscan_version": pneumoscan.__version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -402,6 +423,8 @@ def summarise(rows: list[Row], model: dict, timings: Timings, *, shard: Shard | 
         "scored": len(scored),
         "labels": labels,
         "out_of_distribution": sum(r.in_distribution is False for r in scored),
+        "not_validated": sum(r.in_distribution is False for r in scored),
+        "populations": {p: sum(r.population == p for r in scored) for p in sorted({r.population for r in scored if r.population})},
         "skipped": sum(r.status == SKIPPED for r in rows),
         "errors": sum(r.status == FAILED for r in rows),
         "shard": str(shard) if shard else None,

@@ -81,16 +81,31 @@ async function showPicture(id, url) {
 
 function render(result, file) {
   const pneumonia = result.label === "PNEUMONIA";
+  const validated = result.in_distribution !== false;
   const decision = $("decision");
-  decision.textContent = (pneumonia ? "Pneumonia suspected" : "No pneumonia found") + ` — operating point: ${result.operating_point}`;
-  decision.className = "decision " + (pneumonia ? "pneumonia" : "normal");
   const pct = (x) => `${(100 * x).toFixed(1)} %`;
-  $("probability-text").textContent = `Calibrated probability of pneumonia: ${pct(result.probability)} (threshold ${pct(result.threshold)}).`;
+  const who = result.population ? ` (${result.population}; ${result.population_source})` : "";
+  if (validated) {
+    decision.textContent = (pneumonia ? "Pneumonia suspected" : "No pneumonia found") + ` — operating point: ${result.operating_point}${who}`;
+    decision.className = "decision " + (pneumonia ? "pneumonia" : "normal");
+    $("probability-text").textContent = `Calibrated probability of pneumonia: ${pct(result.probability)} (threshold ${pct(result.threshold)}).`;
+    $("probability-text").className = "";
+  } else {
+    // No red or green verdict for an image unlike those validated: the reason first, the probability muted beneath.
+    decision.textContent = "Not validated for this image";
+    decision.className = "decision unvalidated";
+    $("probability-text").textContent = `For reference only: the model's probability would be ${pct(result.probability)}; it was not validated on images like this one.`;
+    $("probability-text").className = "muted";
+  }
   $("bar-fill").style.width = pct(result.probability).replace(" ", "");
+  $("bar-fill").className = validated ? "" : "muted-fill";
   $("bar-threshold").style.left = pct(result.threshold).replace(" ", "");
   const ood = $("ood");
-  ood.textContent = "This does not look like a frontal chest X-ray of a child; the result is not reliable.";
-  show(ood, result.in_distribution === false);
+  ood.textContent = "It does not look like the frontal chest X-rays of children and adults this model was validated on.";
+  show(ood, !validated);
+  const note = $("population-note");
+  note.textContent = result.population_note || "";
+  show(note, Boolean(result.population_note));
   showPicture("xray", result.image_url);
   showPicture("heatmap", result.heatmap_url);
   show($("result"), true);
@@ -107,8 +122,11 @@ async function refreshRecent() {
   const body = $("recent");
   body.replaceChildren(...rows.map((r) => {
     const tr = document.createElement("tr");
-    const cells = [r.created_at.replace("T", " ").slice(0, 19), r.label === "PNEUMONIA" ? "Pneumonia suspected" : "No pneumonia found",
-                   `${(100 * r.probability).toFixed(1)} %`, r.in_distribution === false ? "No — result not reliable" : "Yes"];
+    const flagged = r.in_distribution === false;
+    const cells = [r.created_at.replace("T", " ").slice(0, 19),
+                   flagged ? "Not validated for this image" : (r.label === "PNEUMONIA" ? "Pneumonia suspected" : "No pneumonia found"),
+                   flagged ? `(${(100 * r.probability).toFixed(1)} %)` : `${(100 * r.probability).toFixed(1)} %`,
+                   r.population || "–", flagged ? "No" : "Yes"];
     for (const text of cells) { const td = document.createElement("td"); td.textContent = text; tr.append(td); }
     return tr;
   }));
