@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscan.config import PROJECT_ROOT
 from pneumoscan.cli import batches, main
 
 
@@ -26,7 +27,7 @@ def test_bad_data_root_is_a_message_not_a_traceback(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 2
-    assert "pneumoscan: error: no chest X-ray dataset" in result.stderr
+    assert "pneumoscan: error: no dataset at" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -91,5 +92,8 @@ def test_every_settings_file_in_configs_is_accepted_by_train(config: Path, monke
     assert main(["train", "--config", str(config)]) == 0
     for table in tomllib.loads(config.read_text()).values():
         for key, value in table.items():
+            if key == "root":  # dataset paths are relative to the project root, like the settings files
+                assert [p.resolve() for p in captured["args"].data] == [(PROJECT_ROOT / v).resolve() for v in value]
+                continue
             got = getattr(captured["args"], key)
             assert (list(got) if isinstance(got, tuple) else got) == value, key

@@ -258,3 +258,57 @@ def test_the_head_of_a_file_condemns_what_its_header_condemns(xray: Path) -> Non
     check_head(data[:HEAD_BYTES])  # a good X-ray passes
     check_head(data[:40])  # a head too short to tell is left to the loader
     check_head(b"")
+
+
+# --- real adult inputs: old ACR-NEMA files, body part and view ------------------------------
+
+
+@pytest.fixture(scope="module")
+def adult_film(adult_root: Path) -> Path:
+    return sorted((adult_root / "images").glob("*.jpeg"))[0]
+
+
+def test_an_acr_nema_file_without_preamble_or_meta_decodes(adult_film: Path) -> None:
+    from dicom_factory import acr_nema_dicom
+
+    data = acr_nema_dicom(adult_film, bits=10, photometric="MONOCHROME1")
+    assert data[128:132] != b"DICM" and b"\x02\x00\x10\x00" not in data[:256]  # no preamble, no File Meta group
+    loaded = load_xray(data)
+    source = np.asarray(Image.open(adult_film).convert("L"), dtype=np.float64)
+    decoded = np.asarray(loaded.image, dtype=np.float64)
+    assert loaded.format == "dicom" and decoded.shape == source.shape
+    assert np.corrcoef(source.ravel(), decoded.ravel())[0, 1] > 0.999  # MONOCHROME1 inverted back, 10 bits scaled to 8
+    assert np.abs(source - decoded).mean() < 2.0
+    assert loaded.age_years == 45 and loaded.info["Modality"] == "CR"
+
+
+@pytest.mark.parametrize("part", ["SKULL", "HAND", "KNEE", "ABDOMEN", "PELVIS", "L SPINE", "FOOT"])
+def test_a_film_of_another_body_part_is_refused(adult_film: Path, part: str) -> None:
+    from dicom_factory import acr_nema_dicom
+
+    with pytest.raises(NotARadiograph, match=f"BodyPartExamined '{part}'.*not the chest"):
+        load_xray(acr_nema_dicom(adult_film, body_part=part))
+
+
+@pytest.mark.parametrize("part", ["CHEST", "THORAX", "LUNG", "PORT CHEST", "CHEST_PA", "", None, "UNKNOWN"])
+def test_chest_synonyms_and_empty_body_parts_are_scored(adult_film: Path, part: str | None) -> None:
+    from dicom_factory import acr_nema_dicom
+
+    assert load_xray(acr_nema_dicom(adult_film, body_part=part)).image.size == (256, 256)
+
+
+@pytest.mark.parametrize("view", ["LL", "RL", "LATERAL", "LAT"])
+def test_a_lateral_view_is_refused(adult_film: Path, view: str) -> None:
+    from dicom_factory import acr_nema_dicom
+
+    with pytest.raises(NotARadiograph, match=f"lateral view \\(ViewPosition '{view}'\\)"):
+        load_xray(acr_nema_dicom(adult_film, view=view))
+
+
+@pytest.mark.parametrize(("age", "years"), [("045Y", 45.0), ("006M", 0.5), ("012W", 12 * 7 / 365.25), ("", None), ("abc", None)])
+def test_patient_age_is_read_in_years(adult_film: Path, age: str, years: float | None) -> None:
+    from dicom_factory import acr_nema_dicom
+
+    loaded = load_xray(acr_nema_dicom(adult_film, age=age))
+    assert loaded.age_years == (pytest.approx(years) if years is not None else None)
+    assert "PatientAge" not in loaded.info  # a patient field: never returned or logged

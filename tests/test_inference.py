@@ -158,7 +158,8 @@ def test_predict_command_exit_code_is_zero_when_all_files_score(data_root: Path)
     result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "predict", str(path), "--format", "csv"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.strip().splitlines()
-    assert header == "path,probability,label,threshold,in_distribution,ood_score,heatmap,error" and row.startswith(str(path))
+    assert header == ("path,decision,probability,label,threshold,population,population_source,operating_point,"
+                      "in_distribution,ood_score,heatmap,error,population_note") and row.startswith(str(path))
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,7 @@ def test_predictions_carry_the_out_of_distribution_verdict(predictor: Predictor,
     assert isinstance(xray.in_distribution, bool) and xray.ood_score >= 0
     for blank in (Image.new("L", (224, 224), 0), Image.new("L", (224, 224), 255)):
         verdict = predictor.predict(blank)
-        assert verdict.in_distribution is False and "not reliable" in verdict.warning
+        assert verdict.in_distribution is False and "Not validated for this image" in verdict.warning
 
 
 def test_the_cards_gate_figures_are_reproduced(shipped_model: Path, data_root: Path) -> None:
@@ -267,7 +268,8 @@ def test_predict_on_a_folder_mixing_every_kind_of_input(data_root: Path, tmp_pat
         assert records[name]["error"] and records[name].get("probability") is None, name
         assert "in_distribution" in records[name]
     assert "modality CT" in records["ct.dcm"]["error"]
-    assert records["photo.png"]["in_distribution"] is False and "not reliable" in records["photo.png"]["warning"]
+    assert records["photo.png"]["in_distribution"] is False and "Not validated for this image" in records["photo.png"]["warning"]
+    assert records["photo.png"]["decision"] == "not validated for this image"
     source = records["xray.jpeg"]["probability"]
     for name in ("xray16.png", "xray_rgba.png", "nested/IM000001", "nested/deeper/rle.dcm", "nested/no_preamble.dcm"):
         assert abs(records[name]["probability"] - source) <= 0.01, name
