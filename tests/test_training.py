@@ -157,3 +157,39 @@ def test_weight_averaging_saves_the_averaged_model_and_validates_it(data_root: P
 
     with pytest.raises(ConfigurationError, match="swa_epochs must lie between 1 and epochs - 1"):
         fit(*smoke_configs(data_root, tmp_path / "bad", epochs=2, swa_epochs=2))
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(small_data_root: Path, tmp_path: Path) -> None:
+    """Kill a real training process after its first epoch; --resume finishes it with the same split and settings."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "pneumoscan.cli", "train", "--data", str(small_data_root), "--out", str(run), "--epochs", "3",
+               "--limit-train-batches", "2", "--limit-val-batches", "2", "--batch-size", "8", "--workers", "0", "--seed", "5"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (run / "last.ckpt").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint be written whole (Lightning writes it atomically, then moves on)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    epoch_done = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] + 1
+    assert 1 <= epoch_done < 3, "the run was not interrupted in the middle"
+    split_before = json.loads((run / "config.json").read_text())["counts"]
+
+    resumed = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "train", "--resume", str(run)], capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["counts"] == split_before and config["data"]["seed"] == 5 and config["train"]["epochs"] == 3
+    assert config["resumed"][0]["epochs_done_before"] == epoch_done and "--resume" in config["resumed"][0]["command"]
+    assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2  # the third epoch ran
+    assert [row["epoch"] for row in read_history(run / "metrics.csv")][-1] == 2
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from pneumoscan.training import resume_configs
+
+    with pytest.raises(ConfigurationError, match="cannot be resumed"):
+        resume_configs(tmp_path)
