@@ -113,7 +113,8 @@ def test_a_mixed_folder_gives_a_complete_ranked_worklist(mixed_folder: tuple[Pat
 
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["scored"] == 6 and summary["skipped"] == 2 and summary["errors"] == 2
-    assert sum(summary["labels"].values()) == 6 and summary["model"]["threshold"] == predictor.threshold
+    assert sum(summary["labels"].values()) == 6 - summary["not_validated"] and summary["model"]["threshold"] == predictor.threshold
+    assert all(row["population"] in predictor.populations and float(row["threshold"]) > 0 for row in rows if row["probability"])
     assert summary["timing"]["images_per_second"] > 0
 
 
@@ -317,3 +318,21 @@ def test_merge_refuses_a_worklist_whose_sha256_is_not_a_digest(data_root: Path, 
     with pytest.raises(ConfigurationError, match="line 2: the sha256 column holds '../../../planted'"):
         merge([tmp_path / "part"], tmp_path / "merged" / "deep" / "out")
     assert not list(tmp_path.rglob("planted*"))
+
+
+def test_a_flagged_study_is_listed_as_not_validated_never_as_a_verdict(predictor: Predictor, data_root: Path, tmp_path: Path) -> None:
+    import skimage
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(Path(skimage.__file__).parent / "data" / "camera.png", folder / "photo.png")
+    shutil.copy(sample_images(data_root, 1)[0], folder / "xray.jpeg")
+    out = tmp_path / "triage"
+    summary = triage([folder], out, predictor, progress=False)
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert rows["photo.png"]["in_distribution"] == "False" and summary["not_validated"] == 1
+    assert sum(summary["labels"].values()) == 1  # the flagged study counts as neither PNEUMONIA nor NORMAL
+    report = (out / "report.html").read_text()
+    photo_row = next(line for line in report.split("<tr>") if "photo.png" in line)
+    assert "not validated for this image" in photo_row and 'class="pos"' not in photo_row and 'class="neg"' not in photo_row
+    assert "child operating point" in report

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import skimage
 
 from pneumoscan.config import PROJECT_ROOT
 from pneumoscan.data import list_records
@@ -47,7 +48,17 @@ def test_upload_in_the_browser_shows_label_probability_heatmap_and_errors(shippe
         assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 0
         assert page.evaluate("document.getElementById('xray').naturalWidth") > 0
         expect(page.locator("#recent tr")).to_have_count(1)
+        expect(page.locator("#recent tr").first).to_contain_text("child")
         page.screenshot(path=str(OUTPUT / "web-result.png"), full_page=True)
+
+        photo = Path(skimage.__file__).parent / "data" / "astronaut.png"  # a photo: the gate flags it
+        page.set_input_files("#file", str(photo))
+        expect(page.locator("#decision")).to_have_text("Not validated for this image", timeout=30_000)
+        assert page.get_attribute("#decision", "class") == "decision unvalidated"  # no red or green verdict
+        expect(page.locator("#probability-text")).to_contain_text("For reference only")
+        expect(page.locator("#ood")).to_be_visible()
+        expect(page.locator("#recent tr").first).to_contain_text("Not validated for this image")
+        page.screenshot(path=str(OUTPUT / "web-not-validated.png"), full_page=True)
 
         page.set_input_files("#file", str(notes))
         expect(page.locator("#error")).to_contain_text("a text file is not an X-ray image", timeout=30_000)
