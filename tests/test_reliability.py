@@ -366,7 +366,7 @@ def test_an_empty_key_never_means_no_authentication(shipped_model: Path, tmp_pat
 class BrokenPredictor(Predictor):
     """A bug of ours, on every prediction."""
 
-    def predict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def predict_tensors(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("a bug in pneumoscan")
 
 

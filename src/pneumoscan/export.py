@@ -215,6 +215,8 @@ def export(
     export_onnx(modules, out / MODEL_FILE, image_size, tta_zoom)
 
     card = base_card(checkpoints, modules, out, name, data)
+    if tta_zoom:
+        card["tta"] = {"views": ["the image", f"its central {tta_zoom:.0%}, resized back"], "combined": "mean of the logits"}
     # Placeholders so a Predictor can open the folder; replaced below once fitted.
     card["calibration"], card["operating_point"] = {"temperature": 1.0}, {"threshold": 0.5}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2))
