@@ -115,3 +115,10 @@ def two_population_model(two_population_checkpoint: Path, tmp_path_factory: pyte
     out = tmp_path_factory.mktemp("two_population_model") / "model"
     export(two_population_checkpoint, out, name="two-population-smoke")
     return out
+
+
+def population_entries(card: dict) -> dict[str, dict]:
+    """A card's fitted settings and figures per population (a card of one population, like v1's, is its children's)."""
+    if "populations" in card:
+        return card["populations"]
+    return {card.get("population", "child"): card}

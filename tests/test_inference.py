@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.data import list_records
+from conftest import population_entries
 from pneumoscan.inference import CARD_FILE, Predictor, read_card
 
 
@@ -38,7 +39,7 @@ def test_predict_accepts_paths_bytes_arrays_and_batches(predictor: Predictor, da
     assert from_path.probability == pytest.approx(from_bytes.probability, abs=1e-7)
     assert from_path.probability == pytest.approx(from_array.probability, abs=1e-7)
     assert from_path.label == ("PNEUMONIA" if from_path.probability >= predictor.threshold else "NORMAL")
-    assert from_path.operating_point == predictor.card["operating_point"]["name"]
+    assert from_path.operating_point == population_entries(predictor.card)[from_path.population]["operating_point"]["name"]
     batch = predictor.predict([path, path.read_bytes()])
     assert len(batch) == 2 and batch[0].probability == pytest.approx(from_path.probability, abs=1e-6)
 
@@ -188,7 +189,7 @@ def test_a_dicom_built_from_a_jpeg_gets_the_jpegs_probability(
 def test_predictions_carry_the_out_of_distribution_verdict(predictor: Predictor, data_root: Path) -> None:
     from PIL import Image
 
-    assert predictor.gate is not None
+    assert predictor.has_gate
     xray = predictor.predict(list_records(data_root, "test")[5].path)
     assert isinstance(xray.in_distribution, bool) and xray.ood_score >= 0
     for blank in (Image.new("L", (224, 224), 0), Image.new("L", (224, 224), 255)):
@@ -197,16 +198,23 @@ def test_predictions_carry_the_out_of_distribution_verdict(predictor: Predictor,
 
 
 def test_the_cards_gate_figures_are_reproduced(shipped_model: Path, data_root: Path) -> None:
+    """Each population's gate keeps the card's share of its test part and rejects the card's share of non-X-rays."""
+    from pneumoscan.config import PROJECT_ROOT
+    from pneumoscan.data import records_of
     from pneumoscan.export import ood_probe_images
 
-    card = read_card(shipped_model)["ood_gate"]
+    card = read_card(shipped_model)
     predictor = Predictor.load(shipped_model)
-    test = [r.path for r in list_records(data_root, "test")]
-    kept = np.mean([p.in_distribution for p in predictor.predict(test)])
-    assert kept == pytest.approx(card["kept_test_share"], abs=1e-9)
-    probes = ood_probe_images()
-    rejected = 1 - np.mean([p.in_distribution for p in predictor.predict([image for _, image in probes])])
-    assert rejected == pytest.approx(card["non_xray_rejected_share"], abs=1e-9)
+    sources = [PROJECT_ROOT / d["source"] for d in card.get("data", {}).get("datasets", [])] or [data_root]
+    split = card["validation"]["split"]
+    test = records_of(sources, "test", split["seed"], split["val_fraction"])
+    probes = predictor.outputs([image for _, image in ood_probe_images()], ["embedding"])["embedding"]
+    for population, entry in population_entries(card).items():
+        gate = predictor.populations[population].gate
+        embeddings = predictor.outputs([r.path for r in test if r.population == population], ["embedding"])["embedding"]
+        assert np.mean(gate.in_distribution(gate.score(embeddings))) == pytest.approx(entry["ood_gate"]["kept_test_share"], abs=1e-9)
+        rejected = 1 - np.mean(gate.in_distribution(gate.score(probes)))
+        assert rejected == pytest.approx(entry["ood_gate"]["non_xray_rejected_share"], abs=1e-9)
 
 
 def test_predict_on_a_folder_mixing_every_kind_of_input(data_root: Path, tmp_path: Path) -> None:
@@ -275,14 +283,16 @@ def test_predict_on_a_folder_mixing_every_kind_of_input(data_root: Path, tmp_pat
         assert abs(records[name]["probability"] - source) <= 0.01, name
 
 
-def test_evaluate_reproduces_the_shipped_cards_test_figures(shipped_model: Path, data_root: Path, tmp_path: Path) -> None:
+def test_evaluate_reproduces_the_shipped_cards_test_figures(shipped_model: Path, tmp_path: Path) -> None:
     from pneumoscan.evaluation import evaluate
 
     card = read_card(shipped_model)
-    metrics = evaluate(shipped_model, data_root, "test", tmp_path)
-    for key, value in card["test"]["metrics"].items():
-        assert metrics[key] == value, key
-    assert metrics["threshold"] == card["operating_point"]["threshold"]
+    results = evaluate(shipped_model, None, "test", tmp_path)
+    results = results.get("populations") or {card.get("population", "child"): results}
+    for population, entry in population_entries(card).items():
+        for key, value in entry["test"]["metrics"].items():
+            assert results[population][key] == value, (population, key)
+        assert results[population]["threshold"] == entry["operating_point"]["threshold"]
 
 
 def test_predict_command_size_limits_are_settable(data_root: Path) -> None:
