@@ -56,6 +56,7 @@ def test_the_gate_of_each_population_is_used(two_population_model: Path) -> None
     from pneumoscan.ood import OodGate
 
     predictor = Predictor.load(two_population_model)
+    assert all(s.gate.two_stage for s in predictor.populations.values())
     assert {name: s.gate.threshold for name, s in predictor.populations.items()} == {
         name: OodGate.load(two_population_model, name).threshold for name in ("child", "adult")
     }

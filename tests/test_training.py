@@ -174,7 +174,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(small_data_root: Pa
     time.sleep(0.5)  # let the checkpoint be written whole (Lightning writes it atomically, then moves on)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    epoch_done = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] + 1
+    epoch_done = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] + 1  # the epoch reached, not the best
     assert 1 <= epoch_done < 3, "the run was not interrupted in the middle"
     split_before = json.loads((run / "config.json").read_text())["counts"]
 
@@ -185,6 +185,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(small_data_root: Pa
     assert config["counts"] == split_before and config["data"]["seed"] == 5 and config["train"]["epochs"] == 3
     assert config["resumed"][0]["epochs_done_before"] == epoch_done and "--resume" in config["resumed"][0]["command"]
     assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2  # the third epoch ran
+    assert len(read_history(run / "metrics.csv")) == 3
     assert [row["epoch"] for row in read_history(run / "metrics.csv")][-1] == 2
 
 

@@ -391,15 +391,17 @@ def fit_and_report_gate(
 ) -> dict:
     """Fit one population's gate on its training features, threshold on its validation part; report test and non-X-rays.
 
-    The threshold keeps ``GATE_KEEP`` of validation unless that lets a non-X-ray probe
-    through, then ``GATE_KEEP_FALLBACK`` (the rule of docs/ablations.md; probes are no test part).
+    A model of several populations gets the two-stage gate (features and their direction, see
+    :class:`~pneumoscan.ood.OodGate`). Each threshold keeps the first share of ``GATE_KEEPS`` of the
+    validation part that lets no non-X-ray probe through (the rule of docs/ablations.md; the probes
+    are no test part); if none does, the last.
     """
     from pneumoscan.ood import fit_gate, gate_file
 
-    for keep in (GATE_KEEP, GATE_KEEP_FALLBACK):
-        gate = fit_gate(train_embeddings, val_embeddings, keep)
+    for keep in GATE_KEEPS:
+        gate = fit_gate(train_embeddings, val_embeddings, keep, two_stage=population is not None)
         probe_scores = gate.score(probe_embeddings)
-        kept_probes = [name for (name, _), score in zip(probes, probe_scores) if score <= gate.threshold]
+        kept_probes = [name for (name, _), score in zip(probes, probe_scores) if score <= gate.cutoff]
         if not kept_probes:
             break
     gate.save(out, population)
@@ -407,10 +409,15 @@ def fit_and_report_gate(
     return {
         "file": file,
         "sha256": sha256_file(out / file),
-        "method": "squared Mahalanobis distance of the pooled features (ONNX output 'embedding') from the training "
-        f"part's, Ledoit-Wolf covariance fitted on {n_train} training images; threshold = the "
-        f"{gate.keep:.1%} quantile of the validation scores",
-        "threshold": gate.threshold,
+        "method": (
+            "squared Mahalanobis distance of the pooled features (ONNX output 'embedding') from the training "
+            f"part's, Ledoit-Wolf covariance fitted on {n_train} training images"
+            + (", and the same on the features scaled to unit length; score = the larger of the two distances, each "
+               "divided by its threshold (flagged above 1)" if gate.two_stage else "")
+            + f"; threshold{'s' if gate.two_stage else ''} = the {gate.keep:.2%} quantile of the validation scores"
+        ),
+        "threshold": gate.cutoff,
+        "distance_thresholds": [gate.threshold] + ([gate.l2_threshold] if gate.two_stage else []),
         "keep": gate.keep,
         "kept_validation_share": float(np.mean(gate.in_distribution(gate.score(val_embeddings)))),
         "kept_test_share": float(np.mean(gate.in_distribution(gate.score(test_embeddings)))),
@@ -421,7 +428,7 @@ def fit_and_report_gate(
     }
 
 
-GATE_KEEP, GATE_KEEP_FALLBACK = 0.995, 0.99
+GATE_KEEPS = (0.9975, 0.995, 0.99)
 
 
 def fit_and_report_population_classifier(out: Path, parts: dict[str, list[Record]], scored: dict[str, dict], populations: list[str]) -> dict:

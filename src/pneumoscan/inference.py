@@ -320,7 +320,7 @@ class Predictor:
                     threshold=settings.threshold,
                     operating_point=settings.operating_point,
                     logit=float(logit),
-                    in_distribution=bool(score <= settings.gate.threshold) if score is not None else None,
+                    in_distribution=bool(score <= settings.gate.cutoff) if score is not None else None,
                     ood_score=score,
                     heatmap=maps[i] if maps is not None else None,
                     population=decision.population,

@@ -39,42 +39,81 @@ def _blas_controller():  # building one inspects every loaded library: do it onc
     return ThreadpoolController()
 
 
+def mahalanobis(embeddings: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row (float32 arithmetic, BLAS on one thread; see :meth:`OodGate.score`)."""
+    centered = np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1) - mean
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return np.sum((centered @ precision) * centered, axis=1, dtype=np.float64)
+
+
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    x = np.asarray(embeddings, dtype=np.float64).reshape(len(embeddings), -1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 @dataclass
 class OodGate:
+    """One Mahalanobis gate, or two (with ``l2_*``): on the features and on their direction alone.
+
+    The second looks at the features scaled to unit length, so it judges *what*
+    the image shows regardless of how strongly. After histogram equalisation some
+    photos land near the X-rays in the first sense but not in the second, and the
+    other way round (measured on the non-X-ray probes, docs/ablations.md). With
+    both, the score is the larger of the two distances, each divided by its own
+    threshold, so 1.0 is the border.
+    """
+
     mean: np.ndarray  # (C,)
     precision: np.ndarray  # (C, C) inverse covariance
-    threshold: float  # largest in-distribution score
-    keep: float  # share of validation images the threshold keeps
-    _stats: tuple[np.ndarray, np.ndarray] = field(init=False, repr=False, compare=False)
+    threshold: float  # largest in-distribution distance (of the first gate)
+    keep: float  # share of validation images each threshold keeps
+    l2_mean: np.ndarray | None = None
+    l2_precision: np.ndarray | None = None
+    l2_threshold: float | None = None
+    _stats: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # float32 halves the memory read per image; fitting and applying use the same arithmetic
         self._stats = (np.asarray(self.mean, np.float32), np.asarray(self.precision, np.float32))
+        self._l2_stats = None if self.l2_mean is None else (np.asarray(self.l2_mean, np.float32), np.asarray(self.l2_precision, np.float32))
 
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
+    @property
+    def two_stage(self) -> bool:
+        return self.l2_mean is not None
+
+    @property
+    def cutoff(self) -> float:
+        """The score above which an image is flagged."""
+        return 1.0 if self.two_stage else float(self.threshold)
+
+    def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row from the training mean.
 
         BLAS runs on one thread here: its worker threads would otherwise keep
         spinning after this small product and slow ONNX Runtime's next forward
         pass by half (measured: 8 ms → 26 ms at two threads).
         """
-        mean, precision = self._stats
-        centered = np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1) - mean
-        with _blas_controller().limit(limits=1, user_api="blas"):
-            return np.sum((centered @ precision) * centered, axis=1, dtype=np.float64)
+        return mahalanobis(embeddings, *self._stats)
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        """The out-of-distribution score: the distance, or for two gates the larger of the two distance/threshold ratios."""
+        raw = self.distances(embeddings)
+        if self._l2_stats is None:
+            return raw
+        direction = mahalanobis(unit_rows(embeddings), *self._l2_stats)
+        return np.maximum(raw / self.threshold, direction / float(self.l2_threshold))
 
     def in_distribution(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) <= self.threshold
+        return np.asarray(scores) <= self.cutoff
 
     def save(self, model_dir: Path, population: str | None = None) -> Path:
         path = Path(model_dir) / gate_file(population)
-        np.savez_compressed(
-            path,
-            mean=self.mean.astype(np.float32),
-            precision=self.precision.astype(np.float32),
-            threshold=np.float64(self.threshold),
-            keep=np.float64(self.keep),
-        )
+        arrays = dict(mean=self.mean.astype(np.float32), precision=self.precision.astype(np.float32),
+                      threshold=np.float64(self.threshold), keep=np.float64(self.keep))  # fmt: skip
+        if self.two_stage:
+            arrays.update(l2_mean=np.asarray(self.l2_mean, np.float32), l2_precision=np.asarray(self.l2_precision, np.float32),
+                          l2_threshold=np.float64(self.l2_threshold))  # fmt: skip
+        np.savez_compressed(path, **arrays)
         return path
 
     @classmethod
@@ -83,20 +122,30 @@ class OodGate:
         if not path.is_file():
             return None
         with np.load(path) as data:
+            two = "l2_mean" in data.files
             return cls(
                 data["mean"].astype(np.float64),
                 data["precision"].astype(np.float64),
                 float(data["threshold"]),
                 float(data["keep"]),
+                data["l2_mean"].astype(np.float64) if two else None,
+                data["l2_precision"].astype(np.float64) if two else None,
+                float(data["l2_threshold"]) if two else None,
             )
 
 
-def fit_gate(train_embeddings: np.ndarray, val_embeddings: np.ndarray, keep: float = DEFAULT_KEEP) -> OodGate:
-    """Fit mean and shrunk covariance on training features; set the threshold on validation."""
+def fit_gate(train_embeddings: np.ndarray, val_embeddings: np.ndarray, keep: float = DEFAULT_KEEP, two_stage: bool = False) -> OodGate:
+    """Fit mean and shrunk covariance on training features; set each threshold at the ``keep`` quantile of validation."""
     from sklearn.covariance import LedoitWolf
 
     estimator = LedoitWolf().fit(np.asarray(train_embeddings, dtype=np.float64))
     gate = OodGate(estimator.location_, estimator.precision_, threshold=np.inf, keep=keep)
-    val_scores = gate.score(val_embeddings)
-    gate.threshold = float(np.quantile(val_scores, keep, method="higher"))
-    return gate
+    gate.threshold = float(np.quantile(gate.distances(val_embeddings), keep, method="higher"))
+    if not two_stage:
+        return gate
+    # fitted in float32, the arithmetic the gate is applied in (the embeddings come from ONNX Runtime as float32)
+    direction = LedoitWolf().fit(unit_rows(train_embeddings).astype(np.float32))
+    l2_distances = mahalanobis(unit_rows(val_embeddings), np.asarray(direction.location_, np.float32),
+                               np.asarray(direction.precision_, np.float32))  # fmt: skip
+    return OodGate(gate.mean, gate.precision, gate.threshold, keep, direction.location_, direction.precision_,
+                   float(np.quantile(l2_distances, keep, method="higher")))  # fmt: skip

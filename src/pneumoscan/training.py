@@ -369,9 +369,13 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         mixup_alpha=train_config.mixup_alpha,
     )
     checkpoint = ModelCheckpoint(
-        dirpath=out, filename="best", monitor=SELECTION_METRIC, mode="max", save_last=True, auto_insert_metric_name=False,
+        dirpath=out, filename="best", monitor=SELECTION_METRIC, mode="max", save_last=False, auto_insert_metric_name=False,
         enable_version_counter=False,
     )
+    # Lightning's save_last writes last.ckpt only when the monitored checkpoint is saved (an improving epoch): a second
+    # callback without a monitor writes it after every epoch, so --resume continues from the epoch really reached.
+    every_epoch = ModelCheckpoint(dirpath=out, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1,
+                                  auto_insert_metric_name=False, enable_version_counter=False)  # fmt: skip
     trainer = L.Trainer(
         default_root_dir=out,
         max_epochs=train_config.epochs,
@@ -383,7 +387,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         limit_train_batches=train_config.limit_train_batches,
         limit_val_batches=train_config.limit_val_batches,
         logger=CSVLogger(out, name="", version=""),
-        callbacks=[checkpoint, *stopping_or_averaging(train_config), LearningRateMonitor(logging_interval="epoch"), EpochTimer()],
+        callbacks=[checkpoint, every_epoch, *stopping_or_averaging(train_config), LearningRateMonitor(logging_interval="epoch"), EpochTimer()],
         deterministic=False,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
