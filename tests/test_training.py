@@ -12,7 +12,7 @@ import torch
 
 from pneumoscan.config import PROJECT_ROOT, DataConfig, TrainConfig
 from pneumoscan.errors import ConfigurationError
-from pneumoscan.training import PneumoniaClassifier, fit, read_history
+from pneumoscan.training import PneumoniaClassifier, fit, read_history, run_history
 
 pytestmark = pytest.mark.slow
 
@@ -185,8 +185,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(small_data_root: Pa
     assert config["counts"] == split_before and config["data"]["seed"] == 5 and config["train"]["epochs"] == 3
     assert config["resumed"][0]["epochs_done_before"] == epoch_done and "--resume" in config["resumed"][0]["command"]
     assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2  # the third epoch ran
-    assert len(read_history(run / "metrics.csv")) == 3
-    assert [row["epoch"] for row in read_history(run / "metrics.csv")][-1] == 2
+    assert [row["epoch"] for row in run_history(run)] == [0, 1, 2]  # the epochs before the interruption are kept
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -31,8 +31,8 @@ EPILOG = """examples:
   pneumoscan train --out runs/v1
   pneumoscan train --epochs 1 --limit-train-batches 4 --limit-val-batches 2 --out runs/smoke
   pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
-  pneumoscan export runs/v1/best.ckpt --out models/pneumoscan-v1
-  pneumoscan evaluate --model models/pneumoscan-v1 --split test --out runs/eval-test
+  pneumoscan export runs/v2/best.ckpt --out models/pneumoscan-v2 --int8
+  pneumoscan evaluate --model models/pneumoscan-v2 --split test --out runs/eval-test
   pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
   pneumoscan triage studies/ --out triage/today --int8
 

@@ -301,6 +301,25 @@ def record_resumption(run_dir: Path, command: str | None) -> None:
     config_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def keep_earlier_log(run_dir: Path) -> Path | None:
+    """Lightning's CSV logger starts ``metrics.csv`` afresh on resume: keep the epochs before the interruption."""
+    current = run_dir / "metrics.csv"
+    if not current.is_file():
+        return None
+    index = len(list(run_dir.glob("metrics.before-resume-*.csv"))) + 1
+    return current.rename(run_dir / f"metrics.before-resume-{index}.csv")
+
+
+def run_history(run_dir: Path) -> list[dict[str, float]]:
+    """One row per epoch over the whole run, interrupted parts included (later logs win for an epoch logged twice)."""
+    parts = sorted(Path(run_dir).glob("metrics.before-resume-*.csv"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    by_epoch: dict[int, dict[str, float]] = {}
+    for path in [*parts, Path(run_dir) / "metrics.csv"]:
+        if path.is_file():
+            by_epoch.update({int(row["epoch"]): row for row in read_history(path)})
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def read_history(metrics_csv: Path) -> list[dict[str, float]]:
     """One row per epoch from Lightning's CSV log (train and val rows merged)."""
     import csv
@@ -396,6 +415,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
     if trainer.is_global_zero:
         if resume:
             record_resumption(out, command)
+            keep_earlier_log(out)
         else:
             (out / "config.json").write_text(
                 json.dumps(run_record(data_config, train_config, datamodule, command), indent=2) + "\n"
@@ -407,7 +427,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         trainer.save_checkpoint(out / SWA_CHECKPOINT)  # the averaged weights, with batch-norm statistics recomputed
         best = out / SWA_CHECKPOINT
     if trainer.is_global_zero:
-        history = read_history(out / "metrics.csv")
+        history = run_history(out)
         plot_training_curves(history, out / "curves.png")
         summary = {
             "best_checkpoint": best.name,
