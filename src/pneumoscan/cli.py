@@ -28,7 +28,8 @@ from pneumoscan.config import (
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError
 
 EPILOG = """examples:
-  pneumoscan train --out runs/v1
+  pneumoscan train --config configs/v2.toml --out runs/v2
+  pneumoscan train --resume runs/v2
   pneumoscan train --epochs 1 --limit-train-batches 4 --limit-val-batches 2 --out runs/smoke
   pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
   pneumoscan export runs/v2/best.ckpt --out models/pneumoscan-v2 --int8
