@@ -70,7 +70,7 @@ def test_evaluate_a_checkpoint_writes_every_file(smoke_checkpoint: Path, small_d
         assert key in saved
     assert set(saved["ece"]) == {"before_calibration", "after_calibration"}
     rows = (tmp_path / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "path,label,probability,predicted" and len(rows) == 25
+    assert rows[0] == "path,label,probability,predicted,population,view" and len(rows) == 25
 
 
 def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(

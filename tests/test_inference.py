@@ -57,7 +57,7 @@ def test_training_and_inference_preprocessing_give_identical_tensors(predictor: 
     from pneumoscan.datamodule import XrayDataset, eval_transform
 
     records = list_records(data_root, "test")[:3]
-    dataset = XrayDataset(records, eval_transform(DataConfig()))
+    dataset = XrayDataset(records, eval_transform(DataConfig(intensity=predictor.intensity)))
     for i, record in enumerate(records):
         training_tensor = dataset[i][0].numpy()
         inference_tensor = predictor.preprocess(record.path.read_bytes())
@@ -85,7 +85,7 @@ def test_a_card_asking_for_an_intensity_normalisation_gets_it_at_inference_as_in
     equalising = Predictor.load(copy_with_intensity(shipped_model, tmp_path / "m", intensity))
     records = list_records(data_root, "test")[:3]
     dataset = XrayDataset(records, eval_transform(DataConfig(intensity=intensity)))
-    plain = Predictor.load(shipped_model)
+    plain = Predictor.load(copy_with_intensity(shipped_model, tmp_path / "plain", "none"))
     for i, record in enumerate(records):
         np.testing.assert_array_equal(dataset[i][0].numpy(), equalising.preprocess(record.path))
         assert not np.array_equal(plain.preprocess(record.path), equalising.preprocess(record.path))
