@@ -106,6 +106,8 @@ function render(result, file) {
   const note = $("population-note");
   note.textContent = result.population_note || "";
   show(note, Boolean(result.population_note));
+  // the previous study's pictures must not stay beside this result while the new ones load
+  for (const id of ["xray", "heatmap"]) $(id).removeAttribute("src");
   showPicture("xray", result.image_url);
   showPicture("heatmap", result.heatmap_url);
   show($("result"), true);
