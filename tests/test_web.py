@@ -58,6 +58,10 @@ def test_upload_in_the_browser_shows_label_probability_heatmap_and_errors(shippe
         expect(page.locator("#probability-text")).to_contain_text("For reference only")
         expect(page.locator("#ood")).to_be_visible()
         expect(page.locator("#recent tr").first).to_contain_text("Not validated for this image")
+        deadline = time.monotonic() + 30  # the photo's own pictures replace the previous study's
+        while page.evaluate("document.getElementById('xray').naturalWidth") == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert page.evaluate("document.getElementById('xray').naturalWidth") > 0
         page.screenshot(path=str(OUTPUT / "web-not-validated.png"), full_page=True)
 
         page.set_input_files("#file", str(notes))
