@@ -117,8 +117,9 @@ def two_population_model(two_population_checkpoint: Path, tmp_path_factory: pyte
     return out
 
 
+
 def population_entries(card: dict) -> dict[str, dict]:
-    """A card's fitted settings and figures per population (a card of one population, like v1's, is its children's)."""
-    if "populations" in card:
-        return card["populations"]
-    return {card.get("population", "child"): card}
+    """A card's fitted settings and figures per population (see :func:`pneumoscan.inference.card_populations`)."""
+    from pneumoscan.inference import card_populations
+
+    return card_populations(card)

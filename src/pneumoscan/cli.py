@@ -295,8 +295,9 @@ def run_export(args: argparse.Namespace) -> int:
         if not checkpoint.is_file():
             raise ModelNotFoundError(f"no checkpoint at {checkpoint}: train one with 'pneumoscan train --out DIR'")
     card = export(args.checkpoint, args.out, args.data, args.name, args.policy, args.target, args.int8, args.tta_zoom)
-    entries = card.get("populations") or {card.get("population", "child"): card}
-    for population, entry in entries.items():
+    from pneumoscan.inference import card_populations
+
+    for population, entry in card_populations(card).items():
         test, op = entry["test"]["metrics"], entry["operating_point"]
         print(
             f"exported {card['name']} to {args.out} [{population}]: threshold {op['threshold']:.4f} ({op['name']}), "

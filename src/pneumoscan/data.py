@@ -12,7 +12,7 @@ import logging
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -438,7 +438,3 @@ def dataset_summary(source: Path, seed: int, val_fraction: float) -> dict[str, o
     if views:
         summary["views"] = {f"{v} {c}": n for (v, c), n in sorted(views.items())}
     return summary
-
-
-def with_population(record: Record, population: str) -> Record:
-    return replace(record, population=population)

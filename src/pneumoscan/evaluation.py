@@ -386,8 +386,9 @@ class ModelUnderTest:
     def calibrations(self, sources: list[Path], policy: str, target: float) -> dict[str, Calibration]:
         """Per population: an exported model's own; for a checkpoint, fitted now on each population's validation part."""
         if self.onnx is not None:
-            card = self.onnx.card
-            entries = card.get("populations") or {card.get("population", "child"): card}
+            from pneumoscan.inference import card_populations
+
+            entries = card_populations(self.onnx.card)
             return {
                 population: Calibration(entry["calibration"]["temperature"], OperatingPoint(
                     entry["operating_point"]["threshold"], entry["operating_point"]["policy"],

@@ -88,19 +88,20 @@ class PopulationSettings:
     gate: OodGate | None = None
 
 
+def card_populations(card: dict) -> dict[str, dict]:
+    """A card's fitted settings and figures per population; a card of one population (v1's) is its children's."""
+    return card.get("populations") or {card.get("population", "child"): card}
+
+
 def population_settings(card: dict, model_dir: Path) -> dict[str, PopulationSettings]:
-    """Per population from the card; a card from before populations (v1) describes one: children."""
-    if "populations" not in card:
-        return {"child": PopulationSettings(
-            float(card["calibration"]["temperature"]), float(card["operating_point"]["threshold"]),
-            str(card["operating_point"].get("name", "unfitted")), OodGate.load(model_dir),
-        )}
+    """Per population from the card; a model of one population keeps its gate in ``ood_gate.npz``."""
+    several = "populations" in card
     return {
         name: PopulationSettings(
             float(entry["calibration"]["temperature"]), float(entry["operating_point"]["threshold"]),
-            str(entry["operating_point"]["name"]), OodGate.load(model_dir, name),
+            str(entry["operating_point"].get("name", "unfitted")), OodGate.load(model_dir, name if several else None),
         )
-        for name, entry in card["populations"].items()
+        for name, entry in card_populations(card).items()
         if name in POPULATIONS
     }
 
@@ -185,7 +186,6 @@ class Predictor:
                                       "upgrade pneumoscan or export the model again")  # fmt: skip
         self.populations = population_settings(self.card, self.model_dir)
         self.population_classifier = PopulationClassifier.load(self.model_dir)
-        self.gate = next(iter(self.populations.values())).gate if len(self.populations) == 1 else None
         self.limits = limits or Limits()
 
     @property
