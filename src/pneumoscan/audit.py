@@ -48,6 +48,7 @@ predictions = Table(
     Column("population_source", String(64), nullable=True),  # what decided it; never the age itself
     Column("operating_point", String(128), nullable=True),
     Column("population_note", String(256), nullable=True),  # the image and the DICOM age disagree (the age is not kept)
+    Column("operating_point_source", String(64), nullable=True),  # validation, or site calibration of <date> (0003)
 )
 
 

@@ -8,6 +8,7 @@ becomes a one-line message and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -20,6 +21,7 @@ from pneumoscan.config import (
     INTENSITY_MODES,
     MAX_INPUT_BYTES,
     MAX_INPUT_PIXELS,
+    POPULATIONS,
     PROJECT_ROOT,
     DataConfig,
     TrainConfig,
@@ -34,6 +36,8 @@ EPILOG = """examples:
   pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
   pneumoscan export runs/v2/best.ckpt --out models/pneumoscan-v2 --int8
   pneumoscan evaluate --model models/pneumoscan-v2 --split test --out runs/eval-test
+  pneumoscan calibrate --data site-labels.csv --out models/pneumoscan-v2-mysite
+  pneumoscan site-protocol --data ../shared/data/chest_xray --population child --out runs/site-protocol/child.json
   pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
   pneumoscan triage studies/ --out triage/today --int8
 
@@ -307,6 +311,90 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="set a site's own operating point on its labelled studies (same ONNX files, new card)",
+        description="Score a site's labelled studies with an exported model, fit each population's temperature and "
+        "threshold on them, and write a new model folder: the ONNX files unchanged, a card that says where the "
+        "operating point came from (the site set's checksum, counts and date) and its figures on the site set. "
+        "Too few studies of a class is refused with the counts.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--data", type=Path, action="append", required=True,
+                   help="the site's labelled studies: a NORMAL/PNEUMONIA folder, a labels CSV (path,label[,patient_id,"
+                   "age,view]) or a folder with labels.csv, or any dataset --data of train takes; repeat for several")  # fmt: skip
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
+                   help="which part of the data: all of it, or one part of a dataset with parts")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="the new model folder, e.g. models/pneumoscan-v2-mysite")
+    p.add_argument("--population", choices=POPULATIONS, default=None,
+                   help="calibrate this population only (default: every population the site set has)")  # fmt: skip
+    p.add_argument("--name", default=None, help="model name (default: the folder name)")
+    add_operating_point_arguments(p, " on the site set")
+    p.set_defaults(handler=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pneumoscan.inference import card_populations
+    from pneumoscan.site_calibration import calibrate
+
+    command = "pneumoscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["calibrate"] else None
+    card = calibrate(args.model or DEFAULT_MODEL_DIR, args.data, args.out, split=args.split, policy=args.policy,
+                     target=args.target, population=args.population, name=args.name, command=command)  # fmt: skip
+    for population, entry in card_populations(card).items():
+        op, site = entry["operating_point"], entry.get("site")
+        if op.get("source") != "site":
+            print(f"[{population}] unchanged: {op['name']}, threshold {op['threshold']:.4f}")
+            continue
+        f = site["figures"]
+        print(f"[{population}] {op['name']}: threshold {op['threshold']:.4f}, temperature {entry['calibration']['temperature']:.3f} | "
+              f"site set n={f['n']} ({f['n_pneumonia']} pneumonia, {f['patients']} patients): sensitivity {f['sensitivity']:.4f} "
+              f"(95% CI {f['sensitivity_ci'][0]:.3f}-{f['sensitivity_ci'][1]:.3f}), specificity {f['specificity']:.4f} "
+              f"({f['specificity_ci'][0]:.3f}-{f['specificity_ci'][1]:.3f}), AUROC {f['auroc']:.4f}")  # fmt: skip
+        for warning in f["warnings"]:
+            print(f"pneumoscan: warning: {warning}", file=sys.stderr)
+    print(f"model folder: {args.out} (serve it with: pneumoscan serve --model {args.out})")
+    return 0
+
+
+def add_site_protocol_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "site-protocol",
+        help="show that site calibration transfers: fit on one half of the patients, measure on the other, both ways",
+        description="Split a labelled set's patients in two halves (seeded, stratified by pneumonia), calibrate on "
+        "one and measure on the other, then the other way round. Both directions are written.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--data", type=Path, action="append", required=True, help="the labelled set (as calibrate takes)")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="test", help="which part of the data")
+    p.add_argument("--population", choices=POPULATIONS, required=True, help="the population to calibrate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split in halves")
+    p.add_argument("--out", type=Path, required=True, help="JSON file for the figures")
+    add_operating_point_arguments(p, " on the calibration half")
+    p.set_defaults(handler=run_site_protocol)
+
+
+def run_site_protocol(args: argparse.Namespace) -> int:
+    from pneumoscan.site_calibration import halves_protocol
+
+    result = halves_protocol(args.model or DEFAULT_MODEL_DIR, args.data, split=args.split, population=args.population,
+                             policy=args.policy, target=args.target, seed=args.seed)  # fmt: skip
+    result["command"] = "pneumoscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["site-protocol"] else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for d in result["directions"]:
+        m, v = d["measured_on"], d["validation_threshold_on_the_same_half"]
+        print(f"{d['direction']}: threshold {d['fitted_on']['threshold']:.4f} fitted on {d['fitted_on']['n']} images | measured on "
+              f"{m['n']} ({m['n_pneumonia']} pneumonia): sensitivity {m['sensitivity']:.4f} ({m['sensitivity_ci'][0]:.3f}-"
+              f"{m['sensitivity_ci'][1]:.3f}), specificity {m['specificity']:.4f} ({m['specificity_ci'][0]:.3f}-"
+              f"{m['specificity_ci'][1]:.3f}) | validation threshold on the same half: sensitivity {v['sensitivity']:.4f}, "
+              f"specificity {v['specificity']:.4f}")  # fmt: skip
+    print(f"figures: {args.out}")
+    return 0
+
+
 def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
     """The exported model and the input limits: the same flags for predict and triage."""
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
@@ -471,6 +559,8 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     train = add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
+    add_calibrate_parser(subparsers)
+    add_site_protocol_parser(subparsers)
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)
     add_serve_parser(subparsers)

@@ -353,6 +353,66 @@ def split_three_ways(
     return parts
 
 
+def split_in_halves(records: list[Record], seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """Two halves by patient, stratified by whether a patient has any pneumonia image, seeded.
+
+    The site-calibration protocol fits on one half and measures on the other; a
+    patient on both sides would let the fit see the images it is measured on.
+    """
+    rng = random.Random(f"{seed}:halves")
+    by_patient: dict[str, int] = {}
+    for record in records:
+        by_patient[record.patient] = max(by_patient.get(record.patient, 0), record.label)
+    first: set[str] = set()
+    for label in (0, 1):
+        patients = sorted(p for p, y in by_patient.items() if y == label)
+        rng.shuffle(patients)
+        first.update(patients[: len(patients) // 2])
+    return [r for r in records if r.patient in first], [r for r in records if r.patient not in first]
+
+
+def class_folder_records(root: Path) -> list[Record]:
+    """``root/{NORMAL,PNEUMONIA}/*``: how a site most simply hands over labelled studies.
+
+    Kermany-style names give the patient; any other name counts as its own patient.
+    """
+    records = []
+    for label, class_name in enumerate(CLASS_NAMES):
+        for path in sorted((root / class_name).rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                try:
+                    patient = patient_id(path.name)
+                except UnknownPatientIdError:
+                    patient = f"image:{path.relative_to(root).as_posix()}"
+                records.append(Record(path, label, patient, CLASS_NAMES[label].lower(), dataset=root.name, root=root))
+    return records
+
+
+def site_records(sources: list[Path], split: str = "all", seed: int = 42, val_fraction: float = 0.10) -> list[Record]:
+    """A site's labelled studies: every image of each source (``split="all"``), or one of its parts.
+
+    A source is what ``--data`` takes, or a folder with ``NORMAL/`` and ``PNEUMONIA/`` directly.
+    """
+    records: list[Record] = []
+    for source in sources:
+        source = Path(source).expanduser().resolve()
+        if source.is_dir() and all((source / c).is_dir() for c in CLASS_NAMES) and not (source / "train").is_dir():
+            if split != "all":
+                raise DatasetNotFoundError(f"{source} has no parts (it is a NORMAL/PNEUMONIA folder): use --split all")
+            records += class_folder_records(source)
+        elif split == "all":
+            kind = dataset_kind(source)
+            if kind == "folder":
+                records += list_records(source, "train") + list_records(source, "test")
+            else:
+                records += read_labels_file(source) if kind == "labels" else read_nih_entries(source)
+        else:
+            records += dataset_split(source, split, seed, val_fraction)
+    if not records:
+        raise DatasetNotFoundError(f"no images in {', '.join(str(s) for s in sources)}")
+    return records
+
+
 @lru_cache(maxsize=16)
 def _dataset_parts(source: Path, seed: int, val_fraction: float) -> dict[str, tuple[Record, ...]]:
     kind = dataset_kind(source)

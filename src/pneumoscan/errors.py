@@ -31,6 +31,10 @@ class ConfigurationError(PneumoscanError):
     """A setting has a value pneumoscan cannot use."""
 
 
+class TooFewSiteCases(PneumoscanError):
+    """A site set too small to set an operating point on: the message gives the counts and the minimum."""
+
+
 class ModelNotFoundError(PneumoscanError):
     """No usable model (checkpoint or exported folder) at the given path."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,14 +73,17 @@ def fit_calibration(
     return Calibration(temperature, choose_operating_point(probabilities, val_labels, policy, target))
 
 
-def bootstrap_auroc_ci(
-    labels: np.ndarray, probabilities: np.ndarray, patients: list[str], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95
+def patient_bootstrap_ci(
+    statistic: Callable[[np.ndarray, np.ndarray, np.ndarray], float], labels: np.ndarray, scores: np.ndarray,
+    patients: list[str], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile interval of AUROC from resampling *patients* with replacement.
+    """Percentile interval of ``statistic(labels, scores, weights)`` from resampling *patients* with replacement.
 
-    Images of one child are correlated; resampling them together keeps the
-    interval honest. A resample counts each image as often as its patient was drawn.
+    Images of one patient are correlated; resampling them together keeps the
+    interval honest. A resample counts each image as often as its patient was
+    drawn; resamples without both classes are skipped.
     """
+    labels, scores = np.asarray(labels), np.asarray(scores)
     _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
     n_patients = patient_index.max() + 1
     rng = np.random.default_rng(seed)
@@ -90,10 +94,41 @@ def bootstrap_auroc_ci(
         chosen = weights > 0
         if len(np.unique(labels[chosen])) < 2:
             continue
-        values.append(roc_auc_score(labels[chosen], probabilities[chosen], sample_weight=weights[chosen]))
+        values.append(statistic(labels[chosen], scores[chosen], weights[chosen]))
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(values, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def bootstrap_auroc_ci(
+    labels: np.ndarray, probabilities: np.ndarray, patients: list[str], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """AUROC's patient-bootstrap interval."""
+    auroc = lambda y, p, w: roc_auc_score(y, p, sample_weight=w)  # noqa: E731
+    return patient_bootstrap_ci(auroc, labels, probabilities, patients, resamples, seed, level)
+
+
+def rates_with_intervals(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, patients: list[str], resamples: int = BOOTSTRAP_RESAMPLES
+) -> dict[str, object]:
+    """Sensitivity and specificity at ``threshold``, each with its patient-bootstrap 95 % interval."""
+    labels = np.asarray(labels)
+    found = (np.asarray(probabilities) >= threshold).astype(float)
+
+    def sensitivity(y: np.ndarray, hit: np.ndarray, w: np.ndarray) -> float:
+        return float(np.sum(w * hit * (y == 1)) / np.sum(w * (y == 1)))
+
+    def specificity(y: np.ndarray, hit: np.ndarray, w: np.ndarray) -> float:
+        return float(np.sum(w * (1 - hit) * (y == 0)) / np.sum(w * (y == 0)))
+
+    ones = np.ones(len(labels))
+    return {
+        "sensitivity": sensitivity(labels, found, ones),
+        "sensitivity_ci": list(patient_bootstrap_ci(sensitivity, labels, found, patients, resamples)),
+        "specificity": specificity(labels, found, ones),
+        "specificity_ci": list(patient_bootstrap_ci(specificity, labels, found, patients, resamples)),
+        "ci_method": f"percentile bootstrap over patients, {resamples} resamples, 95%, at the fixed threshold",
+    }
 
 
 def metrics_at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, object]:
@@ -293,7 +328,8 @@ PROTOCOL = (
 )
 
 
-def write_evaluation(out: Path, records: list[Record], logits: np.ndarray, calibration: Calibration, split: str, root: Path, model_name: str) -> dict:
+def write_evaluation(out: Path, records: list[Record], logits: np.ndarray, calibration: Calibration, split: str, root: Path | None,
+                     model_name: str, protocol: str = PROTOCOL) -> dict:  # fmt: skip
     """Write every evaluation file for already-scored records; return the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(records, logits, calibration, split)
@@ -311,7 +347,7 @@ def write_evaluation(out: Path, records: list[Record], logits: np.ndarray, calib
         metrics["ece"]["after_calibration"],
         out / "reliability.png",
     )
-    write_report(out, metrics, model_name, PROTOCOL)
+    write_report(out, metrics, model_name, protocol)
     return metrics
 
 

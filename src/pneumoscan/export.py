@@ -28,6 +28,7 @@ from pneumoscan.data import Record, dataset_summary, records_of, sha256_file
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, write_evaluation
 from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
+from pneumoscan.model_card import render_card
 from pneumoscan.preprocessing import INTENSITY_STEP_TEXT
 from pneumoscan.training import PneumoniaClassifier
 
@@ -271,6 +272,7 @@ def export(
         card["intended_use"], card["limitations"] = INTENDED_USE_BOTH, LIMITATIONS_BOTH
         card["populations"] = entries
         card["population_classifier"] = fit_and_report_population_classifier(out, parts, scored, populations)
+    card["drift_reference"] = validation_drift_reference(out, parts["val"], scored["val"], calibrations, single)
     if int8:
         card["int8"] = export_int8(out, data, parts, calibrations, card["name"], entries, single)
     card["data"] = {
@@ -282,6 +284,22 @@ def export(
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(render_card(card))
     return card
+
+
+def validation_drift_reference(out: Path, val: list[Record], scored: dict[str, np.ndarray], calibrations: dict[str, Calibration],
+                               single: bool) -> dict:  # fmt: skip
+    """What a running service compares its recent predictions with: each population's validation part, as served."""
+    from pneumoscan.drift import Observation, build_reference
+    from pneumoscan.ood import OodGate
+
+    observations = []
+    for population, calibration in calibrations.items():
+        pick = [i for i, r in enumerate(val) if r.population == population]
+        gate = OodGate.load(out, None if single else population)
+        probabilities = calibrated_probability(scored["logit"].reshape(-1)[pick], calibration.temperature)
+        scores = gate.score(scored["embedding"][pick]) if gate is not None else [None] * len(pick)
+        observations += [Observation(population, float(p), None if s is None else float(s)) for p, s in zip(probabilities, scores)]
+    return build_reference(observations, f"validation parts ({len(observations)} images)")
 
 
 #: Test images per population on which equalising the file first must not change the answer.
@@ -525,135 +543,3 @@ def portable_run_config(run_config: dict) -> dict:
         roots = run_config["data"]["root"]
         run_config["data"]["root"] = [portable_path(r) for r in roots] if isinstance(roots, list) else portable_path(roots)
     return run_config
-
-
-def _fmt_split(metrics: dict) -> str:
-    low, high = metrics["auroc_ci"]
-    cm = metrics["confusion_matrix"]
-    return (
-        f"| {metrics['n']} | {metrics['auroc']:.4f} ({low:.4f}–{high:.4f}) | {metrics['sensitivity']:.4f} | "
-        f"{metrics['specificity']:.4f} | {metrics['precision']:.4f} | {metrics['accuracy']:.4f} | {cm['fn']} | {cm['fp']} | "
-        f"{metrics['ece']['after_calibration']:.4f} |"
-    )
-
-
-def _gate_text(gate: dict | None) -> str:
-    if not gate:
-        return "none"
-    return (
-        f"{gate['method']} (threshold {gate['threshold']:.1f}, `{gate['file']}`). Kept: "
-        f"{gate['kept_validation_share']:.1%} of validation and {gate['kept_test_share']:.1%} of test images. "
-        f"Rejected: {gate['non_xray_rejected_share']:.1%} of {gate['non_xray_n']} images that are not chest X-rays "
-        f"(scikit-image's sample photos, CT/MR/US images from pydicom's test files, blank and noise images)"
-        + (f"; not rejected: {', '.join(gate['non_xray_kept'])}." if gate["non_xray_kept"] else ".")
-    )
-
-
-def _view_rows(metrics: dict, split: str) -> str:
-    """Rows within each view, with the reversed view mix and the view-only baseline beside."""
-    views = metrics.get("by_view")
-    if not views:
-        return ""
-    rows = []
-    for view in ("AP", "PA"):
-        if view in views:
-            v = views[view]
-            low, high = v["auroc_ci"]
-            rows.append(f"| {split}, {view} only | {v['n']} ({v['n_pneumonia']} pneumonia) | {v['auroc']:.4f} ({low:.4f}–{high:.4f}) | "
-                        f"{v['sensitivity']:.4f} | {v['specificity']:.4f} |")
-    baseline = views["view_only_baseline"]
-    rows.append(f"| {split}, view mix reversed (weighted) | {metrics['n']} | {views['reversed_view_mix']['auroc']:.4f} | | |")
-    rows.append(f"| {split}, view-only baseline (AP = pneumonia) | {metrics['n']} | {baseline['auroc']:.4f} "
-                f"(reversed mix: {baseline['auroc_reversed_view_mix']:.4f}) | | |")
-    return "\n".join(rows)
-
-
-def _population_section(title: str, entry: dict, int8: dict | None) -> str:
-    op, val, test = entry["operating_point"], entry["validation"]["metrics"], entry["test"]["metrics"]
-    int8_rows = ""
-    if int8:
-        int8_rows = (
-            f"| validation, int8 | {_fmt_split(int8['validation']['metrics'])[2:]}\n"
-            f"| test, int8 | {_fmt_split(int8['test']['metrics'])[2:]}\n"
-        )
-    view_rows = "\n".join(r for r in (_view_rows(val, "validation"), _view_rows(test, "test")) if r)
-    views = ("\n\nBy view, at the same operating point:\n\n| part | n | AUROC (95% CI) | sensitivity | specificity |\n"
-             f"|---|---|---|---|---|\n{view_rows}") if view_rows else ""
-    inv = entry.get("invariance")
-    invariance = (f"\n\nSame film, equalised or not ({inv['n']} test images): median |Δprobability| "
-                  f"{inv['median_abs_delta_probability']:.4f}, 95th percentile {inv['p95_abs_delta_probability']:.4f}, "
-                  f"max {inv['max_abs_delta_probability']:.4f}.") if inv else ""
-    return f"""## {title}
-
-Temperature {entry['calibration']['temperature']:.4f}; operating point **{op['name']}**: threshold {op['threshold']:.4f}
-on the calibrated probability (policy `{op['policy']}`, target {op['target']}).
-
-| split | n | AUROC (95% CI, by patient) | sensitivity | specificity | precision | accuracy | missed pneumonias | false alarms | ECE |
-|---|---|---|---|---|---|---|---|---|---|
-| validation | {_fmt_split(val)[2:]}
-| test | {_fmt_split(test)[2:]}
-{int8_rows}{views}{invariance}
-
-Out-of-distribution gate: {_gate_text(entry.get('ood_gate'))}
-"""
-
-
-def render_card(card: dict) -> str:
-    """The human-readable model card: one section per population."""
-    limits = "\n".join(f"- {item}" for item in card["limitations"])
-    int8 = card.get("int8")
-    if "populations" in card:
-        sections = "\n".join(
-            _population_section(f"{population.capitalize()}ren" if population == "child" else f"{population.capitalize()}s",
-                                entry, (int8 or {}).get("populations", {}).get(population))
-            for population, entry in card["populations"].items()
-        )
-        classifier = card["population_classifier"]
-        right = ", ".join(f"{p} {v['right_share']:.1%} of {v['n']}" for p, v in classifier["test"].items())
-        routing = f"\n## Population\n\n{classifier['method']}. Right on the test parts: {right}.\n"
-        operating = "per population, below"
-        temperature = "per population, below"
-    else:
-        entry = {k: card[k] for k in ("calibration", "operating_point", "ood_gate") if k in card}
-        entry.update(validation=card["validation"], test=card["test"], invariance=card.get("invariance"))
-        sections = _population_section("Figures at the operating point", entry, int8)
-        routing = ""
-        op = card["operating_point"]
-        operating = f"**{op['name']}**: threshold {op['threshold']:.4f} on the calibrated probability"
-        temperature = f"{card['calibration']['temperature']:.4f} ({card['calibration']['method']})"
-    int8_text = (f"\nint8 (`{int8['file']}`, sha256 `{int8['sha256']}`): {int8['method']}; same temperatures and "
-                 "thresholds as fp32.\n") if int8 else ""
-    datasets = card["data"].get("datasets", [])
-    data_rows = "\n".join(
-        f"| {d['name']} ({d['kind']}) | " + " | ".join(
-            f"{d['counts'][s]['NORMAL']} / {d['counts'][s]['PNEUMONIA']} ({d['patients'][s]} patients)" for s in ("train", "val", "test")
-        ) + f" | {d.get('labels_file_sha256', '—')[:16]} |"
-        for d in datasets
-    )
-    data_table = ("\n## Data\n\n| dataset | train NORMAL / PNEUMONIA | validation | test | labels file sha256 |\n"
-                  f"|---|---|---|---|---|\n{data_rows}\n\nTest patients of each dataset: sha256 of their sorted ids in "
-                  "`model_card.json` (`data.datasets[].test_patients_sha256`).\n") if datasets else ""
-    return f"""# Model card: {card['name']}
-
-{card['intended_use']}
-
-| | |
-|---|---|
-| architecture | `{card['architecture']}` (timm), ImageNet-pretrained, one pneumonia logit |
-| input | `{card['input']['name']}` float32 {card['input']['shape']}: {card['input']['preprocessing']} |
-| labels | {', '.join(card['labels'])} |
-| output | {card['output']} |
-| temperature | {temperature} |
-| operating point | {operating} |
-| ONNX | `{card['onnx']['file']}`, opset {card['onnx']['opset']}, sha256 `{card['onnx']['sha256']}` |
-| training command | `{card['training']['command']}` (commit `{card['training']['git_commit']}`) |
-| data | train+validation sha256 `{card['data']['train_sha256']}`, test sha256 `{card['data']['test_sha256']}` ({card['data']['checksum_method']}) |
-{int8_text}{data_table}{routing}
-{sections}
-Thresholds and temperatures were fitted on validation parts (by patient); test parts were
-scored once, afterwards. Reports with plots: `evaluation/`.
-
-## Limitations
-
-{limits}
-"""

@@ -86,6 +86,13 @@ class PopulationSettings:
     threshold: float
     operating_point: str
     gate: OodGate | None = None
+    source: str = "validation"  # where the operating point was fitted: "validation", or "site" (pneumoscan calibrate)
+    date: str | None = None  # when a site calibration set it
+
+    @property
+    def in_force(self) -> str:
+        """Which operating point answers, in words: 'validation' or 'site calibration of 2026-11-23'."""
+        return f"site calibration of {self.date}" if self.source == "site" else "validation"
 
 
 def card_populations(card: dict) -> dict[str, dict]:
@@ -100,6 +107,7 @@ def population_settings(card: dict, model_dir: Path) -> dict[str, PopulationSett
         name: PopulationSettings(
             float(entry["calibration"]["temperature"]), float(entry["operating_point"]["threshold"]),
             str(entry["operating_point"].get("name", "unfitted")), OodGate.load(model_dir, name if several else None),
+            str(entry["operating_point"].get("source", "validation")), entry["operating_point"].get("date"),
         )
         for name, entry in card_populations(card).items()
         if name in POPULATIONS
@@ -116,6 +124,7 @@ class Prediction:
     operating_point: str
     logit: float
     in_distribution: bool | None = None  # None: the model has no out-of-distribution gate
+    operating_point_source: str = "validation"  # or "site calibration of <date>": which operating point is in force
     ood_score: float | None = None
     heatmap: np.ndarray | None = field(default=None, repr=False)  # size×size in [0, 1]
     population: str | None = None  # child or adult: whose operating point and gate were used
@@ -137,6 +146,7 @@ class Prediction:
             "label": self.label,
             "threshold": self.threshold,
             "operating_point": self.operating_point,
+            "operating_point_source": self.operating_point_source,
             "population": self.population,
             "population_source": self.population_source,
             "population_note": self.population_note,
@@ -319,6 +329,7 @@ class Predictor:
                     label=CLASS_NAMES[int(probability >= settings.threshold)],
                     threshold=settings.threshold,
                     operating_point=settings.operating_point,
+                    operating_point_source=settings.in_force,
                     logit=float(logit),
                     in_distribution=bool(score <= settings.gate.cutoff) if score is not None else None,
                     ood_score=score,

@@ -38,6 +38,7 @@ class Record:
     label: str | None = None
     threshold: float | None = None
     operating_point: str | None = None
+    operating_point_source: str | None = None  # validation, or the site calibration's date
     population: str | None = None
     population_source: str | None = None
     population_note: str | None = None
@@ -184,7 +185,7 @@ def score_each(predictor: Predictor, tensors: list[np.ndarray], heatmap: bool,
 def fill(record: Record, prediction: Prediction) -> None:
     record.probability, record.label, record.threshold = prediction.probability, prediction.label, prediction.threshold
     record.decision = prediction.label if prediction.validated else NOT_VALIDATED
-    record.operating_point = prediction.operating_point
+    record.operating_point, record.operating_point_source = prediction.operating_point, prediction.operating_point_source
     record.population, record.population_source = prediction.population, prediction.population_source
     record.population_note = prediction.population_note
     record.in_distribution, record.ood_score, record.warning = prediction.in_distribution, prediction.ood_score, prediction.warning
@@ -195,7 +196,7 @@ def format_records(records: list[Record], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([r.to_dict() for r in records], indent=2)
     columns = ["path", "decision", "probability", "label", "threshold", "population", "population_source", "operating_point",
-               "in_distribution", "ood_score", "heatmap", "error", "population_note"]
+               "operating_point_source", "in_distribution", "ood_score", "heatmap", "error", "population_note"]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -214,6 +215,8 @@ def format_records(records: list[Record], fmt: str) -> str:
         else:
             note = r.population_note or ""
             lines.append(f"{r.path:<{width}}  {r.decision or r.label:<29}  {r.probability:>11.4f}  {r.threshold:<9.4f}  {r.population or '-':<10}  {note}")
+    in_force = sorted({(r.population or "-", r.operating_point, r.operating_point_source) for r in records if r.operating_point})
+    lines += [f"operating point in force ({population}): {name} [{source}]" for population, name, source in in_force]
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ import pneumoscan
 from pneumoscan.admission import Admission, UploadGuard
 from pneumoscan.audit import AuditLog, connect, now
 from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
+from pneumoscan.drift import DEFAULT_WINDOW, DRIFT_THRESHOLD, MIN_PREDICTIONS, DriftMonitor, Observation
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import HEAD_BYTES, Limits, check_head, load_xray
@@ -83,6 +84,9 @@ class ServiceSettings(BaseSettings):
     keep_uploads: bool = False
     picture_cache_mb: float = 32.0  # X-rays and heat maps of recent predictions, kept in memory: bounded in bytes
     min_free_disk_mb: float = 512.0  # below it, /readyz says not ready: uploads are spooled and the audit log written there
+    drift_window: int = Field(DEFAULT_WINDOW, ge=1)  # recent predictions compared with the card's reference (drift)
+    drift_threshold: float = Field(DRIFT_THRESHOLD, gt=0)  # PSI at which the page and /api/v1/drift warn
+    drift_min_predictions: int = Field(MIN_PREDICTIONS, ge=1)  # per population, before its drift is judged
 
     @property
     def resolved_database_url(self) -> str:
@@ -150,6 +154,7 @@ class PredictionBody(BaseModel):
     label: str
     threshold: float
     operating_point: str
+    operating_point_source: str | None = Field(None, description="which operating point answered: 'validation', or 'site calibration of <date>'")
     population: str | None = Field(None, description="child or adult: whose temperature, threshold and gate were used")
     population_source: str | None = Field(None, description="what decided the population: the image, the DICOM PatientAge, or the model's only population")
     population_note: str | None = Field(None, description="set when the image and the DICOM PatientAge disagree")
@@ -160,6 +165,46 @@ class PredictionBody(BaseModel):
     created_at: str
     heatmap_url: str
     image_url: str
+
+
+class OperatingPointBody(BaseModel):
+    population: str
+    name: str = Field(description="how the threshold was chosen, e.g. '98% sensitivity on validation'")
+    threshold: float
+    temperature: float
+    source: str = Field(description="'validation' or 'site' (pneumoscan calibrate)")
+    date: str | None = Field(None, description="when a site calibration set it")
+    in_force: str = Field(description="in words: 'validation' or 'site calibration of <date>'")
+
+
+class ModelBody(ModelInfo):
+    operating_points: list[OperatingPointBody]
+
+
+class DriftIndicatorBody(BaseModel):
+    name: str = Field(description="probability, ood_score or mix")
+    population: str | None
+    n: int = Field(description="predictions it was computed on")
+    psi: float | None
+    judged: bool = Field(description="false until the window holds min_predictions of the population")
+    drifted: bool
+
+
+class DriftBody(BaseModel):
+    """Recent predictions against the reference distributions of the model card (population stability index)."""
+
+    available: bool
+    reference: str | None = Field(None, description="what the recent predictions are compared with")
+    window: int
+    n: int = Field(description="predictions in the window")
+    threshold: float
+    min_predictions: int
+    method: str
+    indicators: list[DriftIndicatorBody]
+    mix: dict | None = None
+    warning: bool
+    message: str | None = Field(None, description="the warning in plain words, when there is one")
+    reason: str | None = Field(None, description="why drift is not available")
 
 
 def documented(*statuses: int) -> dict[int | str, dict]:
@@ -271,6 +316,10 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         "version": card["pneumoscan_version"],
         "sha256": predictor.model_sha256,
     }
+    drift = DriftMonitor(card.get("drift_reference"), settings.drift_window, settings.drift_threshold, settings.drift_min_predictions)
+    for row in reversed(audit.recent(settings.drift_window)):  # a restart keeps watching: only rows of this model and operating point
+        if row["model_sha256"] == predictor.model_sha256 and answered_by(predictor, row):
+            drift.add(Observation(row.get("population"), row["probability"], row.get("ood_score")))
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     registry = CollectorRegistry()
@@ -281,6 +330,10 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     in_flight = Gauge("pneumoscan_http_requests_in_flight", "Requests being handled (a scrape counts itself)", registry=registry)
     shed = Counter("pneumoscan_shed_requests", "Predictions refused with 503 at capacity", registry=registry)
     by_label = Counter("pneumoscan_predictions", "Answered predictions", ["label", "in_distribution"], registry=registry)
+    drift_psi = Gauge("pneumoscan_drift_psi", "Population stability index of recent predictions against the card's reference",
+                      ["indicator", "population"], registry=registry)  # fmt: skip
+    drift_warning = Gauge("pneumoscan_drift_warning", "1 when an indicator's PSI passes the drift threshold", registry=registry)
+    drift_window = Gauge("pneumoscan_drift_window_predictions", "Predictions in the drift window", registry=registry)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -304,6 +357,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "label": row["label"],
             "threshold": row["threshold"],
             "operating_point": row.get("operating_point") or predictor.operating_point,
+            "operating_point_source": row.get("operating_point_source"),
             "population": row.get("population"),
             "population_source": row.get("population_source"),
             "population_note": row.get("population_note"),
@@ -353,6 +407,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "population_source": prediction.population_source,
             "operating_point": prediction.operating_point,
             "population_note": prediction.population_note,
+            "operating_point_source": prediction.operating_point_source,
         }
         kept = None
         if settings.keep_uploads:  # kept whole, before the record, or neither: no truncated file, no row without it
@@ -372,6 +427,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             return error(503, "AuditLogUnavailable", "the audit database cannot be written; no prediction is given "
                          "without a record. Retry shortly.", {"Retry-After": "5"})  # fmt: skip
         by_label.labels(prediction.label, str(prediction.in_distribution)).inc()
+        drift.add(Observation(prediction.population, prediction.probability, prediction.ood_score))
         pictures.put(row["id"], loaded.image, prediction.heatmap)
         return JSONResponse(status_code=201, content=public(row))
 
@@ -395,12 +451,38 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     async def list_predictions(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
         return [public(r) for r in await run_in_threadpool(audit.recent, limit)]
 
+    @app.get(f"{API}/model", response_model=ModelBody, responses=documented(*API_ERRORS))
+    async def get_model() -> dict:
+        """The model that answers and the operating point in force for each population (validation or site)."""
+        return {**model_info, "operating_points": [
+            {"population": population, "name": p.operating_point, "threshold": p.threshold, "temperature": p.temperature,
+             "source": p.source, "date": p.date, "in_force": p.in_force}
+            for population, p in predictor.populations.items()
+        ]}  # fmt: skip
+
+    @app.get(f"{API}/drift", response_model=DriftBody, responses=documented(*API_ERRORS))
+    async def get_drift() -> dict:
+        """Do the last predictions still look like the studies the operating point was set on?
+
+        Population stability index (PSI) per population of the calibrated probability and of the
+        out-of-distribution score, and of the population mix, against the reference distributions of
+        the model card (its validation parts, or the site set after ``pneumoscan calibrate``).
+        ``warning`` is true once an indicator with enough predictions reaches the threshold.
+        """
+        return drift.figures()
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        figures = drift.figures()
+        for indicator in figures["indicators"]:
+            if indicator["psi"] is not None:
+                drift_psi.labels(indicator["name"], indicator["population"] or "all").set(indicator["psi"])
+        drift_warning.set(1 if figures["warning"] else 0)
+        drift_window.set(figures["n"])
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
@@ -460,6 +542,12 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key"])  # fmt: skip
     return app
+
+
+def answered_by(predictor: Predictor, row: dict) -> bool:
+    """Was this audit row answered at the operating point now in force for its population (same temperature)?"""
+    settings = predictor.populations.get(row.get("population") or predictor.default_population)
+    return settings is not None and row.get("operating_point") in (None, settings.operating_point) and row["threshold"] == settings.threshold
 
 
 def keep_upload(folder: Path, name: str, data: bytes) -> Path:
