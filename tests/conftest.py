@@ -123,3 +123,29 @@ def population_entries(card: dict) -> dict[str, dict]:
     from pneumoscan.inference import card_populations
 
     return card_populations(card)
+
+
+def site_folder(data_root: Path, folder: Path, normal: int, pneumonia: int, start: int = 0) -> Path:
+    """A site's NORMAL/PNEUMONIA folder of links to real Kermany train/ images (whole patients, evenly spread)."""
+    from pneumoscan.data import list_records
+
+    records = list_records(data_root, "train")
+    for class_name, n in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        (folder / class_name).mkdir(parents=True, exist_ok=True)
+        of_class = [r for r in records if r.class_name == class_name]
+        step = max(1, len(of_class) // max(1, n))
+        for record in of_class[start::step][:n]:
+            (folder / class_name / record.path.name).symlink_to(record.path)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def site_model(shipped_model: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model calibrated on a made-up site set of 60 normal and 60 pneumonia children (train/ images)."""
+    from pneumoscan.site_calibration import calibrate
+
+    site = site_folder(data_root, tmp_path_factory.mktemp("site_set"), 60, 60)
+    out = tmp_path_factory.mktemp("models") / "pneumoscan-v2-site"
+    calibrate(shipped_model, [site], out, population="child", today="2026-11-20", resamples=200, progress=False,
+              command="pneumoscan calibrate (test fixture)")  # fmt: skip
+    return out

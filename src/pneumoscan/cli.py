@@ -339,9 +339,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pneumoscan.inference import card_populations
     from pneumoscan.site_calibration import calibrate
 
-    command = "pneumoscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["calibrate"] else None
     card = calibrate(args.model or DEFAULT_MODEL_DIR, args.data, args.out, split=args.split, policy=args.policy,
-                     target=args.target, population=args.population, name=args.name, command=command)  # fmt: skip
+                     target=args.target, population=args.population, name=args.name, command=args.command_line)  # fmt: skip
     for population, entry in card_populations(card).items():
         op, site = entry["operating_point"], entry.get("site")
         if op.get("source") != "site":
@@ -381,7 +380,7 @@ def run_site_protocol(args: argparse.Namespace) -> int:
 
     result = halves_protocol(args.model or DEFAULT_MODEL_DIR, args.data, split=args.split, population=args.population,
                              policy=args.policy, target=args.target, seed=args.seed)  # fmt: skip
-    result["command"] = "pneumoscan " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["site-protocol"] else None
+    result["command"] = args.command_line
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for d in result["directions"]:
@@ -603,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.verbose)
+    args.command_line = "pneumoscan " + shlex.join(arguments)  # what a card or a record says made it
     try:
         return handler(args)
     except PneumoscanError as error:

@@ -95,6 +95,7 @@ def render_report(rows: Sequence[Row], summary: dict, thumbnails: Path) -> str:
             "<main>",
             '<h2 id="summary">Summary</h2>',
             _cards(summary),
+            _drift(summary.get("drift") or {}),
             '<h2 id="distribution">Probabilities</h2>',
             _histogram(probabilities, threshold),
             '<h2 id="studies">Worklist</h2>',
@@ -111,12 +112,35 @@ def _model_line(model: dict) -> str:
         return "model unknown"
     points = model.get("operating_points") or {}
     if len(points) > 1:
-        described = "; ".join(f"{p}: {v['name']}, threshold {float(v['threshold']):.4f}" for p, v in points.items())
+        described = "; ".join(f"{p}: {v['name']}, threshold {float(v['threshold']):.4f}" + (f" [{v['in_force']}]" if v.get("in_force") else "")
+                              for p, v in points.items())  # fmt: skip
         return html.escape(f"model {model.get('name')} ({model.get('precision')}), operating points by population: {described}")
     return html.escape(
         f"model {model.get('name')} ({model.get('precision')}), operating point "
         f"{model.get('operating_point')}, threshold {float(model.get('threshold', 0)):.4f}"
     )
+
+
+def _psi_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _drift(drift: dict) -> str:
+    """Do these studies look like those the operating point was set on? The warning first, then each PSI."""
+    if not drift.get("available"):
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(i['name'])}</td><td>{html.escape(i['population'] or 'all')}</td><td>{i['n']}</td>"
+        f"<td>{_psi_text(i['psi'])}</td>"
+        f"<td>{'shifted' if i['drifted'] else ('within' if i['judged'] else 'too few studies to judge')}</td></tr>"
+        for i in drift["indicators"]
+    )
+    head = (f'<p class="disclaimer warn" role="alert">{html.escape(drift["message"])}</p>' if drift.get("warning") else
+            f'<p class="muted">These studies look like those the operating point was set on ({html.escape(str(drift.get("reference")))}): '
+            f"no indicator reaches PSI {drift['threshold']}.</p>")  # fmt: skip
+    return (f'<h2 id="drift">Drift</h2>{head}<table aria-label="drift"><thead><tr><th>figure</th><th>population</th><th>studies</th>'
+            f"<th>PSI</th><th>judged</th></tr></thead><tbody>{rows}</tbody></table>"
+            f'<p class="muted">{html.escape(drift["method"])}.</p>')  # fmt: skip
 
 
 def _cards(summary: dict) -> str:

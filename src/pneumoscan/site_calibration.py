@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 #: Fewest studies of each class a site set needs. 50 normals put a specificity near 0.85 within about ±0.10 (95 %);
 #: pneumonias need 1 / (1 − target) as well: below that a 98 % target may miss none, so one case sets the threshold.
 MIN_PER_CLASS = 50
-#: A sensitivity interval wider than this is reported as a warning: the threshold is not yet firm.
+#: The sensitivity's interval is called wide (a warning: the threshold is not yet firm) when its lower end lies more than
+#: this below the target; for a policy without a target, when it is wider than WIDE_INTERVAL.
+SENSITIVITY_MARGIN = 0.03
 WIDE_INTERVAL = 0.10
 SITE_FOLDER = "site"
 #: Files of a model folder that belong to its card, not to the model: rewritten, never copied.
@@ -132,7 +134,7 @@ def fit_population(studies: list[SiteStudy], population: str, policy: str, targe
     }
     warnings = []
     low, high = figures["sensitivity_ci"]
-    if high - low > WIDE_INTERVAL:
+    if (low < target - SENSITIVITY_MARGIN) if policy == "sensitivity" else (high - low > WIDE_INTERVAL):
         warnings.append(f"{population}: the sensitivity's 95 % interval on the site set is wide ({low:.3f}–{high:.3f}, "
                         f"{figures['n_pneumonia']} pneumonias); label more pneumonia studies for a firmer threshold")  # fmt: skip
     figures["warnings"] = warnings

@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import pneumoscan
+from pneumoscan.drift import Observation, drift_figures
 from pneumoscan.errors import ConfigurationError, NotARadiograph, UnsupportedFormat
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import load_xray
@@ -402,15 +403,23 @@ def predictor_description(predictor: Predictor) -> dict:
         "operating_point": predictor.operating_point,
         "temperature": predictor.temperature,
         "operating_points": {
-            population: {"threshold": s.threshold, "name": s.operating_point, "temperature": s.temperature}
+            population: {"threshold": s.threshold, "name": s.operating_point, "temperature": s.temperature, "in_force": s.in_force}
             for population, s in predictor.populations.items()
         },
+        "drift_reference": predictor.card.get("drift_reference"),
     }
+
+
+def run_drift(scored: list[Row], reference: dict | None) -> dict:
+    """The whole run against the card's reference: do these studies look like those the operating point was set on?"""
+    observations = [Observation(r.population, r.probability, r.ood_score) for r in scored if r.probability is not None]
+    return drift_figures(observations, reference)
 
 
 def summarise(rows: list[Row], model: dict, timings: Timings, *, shard: Shard | None = None,
               resumed: int = 0, inputs: int | None = None) -> dict:  # fmt: skip
-    """Counts by outcome, the model and its operating point, timings: what ``summary.json`` holds."""
+    """Counts by outcome, the model and its operating point, drift, timings: what ``summary.json`` holds."""
+    reference = model.get("drift_reference")
     scored = [r for r in rows if r.status == SCORED]
     validated = [r for r in scored if r.in_distribution is not False]  # a flagged study is no verdict either way
     labels = {label: sum(r.label == label for r in validated) for label in ("PNEUMONIA", "NORMAL")}
@@ -429,6 +438,7 @@ def summarise(rows: list[Row], model: dict, timings: Timings, *, shard: Shard | 
         "errors": sum(r.status == FAILED for r in rows),
         "shard": str(shard) if shard else None,
         "resumed_from_worklist": resumed,
+        "drift": run_drift(scored, reference),
         "timing": {
             "seconds": round(timings.seconds, 3),
             "scored_this_run": timings.scored,

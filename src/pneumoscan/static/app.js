@@ -31,6 +31,8 @@ function saveKey(event) {
   const retry = retryAfterKey;
   retryAfterKey = null;
   refreshRecent();
+  showOperatingPoints();
+  refreshDrift();
   if (retry) retry();
 }
 
@@ -61,6 +63,26 @@ async function upload(file) {
   }
   render(body, file);
   refreshRecent();
+  refreshDrift();
+}
+
+// Which operating point answers, per population: the one fitted on validation or a site calibration (with its date).
+async function showOperatingPoints() {
+  const response = await fetch("/api/v1/model", { headers: apiHeaders() }).catch(() => null);
+  if (!response || !response.ok) return;
+  const model = await response.json();
+  const words = { child: "children", adult: "adults" };
+  $("operating-points").textContent = `Model ${model.name}. Operating point in force: ` + model.operating_points.map(
+    (p) => `${words[p.population] || p.population}: ${p.name} (threshold ${(100 * p.threshold).toFixed(1)} %; ${p.in_force})`).join("; ") + ".";
+}
+
+// A plain-words warning when recent studies no longer look like those the operating point was set on.
+async function refreshDrift() {
+  const response = await fetch("/api/v1/drift", { headers: apiHeaders() }).catch(() => null);
+  if (!response || !response.ok) return;
+  const drift = await response.json();
+  $("drift").textContent = drift.warning ? drift.message : "";
+  show($("drift"), Boolean(drift.warning));
 }
 
 function apiHeaders() {
@@ -86,7 +108,8 @@ function render(result, file) {
   const pct = (x) => `${(100 * x).toFixed(1)} %`;
   const who = result.population ? ` (${result.population}; ${result.population_source})` : "";
   if (validated) {
-    decision.textContent = (pneumonia ? "Pneumonia suspected" : "No pneumonia found") + ` — operating point: ${result.operating_point}${who}`;
+    const source = result.operating_point_source ? ` [${result.operating_point_source}]` : "";
+    decision.textContent = (pneumonia ? "Pneumonia suspected" : "No pneumonia found") + ` — operating point: ${result.operating_point}${source}${who}`;
     decision.className = "decision " + (pneumonia ? "pneumonia" : "normal");
     $("probability-text").textContent = `Calibrated probability of pneumonia: ${pct(result.probability)} (threshold ${pct(result.threshold)}).`;
     $("probability-text").className = "";
@@ -144,5 +167,7 @@ function init() {
   $("opacity").addEventListener("input", (e) => { $("heatmap").style.opacity = e.target.value / 100; });
   $("key-form").addEventListener("submit", saveKey);
   refreshRecent();
+  showOperatingPoints();
+  refreshDrift();
 }
 document.addEventListener("DOMContentLoaded", init);
