@@ -192,3 +192,41 @@ def test_the_audit_log_works_in_a_real_postgresql(shipped_model: Path, tmp_path:
         assert row["file_type"] == "jpeg" and row["model_sha256"] == body["model"]["sha256"]
     finally:
         server.cleanup()
+
+
+def test_the_api_says_which_operating_point_is_in_force(service, site_model: Path, data_root: Path, tmp_path: Path) -> None:
+    client, _ = service
+    shipped = client.get("/api/v1/model").json()
+    assert {p["population"]: p["in_force"] for p in shipped["operating_points"]} == {"child": "validation", "adult": "validation"}
+    settings = ServiceSettings(model_dir=site_model, data_dir=tmp_path)
+    site = TestClient(create_app(settings))
+    points = {p["population"]: p for p in site.get("/api/v1/model").json()["operating_points"]}
+    assert points["child"]["source"] == "site" and points["child"]["date"] == "2026-11-20"
+    assert points["child"]["in_force"] == "site calibration of 2026-11-20" and points["adult"]["in_force"] == "validation"
+    xray = next(r.path for r in list_records(data_root, "test") if r.label == 1)
+    body = site.post("/api/v1/predictions", files={"file": ("a.jpeg", xray.read_bytes(), "image/jpeg")}).json()
+    assert body["operating_point_source"] == "site calibration of 2026-11-20"
+    assert body["operating_point"] == "98% sensitivity on the site set of 2026-11-20"
+    assert body["threshold"] == points["child"]["threshold"]
+    assert audit_row(settings, body["id"])["operating_point_source"] == "site calibration of 2026-11-20"
+    assert site.get(f"/api/v1/predictions/{body['id']}").json()["operating_point_source"] == body["operating_point_source"]
+
+
+def test_drift_over_the_api_and_metrics_warns_on_a_shifted_stream(shipped_model: Path, data_root: Path, tmp_path: Path) -> None:
+    """A window of pneumonia films only is not what validation looked like: the probability of children drifts."""
+    settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, drift_window=12, drift_min_predictions=12)
+    client = TestClient(create_app(settings))
+    empty = client.get("/api/v1/drift").json()
+    assert empty["available"] and empty["n"] == 0 and not empty["warning"] and empty["reference"].startswith("validation parts")
+    pneumonias = [r.path for r in list_records(data_root, "test") if r.label == 1][:12]
+    for path in pneumonias:
+        assert client.post("/api/v1/predictions", files={"file": ("a.jpeg", path.read_bytes(), "image/jpeg")}).status_code == 201
+    drift = client.get("/api/v1/drift").json()
+    child = next(i for i in drift["indicators"] if i["name"] == "probability" and i["population"] == "child")
+    assert drift["n"] == 12 and child["judged"] and child["drifted"] and child["psi"] > 0.25
+    assert drift["warning"] and "calibrated probability of children" in drift["message"]
+    metrics = client.get("/metrics").text
+    assert "pneumoscan_drift_warning 1.0" in metrics and 'pneumoscan_drift_psi{indicator="probability",population="child"}' in metrics
+    assert "/api/v1/drift" in client.get("/openapi.json").json()["paths"]
+    restarted = TestClient(create_app(settings))  # the window is refilled from the audit log, nothing else is kept
+    assert restarted.get("/api/v1/drift").json()["n"] == 12

@@ -110,3 +110,29 @@ def test_with_an_api_key_the_page_asks_for_it_and_shows_the_pictures(shipped_mod
         other_tab.goto(base + "/")
         expect(other_tab.locator("#key-form")).to_be_visible(timeout=30_000)
         browser.close()
+
+
+def test_the_page_shows_the_operating_point_in_force_and_warns_of_drift(site_model: Path, data_root: Path, tmp_path: Path) -> None:
+    """A site-calibrated model: the header names its operating points; a shifted stream brings the drift warning."""
+    from playwright.sync_api import expect, sync_playwright
+
+    pneumonias = [r.path for r in list_records(data_root, "test") if r.label == 1][:3]
+    env = {"PNEUMOSCAN_MODEL_DIR": str(site_model), "PNEUMOSCAN_DRIFT_WINDOW": "3", "PNEUMOSCAN_DRIFT_MIN_PREDICTIONS": "3"}
+    OUTPUT.mkdir(exist_ok=True)
+    with live_server(tmp_path / "service", env=env) as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1000, "height": 1100})
+        page.goto(base + "/")
+        points = page.locator("#operating-points")
+        expect(points).to_contain_text("children: 98% sensitivity on the site set of 2026-11-20", timeout=30_000)
+        expect(points).to_contain_text("site calibration of 2026-11-20")
+        expect(points).to_contain_text("adults: 98% sensitivity on validation")
+        expect(page.locator("#drift")).to_be_hidden()
+        for n, path in enumerate(pneumonias, start=1):
+            page.set_input_files("#file", str(path))
+            expect(page.locator("#recent tr")).to_have_count(n, timeout=30_000)
+        expect(page.locator("#decision")).to_contain_text("[site calibration of 2026-11-20]")
+        expect(page.locator("#drift")).to_be_visible(timeout=30_000)
+        expect(page.locator("#drift")).to_contain_text("Recent studies do not look like those the operating point was set on")
+        page.screenshot(path=str(OUTPUT / "web-drift.png"), full_page=True)
+        browser.close()
