@@ -10,6 +10,7 @@ import pytest
 
 from pneumoscan.drift import (
     DRIFT_THRESHOLD,
+    PSI_BINS,
     DriftMonitor,
     Observation,
     bin_counts,
@@ -32,10 +33,10 @@ def reference() -> dict:
     return build_reference(observations(np.random.default_rng(0), 4000), "validation parts")
 
 
-def test_deciles_give_ten_even_bins_and_psi_is_zero_on_the_reference_itself() -> None:
+def test_quantiles_give_even_bins_and_psi_is_zero_on_the_reference_itself() -> None:
     values = np.random.default_rng(3).normal(size=10_000)
     dist = distribution(values)
-    assert len(dist["edges"]) == 9 and np.allclose(dist["shares"], 0.1, atol=0.001)
+    assert len(dist["edges"]) == PSI_BINS - 1 and np.allclose(dist["shares"], 1 / PSI_BINS, atol=0.001)
     assert psi(bin_counts(values, dist["edges"]), dist["shares"]) < 0.001
     assert psi(bin_counts(values + 1.0, dist["edges"]), dist["shares"]) > 0.5
 
@@ -87,5 +88,5 @@ def test_the_shipped_card_holds_a_validation_reference(shipped_model: Path) -> N
     for population in ("child", "adult"):
         entry = reference["populations"][population]
         for name in ("probability", "ood_score"):
-            assert len(entry[name]["edges"]) == 9 and sum(entry[name]["shares"]) == pytest.approx(1.0)
+            assert len(entry[name]["edges"]) == PSI_BINS - 1 and sum(entry[name]["shares"]) == pytest.approx(1.0)
     assert sum(reference["mix"].values()) == pytest.approx(1.0) and DRIFT_THRESHOLD == 0.25

@@ -371,6 +371,7 @@ def add_site_protocol_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--population", choices=POPULATIONS, required=True, help="the population to calibrate")
     p.add_argument("--seed", type=int, default=0, help="seed of the split in halves")
     p.add_argument("--out", type=Path, required=True, help="JSON file for the figures")
+    p.add_argument("--record", action="store_true", help="also record the figures in the model's card (site_protocol)")
     add_operating_point_arguments(p, " on the calibration half")
     p.set_defaults(handler=run_site_protocol)
 
@@ -383,6 +384,10 @@ def run_site_protocol(args: argparse.Namespace) -> int:
     result["command"] = args.command_line
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.record:
+        from pneumoscan.site_calibration import record_protocol
+
+        record_protocol(args.model or DEFAULT_MODEL_DIR, result)
     for d in result["directions"]:
         m, v = d["measured_on"], d["validation_threshold_on_the_same_half"]
         print(f"{d['direction']}: threshold {d['fitted_on']['threshold']:.4f} fitted on {d['fitted_on']['n']} images | measured on "

@@ -309,3 +309,12 @@ def halves_protocol(
                    "patients": [len({r.patient for r in h}) for h in halves], "images": [len(h) for h in halves]},
         "policy": policy, "target": target, "directions": directions,
     }
+
+
+def record_protocol(model_dir: Path, result: dict) -> None:
+    """Keep a protocol's figures in the model's card (``site_protocol``, one entry per population) and re-render it."""
+    from pneumoscan.inference import read_card
+
+    card = read_card(model_dir)
+    card.setdefault("site_protocol", {})[result["population"]] = result
+    write_card(Path(model_dir), card)
