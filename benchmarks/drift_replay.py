@@ -136,6 +136,13 @@ def test_part(model: Path) -> str:
 """ + "\n".join(rows) + "\n"
 
 
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("validation", "test"), required=True)
@@ -143,7 +150,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     text = validation_part(args.model, args.repeats) if args.part == "validation" else test_part(args.model)
-    header = f"# Drift replays\n\nMachine: {platform.machine()}, {platform.processor() or 'cpu'}; model `{args.model.name}`.\n"
+    header = f"# Drift replays\n\nMachine: {platform.machine()}, {cpu_name()}; model `{args.model.name}`.\n"
     previous = RESULTS.read_text() if RESULTS.is_file() else header
     marker = text.splitlines()[0]
     kept = previous.split(marker)[0].rstrip() + "\n\n" if marker in previous else previous.rstrip() + "\n\n"
