@@ -90,3 +90,10 @@ def test_the_shipped_card_holds_a_validation_reference(shipped_model: Path) -> N
         for name in ("probability", "ood_score"):
             assert len(entry[name]["edges"]) == PSI_BINS - 1 and sum(entry[name]["shares"]) == pytest.approx(1.0)
     assert sum(reference["mix"].values()) == pytest.approx(1.0) and DRIFT_THRESHOLD == 0.25
+
+
+def test_a_mix_shift_alone_is_said_as_such(reference: dict) -> None:
+    figures = drift_figures(observations(np.random.default_rng(8), 500, adults=0.0), reference)
+    assert [i["name"] for i in figures["indicators"] if i["drifted"]] == ["mix"]
+    assert "another mix of children and adults" in figures["message"] and "children 100% now" in figures["message"]
+    assert "may no longer give its stated sensitivity" not in figures["message"]

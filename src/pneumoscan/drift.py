@@ -128,7 +128,7 @@ def drift_figures(
     figures["indicators"] = indicators
     drifted = [i for i in indicators if i["drifted"]]
     figures["warning"] = bool(drifted)
-    figures["message"] = warning_message(drifted, reference.get("source")) if drifted else None
+    figures["message"] = warning_message(drifted, reference.get("source"), figures.get("mix")) if drifted else None
     return figures
 
 
@@ -138,19 +138,34 @@ def judge(name: str, population: str | None, value: float | None, n: int, thresh
             "judged": judged, "drifted": bool(judged and value >= threshold)}  # fmt: skip
 
 
-def warning_message(drifted: list[dict], source: str | None) -> str:
-    """What the page and the report say: which figure moved, and what to do."""
+def warning_message(drifted: list[dict], source: str | None, mix: dict | None = None) -> str:
+    """What the page and the report say: which figure moved, and what to do.
+
+    A shift of the probability or of the gate's score puts the threshold in doubt; a shift of the
+    mix alone does not (each population keeps its own threshold), and is said so.
+    """
+    reference = source or "its reference"
+    scores = [i for i in drifted if i["name"] != "mix"]
     parts = [
-        f"{INDICATOR_WORDS[i['name']]}" + (f" of {POPULATION_WORDS.get(i['population'], i['population'])}" if i["population"] else "")
-        + f" (PSI {i['psi']:.2f} over {i['n']} studies)"
-        for i in drifted
+        f"{INDICATOR_WORDS[i['name']]} of {POPULATION_WORDS.get(i['population'], i['population'])} (PSI {i['psi']:.2f} over {i['n']} studies)"
+        for i in scores
     ]
-    return (
-        f"Recent studies do not look like those the operating point was set on ({source or 'its reference'}): "
-        + "; ".join(parts)
-        + ". The threshold may no longer give its stated sensitivity. Check it on labelled local studies "
-        "(pneumoscan calibrate) before relying on the decisions."
-    )
+    text = ""
+    if scores:
+        text = (f"Recent studies do not look like those the operating point was set on ({reference}): " + "; ".join(parts)
+                + ". The threshold may no longer give its stated sensitivity. Check it on labelled local studies "
+                "(pneumoscan calibrate) before relying on the decisions.")  # fmt: skip
+    if any(i["name"] == "mix" for i in drifted):
+        shares = ""
+        if mix:
+            shares = " (" + ", ".join(f"{POPULATION_WORDS.get(p, p)} {mix['recent'][p]:.0%} now, {mix['reference'][p]:.0%} then"
+                                      for p in mix["reference"]) + ")"  # fmt: skip
+        text += (" " if text else "") + (
+            f"Recent studies are another mix of children and adults than {reference}{shares}. Each population keeps "
+            "its own threshold, so the mix alone does not change a decision; if this is the site's usual mix, calibrate "
+            "on its own studies (pneumoscan calibrate) so that drift is watched against them."
+        )
+    return text
 
 
 class DriftMonitor:
