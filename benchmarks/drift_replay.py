@@ -31,12 +31,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from load_test import running_server  # noqa: E402
+from load_test import running_server
 
-from pneumoscan.config import DEFAULT_MODEL_DIR, PROJECT_ROOT  # noqa: E402
-from pneumoscan.data import Record, records_of, split_in_halves  # noqa: E402
-from pneumoscan.drift import DEFAULT_WINDOW, DRIFT_THRESHOLD, MIN_PREDICTIONS, DriftMonitor, Observation, build_reference  # noqa: E402
-from pneumoscan.inference import Predictor  # noqa: E402
+from pneumoscan.config import DEFAULT_MODEL_DIR, PROJECT_ROOT
+from pneumoscan.data import Record, records_of, split_in_halves
+from pneumoscan.drift import (
+    DEFAULT_WINDOW,
+    DRIFT_THRESHOLD,
+    MIN_PREDICTIONS,
+    DriftMonitor,
+    Observation,
+    build_reference,
+)
+from pneumoscan.inference import Predictor
 
 RESULTS = ROOT / "benchmarks" / "drift_results.md"
 
@@ -64,15 +71,15 @@ def through_the_service(model: Path, records: list[Record], seed: int) -> dict:
     """Every record posted once in a seeded order; the drift figures read after each answer."""
     order = np.random.default_rng(seed).permutation(len(records))
     first_warning, last = None, {}
-    with tempfile.TemporaryDirectory() as folder, running_server(Path(folder), env={"PNEUMOSCAN_MODEL_DIR": str(model)}) as server:
-        with httpx.Client(base_url=server.base, timeout=60) as client:
-            for n, index in enumerate(order, start=1):
-                path = records[index].path
-                response = client.post("/api/v1/predictions", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
-                response.raise_for_status()
-                last = client.get("/api/v1/drift").json()
-                if last["warning"] and first_warning is None:
-                    first_warning = {"after": n, "drifted": [(i["name"], i["population"], i["psi"]) for i in last["indicators"] if i["drifted"]]}
+    with (tempfile.TemporaryDirectory() as folder, running_server(Path(folder), env={"PNEUMOSCAN_MODEL_DIR": str(model)}) as server,
+          httpx.Client(base_url=server.base, timeout=60) as client):  # fmt: skip
+        for n, index in enumerate(order, start=1):
+            path = records[index].path
+            response = client.post("/api/v1/predictions", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+            response.raise_for_status()
+            last = client.get("/api/v1/drift").json()
+            if last["warning"] and first_warning is None:
+                first_warning = {"after": n, "drifted": [(i["name"], i["population"], i["psi"]) for i in last["indicators"] if i["drifted"]]}
     return {"n": len(records), "first_warning": first_warning, "final": last}
 
 
@@ -98,7 +105,7 @@ def validation_part(model: Path, repeats: int) -> str:
         out_of_sample.append(replay_alarms([by_path[r.path] for r in half_b], reference, rng))
     seconds = time.perf_counter() - started
     served = through_the_service(model, val, seed=0)
-    rate = lambda runs: sum(w for w, _ in runs) / len(runs)  # noqa: E731
+    rate = lambda runs: sum(w for w, _ in runs) / len(runs)
     final = served["final"]
     return f"""## Validation images: false alarms
 

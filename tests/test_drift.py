@@ -55,7 +55,7 @@ def test_a_shifted_gate_score_and_population_mix_are_seen(reference: dict) -> No
     assert {(i["name"], i["population"]) for i in drift_figures(far, reference)["indicators"] if i["drifted"]} >= {("ood_score", "child")}
     only_children = observations(rng, 500, adults=0.0)
     mix = drift_figures(only_children, reference)
-    assert [i for i in mix["indicators"] if i["name"] == "mix"][0]["drifted"] and mix["mix"]["recent"]["child"] == 1.0
+    assert next(i for i in mix["indicators"] if i["name"] == "mix")["drifted"] and mix["mix"]["recent"]["child"] == 1.0
 
 
 def test_unshifted_windows_rarely_warn(reference: dict) -> None:

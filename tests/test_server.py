@@ -138,7 +138,7 @@ def test_pneumoscan_serve_answers_over_http(shipped_model: Path, tmp_path: Path,
         process.wait(timeout=30)
     output = (tmp_path / "server.log").read_text()
     assert process.returncode == 0, output
-    assert f"{base}/" in output
+    assert f"{base}/" in output and "operating point in force (child): 98% sensitivity on validation" in output
 
 
 def test_the_audit_schema_is_managed_by_alembic(service) -> None:

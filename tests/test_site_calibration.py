@@ -12,9 +12,16 @@ from conftest import site_folder
 
 from pneumoscan import cli
 from pneumoscan.calibration import calibrated_probability
-from pneumoscan.data import Record, class_folder_records, list_records, sha256_file, split_in_halves
+from pneumoscan.data import (
+    Record,
+    class_folder_records,
+    list_records,
+    sha256_file,
+    split_in_halves,
+)
 from pneumoscan.errors import TooFewSiteCases
 from pneumoscan.inference import Predictor
+from pneumoscan.predict import format_records, predict_files
 from pneumoscan.site_calibration import (
     MIN_PER_CLASS,
     SiteStudy,
@@ -70,6 +77,8 @@ def test_the_site_operating_point_answers_and_says_so(site_model: Path, data_roo
     assert prediction.population == "child" and prediction.operating_point_source == "site calibration of 2026-11-20"
     assert prediction.probability == pytest.approx(float(calibrated_probability(prediction.logit, settings.temperature)))
     assert prediction.to_dict()["operating_point_source"] == "site calibration of 2026-11-20"
+    table = format_records(predict_files(predictor, [record.path]), "table")
+    assert "operating point in force (child): 98% sensitivity on the site set of 2026-11-20 [site calibration of 2026-11-20]" in table
 
 
 def test_calibrate_takes_a_labels_file_from_the_command_line(shipped_model: Path, data_root: Path, tmp_path: Path, capsys) -> None:
@@ -122,7 +131,7 @@ def test_a_wide_sensitivity_interval_is_a_warning() -> None:
     rng = np.random.default_rng(1)
     few = [1] * 50 + [0] * 50
     _, figures = fit_population(fake_studies(few, rng.normal(0, 1, 100) + 1.5 * np.asarray(few)), "child", "sensitivity", 0.98, "x", 300)
-    low, high = figures["sensitivity_ci"]
+    low = figures["sensitivity_ci"][0]
     assert low < 0.98 - 0.03 and any("wide" in w for w in figures["warnings"])  # 50 pneumonias: 0.93 cannot be excluded
     many = [1] * 2000 + [0] * 2000
     _, firm = fit_population(fake_studies(many, rng.normal(0, 1, 4000) + 4 * np.asarray(many)), "child", "sensitivity", 0.98, "x", 300)
@@ -154,3 +163,11 @@ def test_the_halves_protocol_on_a_small_made_up_set(shipped_model: Path, data_ro
             low, high = m[f"{name}_ci"]
             assert low <= m[name] <= high
         assert d["fitted_on"]["sensitivity_on_fit_half"] >= 0.98
+
+
+def test_a_site_file_that_cannot_be_read_is_named(shipped_model: Path, data_root: Path, tmp_path: Path, capsys) -> None:
+    site = site_folder(data_root, tmp_path / "site", 50, 50)
+    (site / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    code = cli.main(["calibrate", "--model", str(shipped_model), "--data", str(site), "--out", str(tmp_path / "x")])
+    error = capsys.readouterr().err
+    assert code == 2 and "site/NORMAL/broken.jpeg" in error and "Traceback" not in error

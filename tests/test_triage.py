@@ -336,3 +336,19 @@ def test_a_flagged_study_is_listed_as_not_validated_never_as_a_verdict(predictor
     photo_row = next(line for line in report.split("<tr>") if "photo.png" in line)
     assert "not validated for this image" in photo_row and 'class="pos"' not in photo_row and 'class="neg"' not in photo_row
     assert "child operating point" in report
+
+
+def test_the_summary_and_report_say_the_operating_point_in_force_and_the_drift(site_model: Path, data_root: Path, tmp_path: Path) -> None:
+    """120 pneumonia films against a site set of half normals: the children's probability has shifted."""
+    pneumonias = [r.path for r in list_records(data_root, "test") if r.label == 1][:120]
+    summary = triage(pneumonias, tmp_path / "out", Predictor.load(site_model), progress=False)
+    assert summary["model"]["operating_points"]["child"]["in_force"] == "site calibration of 2026-11-20"
+    assert summary["model"]["operating_points"]["adult"]["in_force"] == "validation"
+    drift = summary["drift"]
+    assert drift["available"] and drift["reference"].startswith("the site set of 2026-11-20")
+    child = next(i for i in drift["indicators"] if i["name"] == "probability" and i["population"] == "child")
+    assert child["n"] >= 100 and child["judged"] and child["drifted"] and drift["warning"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["drift"]["warning"] is True
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="drift"' in report and "Recent studies do not look like those the operating point was set on" in report
+    assert "site calibration of 2026-11-20" in report

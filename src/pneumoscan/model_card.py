@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def _fmt_split(metrics: dict) -> str:
     low, high = metrics["auroc_ci"]
     cm = metrics["confusion_matrix"]
@@ -151,7 +152,7 @@ def render_card(card: dict) -> str:
         operating = "per population, below"
         temperature = "per population, below"
     else:
-        entry = {k: card[k] for k in ("calibration", "operating_point", "ood_gate") if k in card}
+        entry = {k: card[k] for k in ("calibration", "operating_point", "ood_gate", "site", "validation_operating_point") if k in card}
         entry.update(validation=card["validation"], test=card["test"], invariance=card.get("invariance"))
         sections = _population_section("Figures at the operating point", entry, int8)
         routing = ""

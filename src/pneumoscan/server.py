@@ -321,6 +321,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         if row["model_sha256"] == predictor.model_sha256 and answered_by(predictor, row):
             drift.add(Observation(row.get("population"), row["probability"], row.get("ood_score")))
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays")
+    app.state.predictor = predictor
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     registry = CollectorRegistry()
     requests_total = Counter("pneumoscan_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
@@ -591,4 +592,6 @@ def serve(settings: ServiceSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = create_app(settings)
     print(f"pneumoscan is serving {settings.model_dir.name} at http://{settings.host}:{settings.port}/", flush=True)
+    for population, point in app.state.predictor.populations.items():
+        print(f"operating point in force ({population}): {point.operating_point}, threshold {point.threshold:.4f} [{point.in_force}]", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -26,11 +26,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, calibrated_probability
+from pneumoscan.calibration import (
+    DEFAULT_POLICY,
+    DEFAULT_TARGET_SENSITIVITY,
+    calibrated_probability,
+)
 from pneumoscan.config import CLASS_NAMES, portable_path
-from pneumoscan.data import Record, dataset_kind, labels_file_of, sha256_file, site_records, split_in_halves
+from pneumoscan.data import (
+    Record,
+    dataset_kind,
+    labels_file_of,
+    sha256_file,
+    site_records,
+    split_in_halves,
+)
 from pneumoscan.drift import Observation, build_reference
-from pneumoscan.errors import ConfigurationError, TooFewSiteCases
+from pneumoscan.errors import ConfigurationError, InputError, TooFewSiteCases
 from pneumoscan.evaluation import (
     BOOTSTRAP_RESAMPLES,
     Calibration,
@@ -80,10 +91,25 @@ def score_site(predictor: Predictor, records: list[Record], progress: bool = Tru
     studies: list[SiteStudy] = []
     chunks = list(batched(records, 32))
     for chunk in tqdm(chunks, desc="scoring the site set", unit="batch", disable=not progress):
-        for record, prediction in zip(chunk, predictor.predict([r.path for r in chunk])):
+        for record, prediction in zip(chunk, predict_naming_the_file(predictor, chunk)):
             population = record.population if record.population in predictor.populations else prediction.population
             studies.append(SiteStudy(record, prediction.logit, str(population), prediction.in_distribution, prediction.ood_score))
     return studies
+
+
+def predict_naming_the_file(predictor: Predictor, records: list[Record]) -> list:
+    """Predictions for a chunk; a file that cannot be scored stops the calibration with its path (a label without
+    its study would bias the fit silently)."""
+    try:
+        return predictor.predict([r.path for r in records])
+    except InputError:
+        for record in records:
+            try:
+                predictor.predict(record.path)
+            except InputError as exc:
+                raise InputError(f"{record.relative}: {exc}. Remove it from the site set or replace the file, then run "
+                                 "calibrate again") from exc  # fmt: skip
+        raise
 
 
 def set_checksum(records: list[Record]) -> str:
@@ -123,15 +149,8 @@ def fit_population(studies: list[SiteStudy], population: str, policy: str, targe
     fitted = fit_calibration(logits, labels, policy, target)
     calibration = Calibration(fitted.temperature, dataclasses.replace(fitted.operating_point, name=site_point_name(fitted.operating_point.name, on)))
     probabilities = calibrated_probability(logits, calibration.temperature)
-    from sklearn.metrics import roc_auc_score
-
-    figures = {
-        "n": len(used), "n_pneumonia": int(labels.sum()), "n_normal": int((labels == 0).sum()),
-        "patients": len(set(patients)), "left_out_not_validated": len(mine) - len(used),
-        "auroc": float(roc_auc_score(labels, probabilities)),
-        "auroc_ci": list(bootstrap_auroc_ci(labels, probabilities, patients, resamples)),
-        **rates_with_intervals(labels, probabilities, calibration.operating_point.threshold, patients, resamples),
-    }
+    figures = {**figures_at(labels, probabilities, patients, calibration.operating_point.threshold, resamples),
+               "left_out_not_validated": len(mine) - len(used)}
     warnings = []
     low, high = figures["sensitivity_ci"]
     if (low < target - SENSITIVITY_MARGIN) if policy == "sensitivity" else (high - low > WIDE_INTERVAL):
@@ -139,6 +158,18 @@ def fit_population(studies: list[SiteStudy], population: str, policy: str, targe
                         f"{figures['n_pneumonia']} pneumonias); label more pneumonia studies for a firmer threshold")  # fmt: skip
     figures["warnings"] = warnings
     return calibration, figures
+
+
+def figures_at(labels: np.ndarray, probabilities: np.ndarray, patients: list[str], threshold: float, resamples: int) -> dict:
+    """Counts, AUROC, sensitivity and specificity at ``threshold``, each rate with its patient-bootstrap interval."""
+    from sklearn.metrics import roc_auc_score
+
+    return {
+        "n": len(labels), "n_pneumonia": int(labels.sum()), "n_normal": int((labels == 0).sum()), "patients": len(set(patients)),
+        "auroc": float(roc_auc_score(labels, probabilities)),
+        "auroc_ci": list(bootstrap_auroc_ci(labels, probabilities, patients, resamples)),
+        **rates_with_intervals(labels, probabilities, threshold, patients, resamples),
+    }  # fmt: skip
 
 
 def site_point_name(validation_name: str, on: str) -> str:
@@ -283,21 +314,14 @@ def halves_protocol(
         labels = np.asarray([s.record.label for s in measured])
         patients = [s.record.patient for s in measured]
         probabilities = calibrated_probability(logits, calibration.temperature)
-        from sklearn.metrics import roc_auc_score
-
         validation_threshold = predictor.populations[population].threshold
         validation_probabilities = calibrated_probability(logits, predictor.populations[population].temperature)
         directions.append({
             "direction": name,
             "fitted_on": {"n": fit_figures["n"], "patients": fit_figures["patients"], "n_pneumonia": fit_figures["n_pneumonia"],
                           "temperature": calibration.temperature, "threshold": calibration.operating_point.threshold,
-                          "sensitivity_on_fit_half": fit_figures["sensitivity"]},  # fmt: skip
-            "measured_on": {
-                "n": len(measured), "patients": len(set(patients)), "n_pneumonia": int(labels.sum()), "n_normal": int((labels == 0).sum()),
-                "auroc": float(roc_auc_score(labels, probabilities)),
-                "auroc_ci": list(bootstrap_auroc_ci(labels, probabilities, patients, resamples)),
-                **rates_with_intervals(labels, probabilities, calibration.operating_point.threshold, patients, resamples),
-            },
+                          "sensitivity_on_fit_half": fit_figures["sensitivity"]},
+            "measured_on": figures_at(labels, probabilities, patients, calibration.operating_point.threshold, resamples),
             "validation_threshold_on_the_same_half": rates_with_intervals(
                 labels, validation_probabilities, validation_threshold, patients, resamples),
         })
