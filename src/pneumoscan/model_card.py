@@ -124,6 +124,15 @@ def _protocol_section(protocols: dict) -> str:
     )
 
 
+def _drift_text(card: dict) -> str:
+    reference = card.get("drift_reference")
+    if not reference:
+        return ""
+    mix = ", ".join(f"{p} {share:.0%}" for p, share in reference.get("mix", {}).items())
+    return (f"\n## Drift reference\n\nA running service compares its recent predictions with {reference['source']} "
+            f"(mix: {mix}): {reference['method']}.\n")
+
+
 def _site_calibration_text(card: dict) -> str:
     site = card.get("site_calibration")
     if not site:
@@ -186,7 +195,7 @@ def render_card(card: dict) -> str:
 | ONNX | `{card['onnx']['file']}`, opset {card['onnx']['opset']}, sha256 `{card['onnx']['sha256']}` |
 | training command | `{card['training']['command']}` (commit `{card['training']['git_commit']}`) |
 | data | train+validation sha256 `{card['data']['train_sha256']}`, test sha256 `{card['data']['test_sha256']}` ({card['data']['checksum_method']}) |
-{int8_text}{data_table}{routing}{_site_calibration_text(card)}
+{int8_text}{data_table}{routing}{_site_calibration_text(card)}{_drift_text(card)}
 {sections}{_protocol_section(card["site_protocol"]) if card.get("site_protocol") else ""}
 Thresholds and temperatures were fitted on validation parts (by patient); test parts were
 scored once, afterwards. Reports with plots: `evaluation/`.
