@@ -171,3 +171,15 @@ def test_a_site_file_that_cannot_be_read_is_named(shipped_model: Path, data_root
     code = cli.main(["calibrate", "--model", str(shipped_model), "--data", str(site), "--out", str(tmp_path / "x")])
     error = capsys.readouterr().err
     assert code == 2 and "site/NORMAL/broken.jpeg" in error and "Traceback" not in error
+
+
+def test_the_shipped_card_records_both_directions_of_the_halves_and_renders_them(shipped_model: Path) -> None:
+    from pneumoscan.model_card import render_card
+
+    card = json.loads((shipped_model / "model_card.json").read_text())
+    for population in ("child", "adult"):
+        protocol = card["site_protocol"][population]
+        assert [d["direction"] for d in protocol["directions"]] == ["A → B", "B → A"] and protocol["target"] == 0.98
+        assert protocol["model_onnx_sha256"] == card["onnx"]["sha256"] and protocol["split"] == "test"
+        assert json.loads((shipped_model / "site-protocol" / f"{population}.json").read_text()) == protocol
+    assert (shipped_model / "MODEL_CARD.md").read_text() == render_card(card)
