@@ -53,7 +53,8 @@ from pneumoscan.drift import DEFAULT_WINDOW, DRIFT_THRESHOLD, MIN_PREDICTIONS, D
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.explanation import overlay
 from pneumoscan.imaging import HEAD_BYTES, Limits, check_head, load_xray
-from pneumoscan.inference import Predictor
+from pneumoscan.device import MODEL_ROUTE, device_settings, gate_bytes
+from pneumoscan.inference import INT8_MODEL_FILE, MODEL_FILE, Predictor
 
 API = "/api/v1"
 STATIC = Path(__file__).parent / "static"
@@ -288,14 +289,21 @@ def error(status: int, kind: str, detail: str, headers: dict[str, str] | None = 
 
 
 #: Everything the page needs comes from the app itself; no inline script, no framing by other sites.
+#: 'wasm-unsafe-eval' lets the on-device mode compile onnxruntime-web's WebAssembly (no JavaScript eval).
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
-    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "worker-src 'self' blob:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
+}
+#: Cross-origin isolation: onnxruntime-web may then run on several threads (SharedArrayBuffer) in the on-device mode.
+ISOLATION_HEADERS = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
 }
 #: FastAPI's interactive docs load Swagger UI from a CDN; they keep only the generic headers.
 DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
@@ -476,6 +484,28 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    # On-device mode: the model, its settings and gates, for onnxruntime-web in the page. No image comes here.
+    settings_for_device = device_settings(predictor)
+
+    @app.get(f"{MODEL_ROUTE}/device.json", include_in_schema=False)
+    async def model_for_device() -> dict:
+        return settings_for_device
+
+    @app.get(f"{MODEL_ROUTE}/{{name}}", include_in_schema=False)
+    async def model_file(name: str) -> Response:
+        if name in (MODEL_FILE, INT8_MODEL_FILE) and (predictor.model_dir / name).is_file():
+            return FileResponse(predictor.model_dir / name, media_type="application/octet-stream")
+        population = name.removeprefix("gate.").removesuffix(".bin")
+        point = predictor.populations.get(population)
+        if name.startswith("gate.") and name.endswith(".bin") and point is not None and point.gate is not None:
+            return Response(await run_in_threadpool(gate_bytes, point.gate), media_type="application/octet-stream")
+        raise HTTPException(404, "no such model file")
+
+    @app.get("/sw.js", include_in_schema=False)
+    async def service_worker() -> FileResponse:
+        """At the root, so that it may keep the page itself for offline use."""
+        return FileResponse(STATIC / "sw.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         figures = drift.figures()
@@ -537,6 +567,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
         response.headers.update(SECURITY_HEADERS)
         if request.url.path not in DOCS_PATHS:
             response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+            response.headers.update(ISOLATION_HEADERS)
         return response
 
     if settings.cors_origins:

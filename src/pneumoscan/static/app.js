@@ -36,7 +36,55 @@ function saveKey(event) {
   if (retry) retry();
 }
 
+// On-device mode: the model runs here (device.js, onnxruntime-web); no request carries the image, nothing is recorded.
+let device = null;
+
+function mode() { return document.querySelector('input[name="mode"]:checked').value; }
+
+async function deviceModel() {
+  device = device || await import("/static/device.js");
+  return device.load($("precision").value);
+}
+
+async function prepareDevice() {
+  const on = mode() === "device";
+  show($("device-note"), on);
+  if (!on) return;
+  $("status").textContent = "Loading the model onto this device …";
+  try {
+    const model = await deviceModel();
+    $("status").textContent = `The model (${model.settings.name}, ${model.precision}, checked against its card) runs on this device.`;
+  } catch (e) {
+    $("status").textContent = "";
+    setError(`The model cannot run on this device: ${e.message}. Use the server mode.`);
+  }
+}
+
+async function scoreHere(file) {
+  setError("");
+  if (/\.(dcm|dicom)$/i.test(file.name) || file.type === "application/dicom") {
+    setError("DICOM files are read in the server mode only; on this device: JPEG or PNG.");
+    return;
+  }
+  $("status").textContent = `Scoring ${file.name} on this device …`;
+  try {
+    const model = await deviceModel();
+    const result = await device.predict(model, file);
+    Object.assign(result, await device.pictures(result));
+    window.pneumoscanLast = { probability: result.probability, label: result.label, population: result.population,
+                              in_distribution: result.in_distribution, heatmap: Array.from(result.heatmap),
+                              precision: model.precision, seconds: result.seconds, name: file.name };
+    $("status").textContent = "";
+    render(result, file);
+  } catch (e) {
+    $("status").textContent = "";
+    show($("result"), false);
+    setError(`This file could not be analysed on this device: ${e.message || e}`);
+  }
+}
+
 async function upload(file) {
+  if (mode() === "device") return scoreHere(file);
   setError("");
   $("status").textContent = `Reading ${file.name} …`;
   const form = new FormData();
@@ -131,8 +179,14 @@ function render(result, file) {
   show(note, Boolean(result.population_note));
   // the previous study's pictures must not stay beside this result while the new ones load
   for (const id of ["xray", "heatmap"]) $(id).removeAttribute("src");
-  showPicture("xray", result.image_url);
-  showPicture("heatmap", result.heatmap_url);
+  if (result.local) {  // drawn on this device: blob: URLs, nothing fetched
+    $("xray").src = result.image_url;
+    $("heatmap").src = result.heatmap_url;
+  } else {
+    showPicture("xray", result.image_url);
+    showPicture("heatmap", result.heatmap_url);
+  }
+  $("where").textContent = result.local ? "Scored on this device: the X-ray did not leave it, and this result is not recorded." : "";
   show($("result"), true);
 }
 
@@ -166,8 +220,11 @@ function init() {
   $("show-heatmap").addEventListener("change", (e) => { $("heatmap").style.visibility = e.target.checked ? "visible" : "hidden"; });
   $("opacity").addEventListener("input", (e) => { $("heatmap").style.opacity = e.target.value / 100; });
   $("key-form").addEventListener("submit", saveKey);
+  for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", prepareDevice);
+  $("precision").addEventListener("change", prepareDevice);
   refreshRecent();
   showOperatingPoints();
   refreshDrift();
+  if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});  // offline after one visit
 }
 document.addEventListener("DOMContentLoaded", init);
