@@ -67,13 +67,15 @@ async function scoreHere(file) {
     return;
   }
   $("status").textContent = `Scoring ${file.name} on this device …`;
+  const started = performance.now();
   try {
     const model = await deviceModel();
     const result = await device.predict(model, file);
     Object.assign(result, await device.pictures(result));
     window.pneumoscanLast = { probability: result.probability, label: result.label, population: result.population,
                               in_distribution: result.in_distribution, heatmap: Array.from(result.heatmap),
-                              precision: model.precision, seconds: result.seconds, name: file.name };
+                              precision: model.precision, seconds: result.seconds, name: file.name,
+                              total_seconds: (performance.now() - started) / 1000 };  // file to heat map
     $("status").textContent = "";
     render(result, file);
   } catch (e) {

@@ -158,9 +158,10 @@ function mahalanobis(x, stats, offset, dim) {  // (x − mean)ᵀ · precision �
   for (let i = 0; i < dim; i++) centered[i] = Math.fround(x[i] - stats[offset + i]);
   let total = 0;
   const base = offset + dim;
-  for (let i = 0; i < dim; i++) {
+  for (let i = 0; i < dim; i++) {  // the precision matrix is symmetric: its rows are read in memory order
     let row = 0;
-    for (let j = 0; j < dim; j++) row += centered[j] * stats[base + j * dim + i];
+    const start = base + i * dim;
+    for (let j = 0; j < dim; j++) row += centered[j] * stats[start + j];
     total += row * centered[i];
   }
   return total;
@@ -216,6 +217,8 @@ function jet(value) {
   return a.map((c, k) => Math.round(255 * (c + t * (b[k] - c))));
 }
 
+const JET_LUT = Array.from({ length: 256 }, (_, i) => jet(i / 255));  // the overlay reads 8-bit map values
+
 export async function pictures(result) {
   const { bitmap, width, height } = result.image;
   const xray = new OffscreenCanvas(width, height);
@@ -230,7 +233,7 @@ export async function pictures(result) {
   const heat = bigContext.getImageData(0, 0, width, height).data;
   const base = xray.getContext("2d", { willReadFrequently: true }).getImageData(0, 0, width, height);
   for (let i = 0; i < width * height; i++) {
-    const value = heat[4 * i] / 255, weight = 0.45 * (0.3 + 0.7 * value), colour = jet(value);
+    const value = heat[4 * i] / 255, weight = 0.45 * (0.3 + 0.7 * value), colour = JET_LUT[heat[4 * i]];
     for (let c = 0; c < 3; c++) base.data[4 * i + c] = Math.round(base.data[4 * i + c] * (1 - weight) + colour[c] * weight);
   }
   const overlay = new OffscreenCanvas(width, height);

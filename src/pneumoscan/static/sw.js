@@ -2,11 +2,11 @@
 // The page and the model's settings are asked of the network first (a new model shows at once); the runtime and the
 // model's files are kept by URL, which carries their sha256, so a new model is a new entry. The API is never kept.
 const CACHE = "pneumoscan-v1";
+// The page itself is kept at install; the runtime and the model (tens of MB) are kept the first time the page asks
+// for them, so a first visit downloads each once.
 const SHELL = [
   "/", "/static/app.js", "/static/device.js", "/static/style.css", "/static/manifest.webmanifest",
   "/static/icon-192.png", "/static/icon-512.png",
-  "/static/vendor/onnxruntime-web/ort.wasm.min.mjs", "/static/vendor/onnxruntime-web/ort-wasm-simd-threaded.mjs",
-  "/static/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm", "/model/device.json",
 ];
 
 self.addEventListener("install", (event) => {
