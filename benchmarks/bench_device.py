@@ -79,7 +79,7 @@ def loaded_bytes(requests: list, prefixes: tuple[str, ...]) -> int:
         path = "/" + request.url.split("://", 1)[-1].split("/", 1)[-1]
         response = request.response()
         if any(path.startswith(p) for p in prefixes) and response is not None and not response.from_service_worker:
-            seen[request.url] = len(response.body())
+            seen[request.url] = request.sizes()["responseBodySize"]  # as transferred (gzipped where it was)
     return sum(seen.values())
 
 
@@ -207,7 +207,7 @@ temperature) moves by up to {self_delta.max():.4f} (median {np.median(self_delta
 |---|---|---|---|---|
 """ + "\n".join(latency) + """
 
-## First load (bytes as fetched; served uncompressed)
+## First load (bytes as transferred)
 
 | precision | runtime (onnxruntime-web .mjs + .wasm) | model, settings and gates | with the page's own scripts | time to "runs on this device" |
 |---|---|---|---|---|

@@ -13,6 +13,7 @@ trap 'rm -rf "$WORK"' EXIT
 FILES="ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm"
 rm -rf "$TARGET" && mkdir -p "$TARGET"
 for f in $FILES; do cp "$WORK/package/dist/$f" "$TARGET/$f"; done
+gzip -9 -n -k "$TARGET/ort-wasm-simd-threaded.wasm"  # served as is to browsers that accept gzip
 cat > "$TARGET/LICENSE" <<'LICENSE'
 onnxruntime-web (https://github.com/microsoft/onnxruntime), MIT License
 
@@ -40,7 +41,7 @@ TARBALL_SHA="$(sha256sum "$WORK/onnxruntime-web-$VERSION.tgz" | cut -d' ' -f1)"
 {
   printf '{\n  "package": "onnxruntime-web",\n  "version": "%s",\n  "tarball_sha256": "%s",\n  "files": {\n' "$VERSION" "$TARBALL_SHA"
   sep=""
-  for f in $FILES; do printf '%s    "%s": "%s"' "$sep" "$f" "$(sha256sum "$TARGET/$f" | cut -d' ' -f1)"; sep=",
+  for f in $FILES ort-wasm-simd-threaded.wasm.gz; do printf '%s    "%s": "%s"' "$sep" "$f" "$(sha256sum "$TARGET/$f" | cut -d' ' -f1)"; sep=",
 "; done
   printf '\n  }\n}\n'
 } > "$TARGET/vendor.json"

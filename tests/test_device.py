@@ -98,3 +98,42 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
     engine = create_engine(f"sqlite:///{(tmp_path / 'service' / 'pneumoscan.db').as_posix()}")
     with engine.connect() as connection:
         assert connection.execute(text("select count(*) from predictions")).scalar_one() == 0  # nothing recorded
+
+
+def test_the_gate_the_browser_gets_scores_like_the_python_gate(shipped_model: Path) -> None:
+    """Mean and upper triangle of each precision matrix, float32: the same distance as the Python gate."""
+    from pneumoscan.device import gate_bytes
+    from pneumoscan.ood import OodGate
+
+    gate = OodGate.load(shipped_model, "child")
+    packed = np.frombuffer(gate_bytes(gate), dtype="<f4")
+    dim = gate.mean.size
+    assert packed.size == 2 * (dim + dim * (dim + 1) // 2)
+    x = np.random.default_rng(0).normal(size=(3, dim)).astype(np.float32) + gate.mean.astype(np.float32)
+    upper = np.zeros((dim, dim), np.float64)
+    upper[np.triu_indices(dim)] = packed[dim : dim + dim * (dim + 1) // 2]
+    full = upper + upper.T - np.diag(np.diag(upper))
+    centered = x - packed[:dim]
+    assert np.allclose(np.einsum("ij,jk,ik->i", centered, full, centered), gate.distances(x), rtol=1e-4)
+
+
+def test_the_runtime_is_served_gzipped_to_browsers_that_accept_it(service_client) -> None:
+    wasm = "/static/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm"
+    packed = service_client.get(wasm, headers={"Accept-Encoding": "gzip"})
+    assert packed.status_code == 200 and packed.headers["content-encoding"] == "gzip"
+    assert packed.headers["content-type"] == "application/wasm" and packed.content[:4] == b"\0asm"  # httpx decodes it
+    plain = service_client.get(wasm, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.content == packed.content
+    assert service_client.get("/static/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm.gz").status_code == 404
+    settings = service_client.get("/model/device.json").json()
+    assert settings["files"]["int8"]["url"].endswith(settings["files"]["int8"]["sha256"])
+    assert service_client.get("/").headers["cross-origin-embedder-policy"] == "require-corp"
+
+
+@pytest.fixture(scope="module")
+def service_client(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.server import ServiceSettings, create_app
+
+    return TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path_factory.mktemp("device"))))

@@ -19,9 +19,18 @@ from pneumoscan.ood import OodGate
 MODEL_ROUTE = "/model"
 
 
+def upper_triangle(matrix: np.ndarray) -> np.ndarray:
+    """A symmetric matrix's upper triangle, row by row: half the bytes for the browser to download."""
+    matrix = np.asarray(matrix)
+    return matrix[np.triu_indices(matrix.shape[0])]
+
+
 def gate_bytes(gate: OodGate) -> bytes:
-    """``mean (C) · precision (C×C)`` and, for a two-stage gate, ``l2_mean · l2_precision``: float32, little-endian."""
-    parts = [gate.mean, gate.precision] + ([gate.l2_mean, gate.l2_precision] if gate.two_stage else [])
+    """``mean (C) · upper triangle of precision (C(C+1)/2)``, then the same for the direction gate of a two-stage gate;
+    float32, little-endian (the gate computes in float32)."""
+    parts = [gate.mean, upper_triangle(gate.precision)]
+    if gate.two_stage:
+        parts += [gate.l2_mean, upper_triangle(gate.l2_precision)]
     return b"".join(np.asarray(p, dtype="<f4").tobytes() for p in parts)
 
 

@@ -153,16 +153,16 @@ function population(settings, embedding) {
   return { name: sigmoid(z) >= 0.5 ? "adult" : "child", source: "the image" };
 }
 
-function mahalanobis(x, stats, offset, dim) {  // (x − mean)ᵀ · precision · (x − mean), float32 inputs
-  const centered = new Float64Array(dim);
-  for (let i = 0; i < dim; i++) centered[i] = Math.fround(x[i] - stats[offset + i]);
+function mahalanobis(x, stats, offset, dim) {
+  // (x − mean)ᵀ · precision · (x − mean) from the mean and the precision's upper triangle (row by row), as float32
+  const c = new Float64Array(dim);
+  for (let i = 0; i < dim; i++) c[i] = Math.fround(x[i] - stats[offset + i]);
   let total = 0;
-  const base = offset + dim;
-  for (let i = 0; i < dim; i++) {  // the precision matrix is symmetric: its rows are read in memory order
-    let row = 0;
-    const start = base + i * dim;
-    for (let j = 0; j < dim; j++) row += centered[j] * stats[start + j];
-    total += row * centered[i];
+  let k = offset + dim;
+  for (let i = 0; i < dim; i++) {
+    let row = stats[k++] * c[i];  // the diagonal once, each pair above it twice
+    for (let j = i + 1; j < dim; j++) row += 2 * stats[k++] * c[j];
+    total += row * c[i];
   }
   return total;
 }
@@ -175,7 +175,7 @@ function gateScore(gate, stats, embedding) {
   for (const v of embedding) norm += v * v;
   norm = Math.max(Math.sqrt(norm), 1e-12);
   const unit = Float32Array.from(embedding, (v) => v / norm);
-  const direction = mahalanobis(unit, stats, dim + dim * dim, dim);
+  const direction = mahalanobis(unit, stats, dim + (dim * (dim + 1)) / 2, dim);
   return Math.max(raw / gate.threshold, direction / gate.l2_threshold);
 }
 
