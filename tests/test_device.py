@@ -78,6 +78,7 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
         page.check('input[name="mode"][value="device"]')
         expect(page.locator("#status")).to_contain_text("runs on this device", timeout=120_000)
         again = score_in_the_browser(page, paths[:1])
+        assert page.evaluate("navigator.serviceWorker.controller !== null")  # the page came from the service worker
         page.screenshot(path=str(OUTPUT / f"device-{precision}-offline.png"), full_page=True)
         browser.close()
     assert not [r.url for r in requests if r.method != "GET"], "a request other than GET left the page"
@@ -137,3 +138,31 @@ def service_client(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory
     from pneumoscan.server import ServiceSettings, create_app
 
     return TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path_factory.mktemp("device"))))
+
+
+def test_a_model_file_unlike_its_card_is_refused_on_the_device(shipped_model: Path, tmp_path: Path) -> None:
+    """The browser checks the model's sha256 against the card before use: a swapped file never answers."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with live_server(tmp_path / "service") as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_context(service_workers="block").new_page()  # page.route sees what a service worker would not
+        page.route("**/model/model*.onnx*", lambda route: route.fulfill(status=200, body=b"not the model" * 1000,
+                                                                           content_type="application/octet-stream"))  # fmt: skip
+        page.goto(base + "/")
+        page.check('input[name="mode"][value="device"]')
+        expect(page.locator("#error")).to_contain_text("does not match its card", timeout=60_000)
+        expect(page.locator("#error")).to_contain_text("Use the server mode")
+        browser.close()
+
+
+def test_the_page_can_be_installed(service_client) -> None:
+    manifest = service_client.get("/static/manifest.webmanifest").json()
+    assert manifest["display"] == "standalone" and manifest["start_url"] == "/"
+    sizes = {icon["sizes"] for icon in manifest["icons"]}
+    assert {"192x192", "512x512"} <= sizes
+    for icon in manifest["icons"]:
+        assert service_client.get(icon["src"]).content.startswith(b"\x89PNG")
+    worker = service_client.get("/sw.js")
+    assert worker.status_code == 200 and worker.headers["content-type"].startswith("text/javascript")
+    assert 'rel="manifest"' in service_client.get("/").text
