@@ -13,10 +13,28 @@ import html
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from pneumoscan.triage import Row
+
+class Row(Protocol):
+    """What the report reads of a worklist row (``pneumoscan.triage.Row`` has it): the report needs no triage import,
+    so the two modules depend one way only (triage renders through the report)."""
+
+    rank: int | None
+    path: str
+    probability: float | None
+    label: str | None
+    in_distribution: bool | None
+    population: str | None
+    threshold: float | None
+    population_source: str | None
+    population_note: str | None
+    error: str | None
+    status: str
+    study_instance_uid: str | None
+
+    @property
+    def thumbnail_name(self) -> str: ...
 
 #: Studies whose thumbnails are embedded (the top of the worklist); beyond it the page stays light.
 MAX_EMBEDDED_THUMBNAILS = 2000

@@ -41,6 +41,7 @@ from pneumoscan.imaging import load_xray
 from pneumoscan.inference import Predictor, batched
 from pneumoscan.predict import failure_message, files_in_folder, guarded, score_each
 from pneumoscan.preprocessing import preprocess
+from pneumoscan.report import render_report
 
 WORKLIST_FILE = "worklist.csv"
 REPORT_FILE = "report.html"
@@ -495,8 +496,6 @@ def _model_identity(model: dict) -> tuple:
 
 def write_report(out: Path, rows: list[Row], summary: dict) -> Path:
     """``report.html``; the page's code lives in :mod:`pneumoscan.report`."""
-    from pneumoscan.report import render_report
-
     path = Path(out) / REPORT_FILE
     _write_atomically(path, render_report(rows, summary, Path(out) / THUMBNAIL_DIR))
     return path
