@@ -79,6 +79,7 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
         expect(page.locator("#status")).to_contain_text("runs on this device", timeout=120_000)
         again = score_in_the_browser(page, paths[:1])
         assert page.evaluate("navigator.serviceWorker.controller !== null")  # the page came from the service worker
+        expect(page.locator("#operating-points")).to_contain_text("Operating point in force")  # offline too, from the model
         page.screenshot(path=str(OUTPUT / f"device-{precision}-offline.png"), full_page=True)
         browser.close()
     assert not [r.url for r in requests if r.method != "GET"], "a request other than GET left the page"

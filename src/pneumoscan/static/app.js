@@ -54,6 +54,8 @@ async function prepareDevice() {
   try {
     const model = await deviceModel();
     $("status").textContent = `The model (${model.settings.name}, ${model.precision}, checked against its card) runs on this device.`;
+    describeOperatingPoints(model.settings.name, Object.entries(model.settings.populations).map(([population, p]) => (
+      { population, name: p.operating_point, threshold: p.threshold, in_force: p.operating_point_source })));
   } catch (e) {
     $("status").textContent = "";
     setError(`The model cannot run on this device: ${e.message}. Use the server mode.`);
@@ -121,8 +123,12 @@ async function showOperatingPoints() {
   const response = await fetch("/api/v1/model", { headers: apiHeaders() }).catch(() => null);
   if (!response || !response.ok) return;
   const model = await response.json();
+  describeOperatingPoints(model.name, model.operating_points);
+}
+
+function describeOperatingPoints(name, points) {  // from the API, or on the device from the model's own settings
   const words = { child: "children", adult: "adults" };
-  $("operating-points").textContent = `Model ${model.name}. Operating point in force: ` + model.operating_points.map(
+  $("operating-points").textContent = `Model ${name}. Operating point in force: ` + points.map(
     (p) => `${words[p.population] || p.population}: ${p.name} (threshold ${(100 * p.threshold).toFixed(1)} %; ${p.in_force})`).join("; ") + ".";
 }
 
