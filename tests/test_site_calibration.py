@@ -15,6 +15,7 @@ from pneumoscan.calibration import calibrated_probability
 from pneumoscan.data import (
     Record,
     class_folder_records,
+    content_checksum,
     list_records,
     sha256_file,
     split_in_halves,
@@ -28,7 +29,6 @@ from pneumoscan.site_calibration import (
     fit_population,
     halves_protocol,
     minimum_cases,
-    set_checksum,
 )
 
 MODEL_FILES = ("model.onnx", "model.int8.onnx", "ood_gate.child.npz", "ood_gate.adult.npz", "population.npz")
@@ -50,7 +50,7 @@ def test_the_site_model_reuses_the_onnx_files_and_records_where_its_operating_po
     site = card["site_calibration"]
     records = class_folder_records(Path(site["data"][0]["source"]) if Path(site["data"][0]["source"]).is_absolute()
                                    else Path.cwd() / site["data"][0]["source"])  # fmt: skip
-    assert site["set_sha256"] == set_checksum(records) == child["site"]["set_sha256"]
+    assert site["set_sha256"] == content_checksum(records, with_labels=True) == child["site"]["set_sha256"]
     assert site["n"] == 120 and sum(site["counts"]["child"].values()) + sum(site["counts"].get("adult", {}).values()) == 120
     assert site["base_model"]["onnx_sha256"] == shipped["onnx"]["sha256"] and site["command"]
     figures = child["site"]["figures"]

@@ -177,6 +177,16 @@ def file_list_checksum(records: list[Record], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
+def content_checksum(records: list[Record], with_labels: bool = False) -> str:
+    """sha256 over sorted lines '<dataset>/<relative path> [<label> ]<file sha256>': identifies the data itself
+    (and, ``with_labels``, what it was labelled: a site set's threshold depends on both)."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: r.relative):
+        label = f"{record.class_name} " if with_labels else ""
+        digest.update(f"{record.relative} {label}{sha256_file(record.path)}\n".encode())
+    return digest.hexdigest()
+
+
 # --- datasets from a labels file -----------------------------------------------------------
 
 LABELS_FILE = "labels.csv"
@@ -328,6 +338,19 @@ def read_nih_entries(source: Path) -> list[Record]:
     return records
 
 
+def shuffled_patients_by_label(records: list[Record], rng: random.Random) -> dict[int, list[str]]:
+    """Each patient once, under 1 if any of their images shows pneumonia (else 0), in a seeded order per label:
+    what every by-patient split here draws from, so a patient with images under both labels stays whole."""
+    by_patient: dict[str, int] = {}
+    for record in records:
+        by_patient[record.patient] = max(by_patient.get(record.patient, 0), record.label)
+    shuffled: dict[int, list[str]] = {}
+    for label in (0, 1):
+        shuffled[label] = sorted(p for p, y in by_patient.items() if y == label)
+        rng.shuffle(shuffled[label])
+    return shuffled
+
+
 def split_three_ways(
     records: list[Record], seed: int, val_fraction: float, test_fraction: float = TEST_FRACTION
 ) -> dict[str, list[Record]]:
@@ -338,13 +361,8 @@ def split_three_ways(
     gives the same test patients on every machine.
     """
     rng = random.Random(f"{seed}:three-way")
-    by_patient: dict[str, int] = {}
-    for record in records:
-        by_patient[record.patient] = max(by_patient.get(record.patient, 0), record.label)
     assigned: dict[str, str] = {}
-    for label in (0, 1):
-        patients = sorted(p for p, y in by_patient.items() if y == label)
-        rng.shuffle(patients)
+    for patients in shuffled_patients_by_label(records, rng).values():
         n_test, n_val = round(len(patients) * test_fraction), round(len(patients) * val_fraction)
         for i, patient in enumerate(patients):
             assigned[patient] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
@@ -359,14 +377,8 @@ def split_in_halves(records: list[Record], seed: int = 0) -> tuple[list[Record],
     The site-calibration protocol fits on one half and measures on the other; a
     patient on both sides would let the fit see the images it is measured on.
     """
-    rng = random.Random(f"{seed}:halves")
-    by_patient: dict[str, int] = {}
-    for record in records:
-        by_patient[record.patient] = max(by_patient.get(record.patient, 0), record.label)
     first: set[str] = set()
-    for label in (0, 1):
-        patients = sorted(p for p, y in by_patient.items() if y == label)
-        rng.shuffle(patients)
+    for patients in shuffled_patients_by_label(records, random.Random(f"{seed}:halves")).values():
         first.update(patients[: len(patients) // 2])
     return [r for r in records if r.patient in first], [r for r in records if r.patient not in first]
 

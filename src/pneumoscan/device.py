@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumoscan.inference import INT8_MODEL_FILE, MODEL_FILE, Predictor
+from pneumoscan.inference import (
+    INT8_MODEL_FILE,
+    MODEL_FILE,
+    Predictor,
+    card_populations,
+)
 from pneumoscan.ood import OodGate
 
 #: Where the page finds the files (server routes; the service worker keeps them for offline use).
@@ -36,8 +41,6 @@ def gate_bytes(gate: OodGate) -> bytes:
 
 def gate_sha256(card: dict, population: str) -> str:
     """The sha256 the card records for a population's gate file (what the browser's copy is keyed by)."""
-    from pneumoscan.inference import card_populations
-
     return str((card_populations(card)[population].get("ood_gate") or {}).get("sha256", ""))
 
 
@@ -73,5 +76,5 @@ def device_settings(predictor: Predictor) -> dict:
         "population_classifier": None if classifier is None else {
             "mean": np.asarray(classifier.mean).tolist(), "scale": np.asarray(classifier.scale).tolist(),
             "coef": np.asarray(classifier.coef).tolist(), "intercept": float(classifier.intercept),
-        },  # fmt: skip
+        },
     }

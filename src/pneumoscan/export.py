@@ -10,7 +10,6 @@ reported once, after everything is fixed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ from torch import nn
 import pneumoscan
 from pneumoscan.calibration import DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY, calibrated_probability
 from pneumoscan.config import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, POPULATIONS, TEST_FRACTION, DataConfig, portable_path
-from pneumoscan.data import Record, dataset_summary, records_of, sha256_file
+from pneumoscan.data import Record, content_checksum, dataset_summary, records_of, sha256_file
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.evaluation import Calibration, fit_calibration, run_data_config, write_evaluation
 from pneumoscan.inference import CARD_FILE, INT8_MODEL_FILE, MODEL_FILE, Predictor
@@ -145,14 +144,6 @@ def zoom_centre(x: torch.Tensor, zoom: float, size: int) -> torch.Tensor:
     margin = round(size * (1 - zoom) / 2)
     centre = x[:, :, margin : size - margin, margin : size - margin]
     return nn.functional.interpolate(centre, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def content_checksum(records: list[Record]) -> str:
-    """sha256 over (dataset/relative path, file sha256) of every image: identifies the data itself."""
-    digest = hashlib.sha256()
-    for record in sorted(records, key=lambda r: r.relative):
-        digest.update(f"{record.relative} {sha256_file(record.path)}\n".encode())
-    return digest.hexdigest()
 
 
 def export_onnx(modules: list[PneumoniaClassifier], path: Path, image_size: int, tta_zoom: float | None = None) -> Path:

@@ -34,6 +34,7 @@ from pneumoscan.calibration import (
 from pneumoscan.config import CLASS_NAMES, portable_path
 from pneumoscan.data import (
     Record,
+    content_checksum,
     dataset_kind,
     labels_file_of,
     sha256_file,
@@ -50,7 +51,14 @@ from pneumoscan.evaluation import (
     rates_with_intervals,
     write_evaluation,
 )
-from pneumoscan.inference import CARD_FILE, Predictor, batched, card_populations
+from pneumoscan.inference import (
+    CARD_FILE,
+    Predictor,
+    batched,
+    card_populations,
+    read_card,
+)
+from pneumoscan.model_card import render_card
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +118,6 @@ def predict_naming_the_file(predictor: Predictor, records: list[Record]) -> list
                 raise InputError(f"{record.relative}: {exc}. Remove it from the site set or replace the file, then run "
                                  "calibrate again") from exc  # fmt: skip
         raise
-
-
-def set_checksum(records: list[Record]) -> str:
-    """sha256 over '<relative path> <label> <file sha256>' lines: the images *and* their labels."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for record in sorted(records, key=lambda r: r.relative):
-        digest.update(f"{record.relative} {record.class_name} {sha256_file(record.path)}\n".encode())
-    return digest.hexdigest()
 
 
 def fit_population(studies: list[SiteStudy], population: str, policy: str, target: float, on: str,
@@ -218,13 +216,13 @@ def site_provenance(sources: list[Path], split: str, records: list[Record], stud
     for source in sources:
         source = Path(source).expanduser().resolve()
         entry: dict[str, object] = {"source": portable_path(source), "split": split}
-        if source.is_file() or (source / "labels.csv").is_file():
+        if dataset_kind(source) != "folder":
             entry["labels_file_sha256"] = sha256_file(labels_file_of(source))
         data.append(entry)
     counts: dict[str, dict[str, int]] = {}
     for study in studies:
         counts.setdefault(study.population, {c: 0 for c in CLASS_NAMES})[CLASS_NAMES[study.record.label]] += 1
-    return {"data": data, "set_sha256": set_checksum(records), "checksum_method": "sha256 over sorted lines "
+    return {"data": data, "set_sha256": content_checksum(records, with_labels=True), "checksum_method": "sha256 over sorted lines "
             "'<dataset>/<relative path> <label> <sha256 of file>'", "counts": counts, "n": len(records)}  # fmt: skip
 
 
@@ -281,8 +279,6 @@ def copy_model_files(model_dir: Path, out: Path) -> None:
 
 
 def write_card(out: Path, card: dict) -> None:
-    from pneumoscan.model_card import render_card
-
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     (out / "MODEL_CARD.md").write_text(render_card(card))
 
@@ -302,7 +298,7 @@ def halves_protocol(
     """
     predictor = Predictor.load(model_dir)
     split_settings = predictor.card["validation"]["split"]
-    records = [r for r in site_records(list(sources), split, split_settings["seed"], split_settings["val_fraction"])]
+    records = site_records(list(sources), split, split_settings["seed"], split_settings["val_fraction"])
     studies = [s for s in score_site(predictor, records, progress) if s.population == population]
     halves = split_in_halves([s.record for s in studies], seed)
     by_path = {s.record.path: s for s in studies}
@@ -337,8 +333,6 @@ def halves_protocol(
 
 def record_protocol(model_dir: Path, result: dict) -> None:
     """Keep a protocol's figures in the model's card (``site_protocol``, one entry per population) and re-render it."""
-    from pneumoscan.inference import read_card
-
     card = read_card(model_dir)
     card.setdefault("site_protocol", {})[result["population"]] = result
     write_card(Path(model_dir), card)
