@@ -123,13 +123,22 @@ def python_end_to_end(model: Path, precision: str, paths: list[Path]) -> list[fl
     return seconds
 
 
+def adult_data_root() -> Path:
+    """``PNEUMOSCAN_ADULT_DATA``, else ``../shared/data/rsna_adult`` beside the project (as the tests read it)."""
+    import os
+
+    from pneumoscan.config import PROJECT_ROOT
+
+    return Path(os.environ.get("PNEUMOSCAN_ADULT_DATA", PROJECT_ROOT.parent / "shared" / "data" / "rsna_adult"))
+
+
 def sample_files(folder: Path, images: int) -> dict[str, list[Path]]:
     """Evenly spread test images of each population, linked under unique names (the page tells results apart by name)."""
-    from pneumoscan.config import PROJECT_ROOT, default_data_root
+    from pneumoscan.config import default_data_root
     from pneumoscan.data import list_records, records_of
 
     sets = {"children (Kermany test/)": list_records(default_data_root(), "test"),
-            "adults (rsna_adult test part)": records_of([PROJECT_ROOT.parent / "shared" / "data" / "rsna_adult"], "test")}  # fmt: skip
+            "adults (rsna_adult test part)": records_of([adult_data_root()], "test")}
     out = {}
     for n, (name, records) in enumerate(sets.items()):
         chosen = records[:: max(1, len(records) // images)][:images]

@@ -38,13 +38,12 @@ def test_the_vendored_runtime_matches_its_checksums_and_carries_its_licence() ->
     assert "MIT License" in (VENDOR / "LICENSE").read_text()
 
 
-def sample(data_root: Path, folder: Path) -> list[Path]:
+def sample(data_root: Path, adult_root: Path, folder: Path) -> list[Path]:
     """12 children's and 6 adults' test images under unique names (the page tells results apart by name)."""
-    from pneumoscan.config import PROJECT_ROOT as ROOT
     from pneumoscan.data import records_of
 
     children = list_records(data_root, "test")
-    adults = records_of([ROOT.parent / "shared" / "data" / "rsna_adult"], "test")
+    adults = records_of([adult_root], "test")
     chosen = children[:: len(children) // 12][:12] + adults[:: len(adults) // 6][:6]
     links = []
     for i, record in enumerate(chosen):
@@ -59,7 +58,7 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
     """Switch to the mode, cut the network, score; reload offline and score again; compare with the Python Predictor."""
     from playwright.sync_api import expect, sync_playwright
 
-    paths = sample(data_root, tmp_path)
+    paths = sample(data_root, adult_root, tmp_path)
     expected = Predictor.load(shipped_model, precision=precision).predict(paths, heatmap=True)
     OUTPUT.mkdir(exist_ok=True)
     with live_server(tmp_path / "service") as (base, _), sync_playwright() as p:
