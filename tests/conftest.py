@@ -149,3 +149,9 @@ def site_model(shipped_model: Path, data_root: Path, tmp_path_factory: pytest.Te
     calibrate(shipped_model, [site], out, population="child", today="2026-11-20", resamples=200, progress=False,
               command="pneumoscan calibrate (test fixture)")  # fmt: skip
     return out
+
+
+def card_sources(card: dict, data_root: Path, adult_root: Path) -> list[Path]:
+    """A card's datasets where this machine has them (PNEUMOSCAN_DATA / PNEUMOSCAN_ADULT_DATA, else ../shared)."""
+    where = {"chest_xray": data_root, "rsna_adult": adult_root}
+    return [where[d["name"]] for d in card.get("data", {}).get("datasets", [])] or [data_root]

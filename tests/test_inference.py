@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.data import list_records
-from conftest import population_entries
+from conftest import card_sources, population_entries
 from pneumoscan.inference import CARD_FILE, Predictor, read_card
 
 
@@ -198,15 +198,14 @@ def test_predictions_carry_the_out_of_distribution_verdict(predictor: Predictor,
         assert verdict.in_distribution is False and "Not validated for this image" in verdict.warning
 
 
-def test_the_cards_gate_figures_are_reproduced(shipped_model: Path, data_root: Path) -> None:
+def test_the_cards_gate_figures_are_reproduced(shipped_model: Path, data_root: Path, adult_root: Path) -> None:
     """Each population's gate keeps the card's share of its test part and rejects the card's share of non-X-rays."""
-    from pneumoscan.config import PROJECT_ROOT
     from pneumoscan.data import records_of
     from pneumoscan.export import ood_probe_images
 
     card = read_card(shipped_model)
     predictor = Predictor.load(shipped_model)
-    sources = [PROJECT_ROOT / d["source"] for d in card.get("data", {}).get("datasets", [])] or [data_root]
+    sources = card_sources(card, data_root, adult_root)
     split = card["validation"]["split"]
     test = records_of(sources, "test", split["seed"], split["val_fraction"])
     probes = predictor.outputs([image for _, image in ood_probe_images()], ["embedding"])["embedding"]
@@ -284,11 +283,12 @@ def test_predict_on_a_folder_mixing_every_kind_of_input(data_root: Path, tmp_pat
         assert abs(records[name]["probability"] - source) <= 0.01, name
 
 
-def test_evaluate_reproduces_the_shipped_cards_test_figures(shipped_model: Path, tmp_path: Path) -> None:
+def test_evaluate_reproduces_the_shipped_cards_test_figures(shipped_model: Path, data_root: Path, adult_root: Path,
+                                                           tmp_path: Path) -> None:  # fmt: skip
     from pneumoscan.evaluation import evaluate
 
     card = read_card(shipped_model)
-    results = evaluate(shipped_model, None, "test", tmp_path)
+    results = evaluate(shipped_model, card_sources(card, data_root, adult_root), "test", tmp_path)
     results = results.get("populations") or {card.get("population", "child"): results}
     for population, entry in population_entries(card).items():
         for key, value in entry["test"]["metrics"].items():

@@ -12,6 +12,7 @@ from conftest import site_folder
 
 from pneumoscan import cli
 from pneumoscan.calibration import calibrated_probability
+from pneumoscan.config import PROJECT_ROOT
 from pneumoscan.data import (
     Record,
     class_folder_records,
@@ -48,8 +49,7 @@ def test_the_site_model_reuses_the_onnx_files_and_records_where_its_operating_po
     assert child["validation_operating_point"]["operating_point"] == shipped["populations"]["child"]["operating_point"]
     assert adult["operating_point"] == shipped["populations"]["adult"]["operating_point"]  # not calibrated: unchanged
     site = card["site_calibration"]
-    records = class_folder_records(Path(site["data"][0]["source"]) if Path(site["data"][0]["source"]).is_absolute()
-                                   else Path.cwd() / site["data"][0]["source"])  # fmt: skip
+    records = class_folder_records(PROJECT_ROOT / site["data"][0]["source"])  # portable: relative to the project, or absolute
     assert site["set_sha256"] == content_checksum(records, with_labels=True) == child["site"]["set_sha256"]
     assert site["n"] == 120 and sum(site["counts"]["child"].values()) + sum(site["counts"].get("adult", {}).values()) == 120
     assert site["base_model"]["onnx_sha256"] == shipped["onnx"]["sha256"] and site["command"]
