@@ -95,7 +95,7 @@ def native_self_agreement(model: Path, paths: list[Path]) -> np.ndarray:
     how much the int8 map and probability move with rounding alone, without any browser."""
     import onnxruntime as ort
 
-    from pneumoscan.inference import Predictor
+    from pneumoscan.running.inference import Predictor
 
     predictor = Predictor.load(model, precision="int8")
     batch = np.stack([predictor.preprocess(p) for p in paths])
@@ -111,7 +111,7 @@ def native_self_agreement(model: Path, paths: list[Path]) -> np.ndarray:
 
 def python_end_to_end(model: Path, precision: str, paths: list[Path]) -> list[float]:
     """The Predictor, file to heat map, one image at a time (as the page does)."""
-    from pneumoscan.inference import Predictor
+    from pneumoscan.running.inference import Predictor
 
     predictor = Predictor.load(model, precision=precision)
     predictor.predict(paths[0], heatmap=True)  # warm
@@ -135,7 +135,7 @@ def adult_data_root() -> Path:
 def sample_files(folder: Path, images: int) -> dict[str, list[Path]]:
     """Evenly spread test images of each population, linked under unique names (the page tells results apart by name)."""
     from pneumoscan.config import default_data_root
-    from pneumoscan.data import list_records, records_of
+    from pneumoscan.learning.data import list_records, records_of
 
     sets = {"children (Kermany test/)": list_records(default_data_root(), "test"),
             "adults (rsna_adult test part)": records_of([adult_data_root()], "test")}
@@ -155,7 +155,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from pneumoscan.config import DEFAULT_MODEL_DIR
-    from pneumoscan.inference import Predictor
+    from pneumoscan.running.inference import Predictor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100, help="per population")

@@ -128,7 +128,7 @@ def main() -> None:
     from load_test import running_server
 
     from pneumoscan.config import default_data_root
-    from pneumoscan.data import list_records
+    from pneumoscan.learning.data import list_records
 
     rows: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory() as folder:

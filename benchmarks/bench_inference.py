@@ -33,7 +33,7 @@ GOALS = {"int8_p50_ms": 4.0, "fp32_p50_ms": 6.0, "int8_images_per_s": 300.0, "vs
 
 def test_images(limit: int | None) -> list[Path]:
     from pneumoscan.config import default_data_root
-    from pneumoscan.data import list_records
+    from pneumoscan.learning.data import list_records
 
     paths = [r.path for r in list_records(default_data_root(), "test")]
     return paths[:: max(1, len(paths) // limit)][:limit] if limit else paths
@@ -49,7 +49,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def run_pneumoscan(precision: str, threads: int, images: list[Path], model: Path | None) -> dict:
-    from pneumoscan.inference import Predictor
+    from pneumoscan.running.inference import Predictor
 
     predictor = Predictor.load(model, precision=precision, threads=threads)
     blobs = [p.read_bytes() for p in images]  # the file system is not what we measure
@@ -89,7 +89,7 @@ def bare_forward_ms(model_path: Path, threads: int, runs: int = 200) -> float:
 
 def run_bare(name: str, threads: int, model: Path | None) -> dict:
     """The shipped graph (``fp32``/``int8``) or timm's plain ``efficientnet_lite0`` (``timm``)."""
-    from pneumoscan.inference import PRECISIONS, Predictor
+    from pneumoscan.running.inference import PRECISIONS, Predictor
 
     if name != "timm":
         folder = Predictor.load(model, precision=name).model_dir
@@ -110,8 +110,8 @@ def run_competitor(arch: str, threads: int, images: list[Path]) -> dict:
     import torch
     import torchvision
 
-    from pneumoscan.inference import to_grayscale_image
-    from pneumoscan.preprocessing import preprocess
+    from pneumoscan.inputs.preprocessing import preprocess
+    from pneumoscan.running.inference import to_grayscale_image
 
     torch.set_num_threads(threads)
     model = getattr(torchvision.models, arch)(weights=None, num_classes=2).eval()

@@ -69,7 +69,7 @@ def measure(image: bytes, precision: str, clients: int, seconds: float, max_requ
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data_dir:
-        cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", data_dir]
+        cmd = [sys.executable, "-m", "pneumoscan.apps.cli", "serve", "--port", str(port), "--data-dir", data_dir]
         process = subprocess.Popen(cmd + (["--int8"] if precision == "int8" else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_ready(base, process)
@@ -95,7 +95,7 @@ def audit_write_cost(rows: int) -> list[str]:
     """
     import uuid
 
-    from pneumoscan.audit import AuditLog, connect, now
+    from pneumoscan.apps.audit import AuditLog, connect, now
 
     lines = []
     for synchronous in ("FULL", "NORMAL"):
@@ -127,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pneumoscan.config import default_data_root
-    from pneumoscan.data import list_records
+    from pneumoscan.learning.data import list_records
 
     image = list_records(default_data_root(), "test")[0].path.read_bytes()
     rows = []

@@ -23,9 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
-
 from bench_inference import test_images  # the same 624 test images (or an even sample)
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def upscale(paths: list[Path], folder: Path, size: int = 2048) -> list[Path]:
 
 
 def run_triage(inputs: Path, out: Path, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "pneumoscan.cli", "triage", str(inputs), "--out", str(out), *extra]
+    command = [sys.executable, "-m", "pneumoscan.apps.cli", "triage", str(inputs), "--out", str(out), *extra]
     start = time.perf_counter()
     subprocess.run(command, check=False, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from load_test import running_server
 
 from pneumoscan.config import DEFAULT_MODEL_DIR, PROJECT_ROOT
-from pneumoscan.data import Record, records_of, split_in_halves
-from pneumoscan.drift import (
+from pneumoscan.learning.data import Record, records_of, split_in_halves
+from pneumoscan.running.drift import (
     DEFAULT_WINDOW,
     DRIFT_THRESHOLD,
     MIN_PREDICTIONS,
@@ -43,7 +43,7 @@ from pneumoscan.drift import (
     Observation,
     build_reference,
 )
-from pneumoscan.inference import Predictor
+from pneumoscan.running.inference import Predictor
 
 RESULTS = ROOT / "benchmarks" / "drift_results.md"
 

@@ -70,7 +70,7 @@ def running_server(data_dir: Path, *extra: str, ready_timeout: float = 60, env: 
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "server.log"
     with log.open("w") as output:
-        command = [sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
+        command = [sys.executable, "-m", "pneumoscan.apps.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                    preexec_fn=preexec_fn)  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", process, data_dir, log)
@@ -99,8 +99,9 @@ def workload(limit: int = 40) -> dict[str, list[tuple[str, bytes]]]:
     """Uploads by kind: test-set X-rays as JPEG, PNG and DICOM, and bad uploads from the committed corpus."""
     sys.path.insert(0, str(ROOT / "tests"))
     from dicom_factory import build_dicom
+
     from pneumoscan.config import default_data_root
-    from pneumoscan.data import list_records
+    from pneumoscan.learning.data import list_records
 
     paths = [r.path for r in list_records(default_data_root(), "test")][::15][:limit]
     pngs = []

@@ -6,7 +6,7 @@
 set -eu
 VERSION="${1:-1.30.0}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-TARGET="$ROOT/src/pneumoscan/static/vendor/onnxruntime-web"
+TARGET="$ROOT/src/pneumoscan/apps/static/vendor/onnxruntime-web"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 (cd "$WORK" && npm pack --silent "onnxruntime-web@$VERSION" >/dev/null && tar xzf "onnxruntime-web-$VERSION.tgz")

@@ -20,7 +20,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def small_data_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small dataset of links to real images: whole patients, both classes, both splits."""
-    from pneumoscan.data import list_records
+    from pneumoscan.learning.data import list_records
 
     root = tmp_path_factory.mktemp("small_data")
     per_class = {"train": 48, "test": 12}
@@ -39,7 +39,7 @@ def small_data_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -
 def smoke_checkpoint(small_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real EfficientNet-Lite0 checkpoint from a few training steps."""
     from pneumoscan.config import DataConfig, TrainConfig
-    from pneumoscan.training import fit
+    from pneumoscan.learning.training import fit
 
     out = tmp_path_factory.mktemp("smoke_run")
     data = DataConfig(root=small_data_root, batch_size=8, num_workers=0)
@@ -100,7 +100,7 @@ def small_adult_root(adult_root: Path, tmp_path_factory: pytest.TempPathFactory)
 def two_population_checkpoint(small_data_root: Path, small_adult_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Lite0 checkpoint from a few steps on children and adults (equalised, view-balanced)."""
     from pneumoscan.config import DataConfig, TrainConfig
-    from pneumoscan.training import fit
+    from pneumoscan.learning.training import fit
 
     out = tmp_path_factory.mktemp("two_population_run")
     data = DataConfig(root=(small_data_root, small_adult_root), batch_size=8, num_workers=0, intensity="equalize", balance_views=True)
@@ -110,7 +110,7 @@ def two_population_checkpoint(small_data_root: Path, small_adult_root: Path, tmp
 @pytest.fixture(scope="session")
 def two_population_model(two_population_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """That checkpoint exported: per-population temperature, threshold and gate, and the population classifier."""
-    from pneumoscan.export import export
+    from pneumoscan.learning.export import export
 
     out = tmp_path_factory.mktemp("two_population_model") / "model"
     export(two_population_checkpoint, out, name="two-population-smoke")
@@ -119,15 +119,15 @@ def two_population_model(two_population_checkpoint: Path, tmp_path_factory: pyte
 
 
 def population_entries(card: dict) -> dict[str, dict]:
-    """A card's fitted settings and figures per population (see :func:`pneumoscan.inference.card_populations`)."""
-    from pneumoscan.inference import card_populations
+    """A card's fitted settings and figures per population (see :func:`pneumoscan.running.inference.card_populations`)."""
+    from pneumoscan.running.inference import card_populations
 
     return card_populations(card)
 
 
 def site_folder(data_root: Path, folder: Path, normal: int, pneumonia: int, start: int = 0) -> Path:
     """A site's NORMAL/PNEUMONIA folder of links to real Kermany train/ images (whole patients, evenly spread)."""
-    from pneumoscan.data import list_records
+    from pneumoscan.learning.data import list_records
 
     records = list_records(data_root, "train")
     for class_name, n in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
@@ -142,7 +142,7 @@ def site_folder(data_root: Path, folder: Path, normal: int, pneumonia: int, star
 @pytest.fixture(scope="session")
 def site_model(shipped_model: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped model calibrated on a made-up site set of 60 normal and 60 pneumonia children (train/ images)."""
-    from pneumoscan.site_calibration import calibrate
+    from pneumoscan.learning.site_calibration import calibrate
 
     site = site_folder(data_root, tmp_path_factory.mktemp("site_set"), 60, 60)
     out = tmp_path_factory.mktemp("models") / "pneumoscan-v2-site"

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "bad_uploads"
 sys.path.insert(0, str(HERE.parent))
 
-from dicom_factory import build_dicom  # noqa: E402
+from dicom_factory import build_dicom
 
 
 def synthetic(size: int = 96) -> Image.Image:

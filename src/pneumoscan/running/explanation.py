@@ -1,0 +1,66 @@
+"""Showing where the model looked: heat-map overlays (NumPy and Pillow only).
+
+The heat map itself is computed inside the ONNX graph (see
+:class:`pneumoscan.learning.export.LogitAndHeatmap`); this module only draws it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# The "jet" colour map as piecewise-linear control points (position, r, g, b).
+_JET = np.array(
+    [
+        [0.00, 0.0, 0.0, 0.5],
+        [0.11, 0.0, 0.0, 1.0],
+        [0.34, 0.0, 1.0, 1.0],
+        [0.50, 0.5, 1.0, 0.5],
+        [0.65, 1.0, 1.0, 0.0],
+        [0.89, 1.0, 0.0, 0.0],
+        [1.00, 0.5, 0.0, 0.0],
+    ]
+)
+
+
+def colorize(heatmap: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 with the jet colour map."""
+    values = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    rgb = [np.interp(values, _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)]
+    return (np.stack(rgb, axis=-1) * 255).round().astype(np.uint8)
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """The X-ray with the heat map alpha-blended on top, at the X-ray's size.
+
+    Blending is weighted by the map itself too, so cold regions keep the
+    original grey and only where the model looked is coloured.
+    """
+    gray = image.convert("L")
+    heat = Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(gray.size, Image.Resampling.BILINEAR)
+    heat_values = np.asarray(heat, dtype=np.float32) / 255.0
+    base = np.asarray(gray.convert("RGB"), dtype=np.float32)
+    weight = (alpha * (0.3 + 0.7 * heat_values))[..., None]
+    blended = base * (1 - weight) + colorize(heat_values).astype(np.float32) * weight
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def side_by_side(image: Image.Image, heatmap: np.ndarray, caption: str = "") -> Image.Image:
+    """Original on the left, overlay on the right, and an optional caption strip."""
+    original = image.convert("RGB")
+    blended = overlay(image, heatmap)
+    strip = 22 if caption else 0
+    canvas = Image.new("RGB", (original.width * 2, original.height + strip), "white")
+    canvas.paste(original, (0, strip))
+    canvas.paste(blended, (original.width, strip))
+    if caption:
+        ImageDraw.Draw(canvas).text((6, 5), caption, fill=(0, 0, 0))
+    return canvas
+
+
+def save_side_by_side(image: Image.Image, heatmap: np.ndarray, path: Path, caption: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side_by_side(image, heatmap, caption).save(path)
+    return path

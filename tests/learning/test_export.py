@@ -1,0 +1,55 @@
+"""Ensembles and test-time augmentation exported as one ONNX graph (single-model export: test_evaluation.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscan.errors import ConfigurationError
+from pneumoscan.learning.data import list_records
+
+
+def test_an_ensemble_with_tta_is_one_graph_that_averages_its_members_views(
+    smoke_checkpoint: Path, small_data_root: Path, data_root: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from pneumoscan.inputs.preprocessing import preprocess_file
+    from pneumoscan.learning.export import export
+    from pneumoscan.learning.training import PneumoniaClassifier
+    from pneumoscan.running.inference import Predictor
+
+    card = export([smoke_checkpoint, smoke_checkpoint], tmp_path / "ens", small_data_root, tta_zoom=0.9)
+    assert card["architecture"] == "efficientnet_lite0 + efficientnet_lite0" and len(card["training"]["members"]) == 2
+    assert card["tta"]["combined"] == "mean of the logits" and 0 < card["calibration"]["temperature"]
+    ensemble = Predictor.load(tmp_path / "ens")
+
+    paths = [r.path for r in list_records(data_root, "test")[::100]]
+    module = PneumoniaClassifier.load_from_checkpoint(smoke_checkpoint, map_location="cpu", pretrained=False).eval()
+    x = torch.from_numpy(np.stack([preprocess_file(p) for p in paths]))
+    zoomed = torch.nn.functional.interpolate(x[:, :, 11:213, 11:213], size=(224, 224), mode="bilinear", align_corners=False)
+    with torch.inference_mode():
+        expected = ((module(x) + module(zoomed)) / 2).numpy()  # two identical members: their mean is one of them
+    outputs = ensemble.outputs(paths, ["logit", "heatmap", "embedding"])
+    np.testing.assert_allclose(outputs["logit"], expected, atol=2e-4)
+    assert outputs["embedding"].shape == (len(paths), 2 * 1280)
+    assert outputs["heatmap"].min() >= 0 and outputs["heatmap"].max() <= 1 and np.isfinite(outputs["heatmap"]).all()
+
+
+def test_members_of_different_splits_or_int8_ensembles_are_refused(smoke_checkpoint: Path, small_data_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.learning.export import export
+
+    other = tmp_path / "other_run"
+    shutil.copytree(smoke_checkpoint.parent, other)
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["seed"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigurationError, match="must share the validation split"):
+        export([smoke_checkpoint, other / smoke_checkpoint.name], tmp_path / "m", small_data_root)
+    with pytest.raises(ConfigurationError, match="--int8 quantises single models only"):
+        export([smoke_checkpoint], tmp_path / "m", small_data_root, int8=True, tta_zoom=0.9)
+    assert not (tmp_path / "m").exists()
