@@ -28,7 +28,11 @@ def build_dicom(
     ``(value - intercept) / slope`` so the Modality LUT restores it.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     gray = np.asarray(Image.open(source).convert("L"), dtype=np.float64)
     top = 2**bits - 1
@@ -249,8 +253,8 @@ def acr_nema_dicom(
     the transfer syntax: the reader has to infer it.
     """
     from pydicom.dataset import Dataset
-    from pydicom.filewriter import write_dataset
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
     from pydicom.uid import generate_uid
 
     gray = np.asarray(Image.open(source).convert("L"), dtype=np.float64)
@@ -277,4 +281,65 @@ def acr_nema_dicom(
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, True
     write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def radiograph_dataset(
+    source: Path,
+    size: int | None = None,
+    modality: str = "DX",
+    view: str = "PA",
+    body_part: str = "CHEST",
+    age_years: int | None = None,
+    study_uid: str | None = None,
+    patient_id: str = "PID-123456",
+) -> "Dataset":  # noqa: F821
+    """A Digital X-Ray (for presentation) instance of ``source``, as a modality sends it to a PACS.
+
+    ``size`` resamples the image (the node's benchmark sends 1024×1024 films); the
+    patient and study modules are filled in, so result objects can copy them.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    image = Image.open(source).convert("L")
+    if size:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = DX_FOR_PRESENTATION if modality == "DX" else "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^Jane", patient_id, "19700101", "F"
+    if age_years is not None:
+        ds.PatientAge = f"{age_years:03d}Y"
+    ds.StudyDate, ds.StudyTime, ds.ContentDate, ds.ContentTime = "20261120", "101500", "20261120", "101501"
+    ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "ACC0001", "1", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.Manufacturer = "pneumoscan tests"
+    ds.BodyPartExamined, ds.ViewPosition, ds.PatientOrientation = body_part, view, ["L", "F"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    if modality == "DX":
+        ds.PresentationIntentType, ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "FOR PRESENTATION", "LOG", 1
+        ds.ImageLaterality, ds.BurnedInAnnotation, ds.LossyImageCompression = "U", "NO", "00"
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+        ds.WindowCenter, ds.WindowWidth = 128, 256
+        ds.DetectorType, ds.PixelSpacing, ds.ImagerPixelSpacing = "DIRECT", [0.4, 0.4], [0.4, 0.4]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def radiograph_dicom(source: Path, **options: object) -> bytes:
+    """:func:`radiograph_dataset` as the bytes of a DICOM file."""
+    buffer = io.BytesIO()
+    radiograph_dataset(source, **options).save_as(buffer, enforce_file_format=True)  # type: ignore[arg-type]
     return buffer.getvalue()

@@ -73,3 +73,19 @@ class ImageTooLarge(InputError):
 
 class NotARadiograph(InputError):
     """A readable image that is not a projection radiograph (a CT or MR slice, a multi-frame clip, a report)."""
+
+
+class DeliveryError(PneumoscanError):
+    """A PACS or DICOMweb server cannot be reached now (down, refusing associations, timing out): try again later."""
+
+    exit_code = 3
+
+
+class DestinationRefused(PneumoscanError):
+    """A PACS answered and refused an object: sending it again would be refused again."""
+
+    exit_code = 3
+
+
+class PacsUnavailable(DeliveryError):
+    """The DICOMweb server did not answer a query or a retrieval (pull mode)."""

@@ -1,12 +1,16 @@
 """The audit log: one row per answered prediction, in SQLite (default) or PostgreSQL.
 
 No pixels and no patient fields are stored: a hash of the uploaded bytes,
-what the model answered, and which model answered it.
+what the model answered, and which model answered it. The DICOM node adds one
+row per received instance (``dicom_instances``): scored, refused with the reason,
+or a duplicate, keyed by the sha256 of the SOP Instance UID.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import hashlib
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import (
@@ -17,11 +21,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    and_,
     create_engine,
     event,
     insert,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,6 +55,24 @@ predictions = Table(
     Column("operating_point", String(128), nullable=True),
     Column("population_note", String(256), nullable=True),  # the image and the DICOM age disagree (the age is not kept)
     Column("operating_point_source", String(64), nullable=True),  # validation, or site calibration of <date> (0003)
+)
+
+dicom_instances = Table(
+    "dicom_instances",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("received_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("sop_instance_sha256", String(64), nullable=False),  # sha256 of the SOP Instance UID, never the UID
+    Column("sop_class_uid", String(64), nullable=False),  # what kind of object (CT, DX, ...): no patient field
+    Column("calling_ae", String(16), nullable=False),
+    Column("model_sha256", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),  # scored | refused | duplicate
+    Column("reason", String(512), nullable=True),  # why it was refused, or which row it duplicates
+    Column("prediction_id", String(32), nullable=True),  # its row in predictions, when scored
+    Column("report_uid", String(64), nullable=True),  # the SOP Instance UIDs pneumoscan made for its results
+    Column("heatmap_uid", String(64), nullable=True),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),  # when the destination stored both results
+    Column("delivery_error", String(512), nullable=True),  # the destination refused them (kept in outbox/refused)
 )
 
 
@@ -103,6 +127,36 @@ class AuditLog:
         with self.engine.begin() as connection:
             connection.execute(insert(predictions).values(**row))
 
+    def record_instance(self, instance: dict, prediction: dict | None = None) -> None:
+        """A DICOM instance's row, with its prediction's row when it was scored: both or neither."""
+        with self.engine.begin() as connection:
+            if prediction is not None:
+                connection.execute(insert(predictions).values(**prediction))
+            connection.execute(insert(dicom_instances).values(**instance))
+
+    def answered_instance(self, sop_instance_sha256: str, model_sha256: str) -> dict | None:
+        """The first time this model scored or refused this instance; None if it never did."""
+        query = (select(dicom_instances)
+                 .where(and_(dicom_instances.c.sop_instance_sha256 == sop_instance_sha256,
+                             dicom_instances.c.model_sha256 == model_sha256,
+                             dicom_instances.c.outcome != "duplicate"))
+                 .order_by(dicom_instances.c.received_at).limit(1))  # fmt: skip
+        with self.engine.connect() as connection:
+            found = connection.execute(query).mappings().first()
+        return dict(found) if found else None
+
+    def instances(self) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(select(dicom_instances).order_by(dicom_instances.c.received_at)).mappings()]
+
+    def mark_delivered(self, instance_id: str, when: datetime) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(dicom_instances).where(dicom_instances.c.id == instance_id).values(delivered_at=when))
+
+    def mark_delivery_refused(self, instance_id: str, reason: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(dicom_instances).where(dicom_instances.c.id == instance_id).values(delivery_error=reason))
+
     def get(self, prediction_id: str) -> dict | None:
         with self.engine.connect() as connection:
             found = connection.execute(select(predictions).where(predictions.c.id == prediction_id)).mappings().first()
@@ -124,4 +178,27 @@ class AuditLog:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
+
+
+def prediction_row(prediction, data: bytes, file_type: str, model: dict) -> dict:  # type: ignore[no-untyped-def]
+    """The ``predictions`` row of one answered image: what every entry point (upload, DICOM node) records."""
+    return {
+        "id": uuid.uuid4().hex,
+        "created_at": now(),
+        "upload_sha256": hashlib.sha256(data).hexdigest(),
+        "file_type": file_type,
+        "model_name": model["name"],
+        "model_version": model["version"],
+        "model_sha256": model["sha256"],
+        "probability": prediction.probability,
+        "threshold": prediction.threshold,
+        "label": prediction.label,
+        "in_distribution": prediction.in_distribution,
+        "ood_score": prediction.ood_score,
+        "population": prediction.population,
+        "population_source": prediction.population_source,
+        "operating_point": prediction.operating_point,
+        "population_note": prediction.population_note,
+        "operating_point_source": prediction.operating_point_source,
+    }

@@ -40,6 +40,8 @@ EPILOG = """examples:
   pneumoscan site-protocol --data ../shared/data/chest_xray --population child --out runs/site-protocol/child.json
   pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
   pneumoscan triage studies/ --out triage/today --int8
+  pneumoscan triage --dicomweb http://pacs:8042/dicom-web --since 2026-11-23 --out triage/today --store-results
+  pneumoscan dicom-node --port 11112 --allow-ae MODALITY1 --destination ORTHANC@pacs:4242
 
 data: --data or PNEUMOSCAN_DATA, else ../shared/data/chest_xray beside the project.
 """
@@ -464,8 +466,14 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
         "  pneumoscan triage merge part1 part2 part3 --out triage/all",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (recursive) or quoted glob patterns")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, folders (recursive) or quoted glob patterns")
     p.add_argument("--out", type=Path, required=True, help="output folder (created; an existing worklist is resumed)")
+    p.add_argument("--dicomweb", default=None, metavar="URL",
+                   help="pull mode: fetch the CR/DX studies of this DICOMweb server (QIDO-RS, WADO-RS) into OUT/dicomweb "
+                   "and triage them, e.g. http://pacs:8042/dicom-web")  # fmt: skip
+    p.add_argument("--since", default=None, metavar="DATE", help="with --dicomweb: studies dated DATE (YYYY-MM-DD) or later")
+    p.add_argument("--store-results", action="store_true",
+                   help="with --dicomweb: store each scored study's structured report and heat map back (STOW-RS)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images while the model runs")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--shard", default=None, metavar="K/N", help="process only the K-th of N disjoint parts of the inputs")
@@ -488,12 +496,38 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_triage(args: argparse.Namespace) -> int:
     from pneumoscan.apps.triage import Shard, triage
 
+    inputs = list(args.inputs)
+    if args.dicomweb:
+        inputs += pull_from_pacs(args)
+    elif args.since or args.store_results:
+        raise ConfigurationError("--since and --store-results go with --dicomweb URL (pull mode)")
+    if not inputs:
+        raise ConfigurationError("give the studies to triage (files, folders, patterns) or --dicomweb URL --since DATE")
     shard = Shard.parse(args.shard) if args.shard else None
     predictor = load_predictor(args)
-    summary = triage(args.inputs, args.out, predictor, workers=args.workers, batch_size=args.batch_size, shard=shard,
+    summary = triage(inputs, args.out, predictor, workers=args.workers, batch_size=args.batch_size, shard=shard,
                      report=not args.no_report)  # fmt: skip
     print_triage_summary(summary, args.out, not args.no_report)
+    if args.store_results:
+        from pneumoscan.apps.dicomweb_pull import store_results
+        from pneumoscan.apps.triage import read_worklist
+
+        counts = store_results(args.dicomweb, args.out, read_worklist(args.out), predictor)
+        print(f"results stored in the PACS: {counts['stored']} new, {counts['already']} stored before, {counts['failed']} failed"
+              + (" (run the same command again to retry them)" if counts["failed"] else ""))  # fmt: skip
+        if counts["failed"]:
+            return 3
     return 1 if summary["errors"] else 0
+
+
+def pull_from_pacs(args: argparse.Namespace) -> list[str]:
+    from pneumoscan.apps.dicomweb_pull import PULL_DIR, parse_since, pull
+
+    if not args.since:
+        raise ConfigurationError("--dicomweb needs --since DATE (YYYY-MM-DD): the first study date to fetch")
+    pulled = pull(args.dicomweb, parse_since(args.since), args.out)
+    print(f"pulled from {args.dicomweb}: {pulled.series} CR/DX series, {pulled.instances} instances, {pulled.fetched} new")
+    return [str(args.out / PULL_DIR)] if pulled.instances else []
 
 
 def run_triage_merge(args: argparse.Namespace) -> int:
@@ -549,6 +583,58 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dicom_node_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dicom-node",
+        help="run a DICOM node (Storage SCP) that scores received X-rays and sends results to a PACS",
+        description="Receive X-rays over DICOM (C-ECHO, C-STORE), score each with the exported model, and send a "
+        "structured report (TID 1500) and a heat-map Secondary Capture to --destination. Refused instances (CT, lateral, "
+        "not a chest, undecodable) get an audit row with the reason and no result. Every setting can also come from "
+        "PNEUMOSCAN_* environment variables (PNEUMOSCAN_AE_TITLE, PNEUMOSCAN_DICOM_PORT, PNEUMOSCAN_ALLOWED_CALLING_AES, "
+        "PNEUMOSCAN_DESTINATION, ...); flags win. Stop with Ctrl-C: what was received is scored first.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--ae-title", default=None, help="the node's AE title (default PNEUMOSCAN)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="DICOM port (default 11112)")
+    p.add_argument("--allow-ae", action="append", default=None, metavar="AE_TITLE",
+                   help="a calling AE title allowed to send (repeat; required beyond loopback)")  # fmt: skip
+    p.add_argument("--destination", default=None, metavar="DEST",
+                   help="where results go: AE_TITLE@host:port (C-STORE) or a DICOMweb URL (STOW-RS)")
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--int8", action="store_true", help="score with the int8 model")
+    p.add_argument("--data-dir", type=Path, default=None, help="spool, outbox and SQLite audit database (default ./data)")
+    p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    p.add_argument("--workers", type=int, default=None, help="instances scored at once (default 2)")
+    p.set_defaults(handler=run_dicom_node)
+
+
+def run_dicom_node(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from pneumoscan.apps.dicom_node import run_node
+    from pneumoscan.apps.settings import DicomNodeSettings
+
+    overrides = {
+        "ae_title": args.ae_title, "dicom_host": args.host, "dicom_port": args.port, "allowed_calling_aes": args.allow_ae,
+        "destination": args.destination, "model_dir": args.model, "data_dir": args.data_dir,
+        "database_url": args.database_url, "precision": "int8" if args.int8 else None, "workers": args.workers,
+    }  # fmt: skip
+    try:
+        settings = DicomNodeSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"the DICOM node's settings are not valid: {problems}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    run_node(settings, stop=stop)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     return build_parsers()[0]
 
@@ -572,6 +658,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)
     add_serve_parser(subparsers)
+    add_dicom_node_parser(subparsers)
     return parser, train
 
 

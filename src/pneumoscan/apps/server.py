@@ -9,17 +9,14 @@ so the event loop keeps answering.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import io
-import ipaddress
 import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,22 +37,18 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pneumoscan
 from pneumoscan.apps.admission import Admission, UploadGuard
-from pneumoscan.apps.audit import AuditLog, connect, now
+from pneumoscan.apps.audit import AuditLog, connect, prediction_row
 from pneumoscan.apps.device import MODEL_ROUTE, device_settings, gate_bytes
-from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
+from pneumoscan.apps.settings import ServiceSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.inputs.imaging import HEAD_BYTES, Limits, check_head, load_xray
 from pneumoscan.running.drift import (
-    DEFAULT_WINDOW,
-    DRIFT_THRESHOLD,
-    MIN_PREDICTIONS,
     DriftMonitor,
     Observation,
 )
@@ -65,67 +58,6 @@ from pneumoscan.running.inference import INT8_MODEL_FILE, MODEL_FILE, Predictor
 API = "/api/v1"
 STATIC = Path(__file__).parent / "static"
 VENDOR = STATIC / "vendor" / "onnxruntime-web"
-
-
-class ServiceSettings(BaseSettings):
-    """Every setting of the service; environment variables ``PNEUMOSCAN_*`` or CLI flags."""
-
-    model_config = SettingsConfigDict(env_prefix="PNEUMOSCAN_", protected_namespaces=())
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_dir: Path = DEFAULT_MODEL_DIR
-    precision: str = "fp32"
-    data_dir: Path = Path("data")
-    database_url: str | None = None  # default: SQLite file in data_dir
-    max_upload_bytes: int = MAX_INPUT_BYTES
-    max_pixels: int = MAX_INPUT_PIXELS
-    max_concurrent: int = 2  # inferences at once; one per core
-    max_queue: int = 32  # predictions waiting for a slot; beyond it: 503 + Retry-After instead of an unbounded queue
-    cors_origins: list[str] = []  # browser origins allowed to call the API from other sites; none by default
-    threads: int = 1  # ONNX Runtime threads per inference: requests run side by side instead
-    api_key: str | None = None
-    api_key_file: Path | None = None  # a secret mounted as a file (Docker/Kubernetes secrets); wins over api_key
-    # Serving anything but the loopback address without a key lists and sends every X-ray to whoever can reach the port:
-    # refused at start unless this says, by name, that it is meant.
-    unsafe_allow_unauthenticated_network_access: bool = False
-    keep_uploads: bool = False
-    picture_cache_mb: float = 32.0  # X-rays and heat maps of recent predictions, kept in memory: bounded in bytes
-    min_free_disk_mb: float = 512.0  # below it, /readyz says not ready: uploads are spooled and the audit log written there
-    drift_window: int = Field(DEFAULT_WINDOW, ge=1)  # recent predictions compared with the card's reference (drift)
-    drift_threshold: float = Field(DRIFT_THRESHOLD, gt=0)  # PSI at which the page and /api/v1/drift warn
-    drift_min_predictions: int = Field(MIN_PREDICTIONS, ge=1)  # per population, before its drift is judged
-
-    @property
-    def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'pneumoscan.db').as_posix()}"
-
-    def resolved_api_key(self) -> str | None:
-        """The key from ``api_key_file`` or ``api_key``; an empty one is an error, never "no authentication"."""
-        if self.api_key_file is not None:
-            try:
-                key = self.api_key_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigurationError(f"PNEUMOSCAN_API_KEY_FILE {self.api_key_file} cannot be read ({exc.strerror})") from exc
-            source = f"PNEUMOSCAN_API_KEY_FILE ({self.api_key_file})"
-        elif self.api_key is not None:
-            key, source = self.api_key.strip(), "PNEUMOSCAN_API_KEY"
-        else:
-            return None
-        if not key:
-            raise ConfigurationError(f"{source} is empty: set a key (e.g. 'openssl rand -hex 32') or unset it to serve "
-                                     "on 127.0.0.1 without one; an empty key never means 'no authentication'")  # fmt: skip
-        return key
-
-
-def is_loopback(host: str) -> bool:
-    """Only these addresses are reachable from this machine alone."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name (or 0.0.0.0's kin) may be reachable from anywhere
 
 
 def check_exposure(settings: ServiceSettings) -> None:
@@ -418,25 +350,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
                 loaded, prediction, kind = await run_in_threadpool(score, data)
         except InputError as exc:
             return error(exc.http_status, type(exc).__name__, str(exc))
-        row = {
-            "id": uuid.uuid4().hex,
-            "created_at": now(),
-            "upload_sha256": hashlib.sha256(data).hexdigest(),
-            "file_type": kind,
-            "model_name": model_info["name"],
-            "model_version": model_info["version"],
-            "model_sha256": model_info["sha256"],
-            "probability": prediction.probability,
-            "threshold": prediction.threshold,
-            "label": prediction.label,
-            "in_distribution": prediction.in_distribution,
-            "ood_score": prediction.ood_score,
-            "population": prediction.population,
-            "population_source": prediction.population_source,
-            "operating_point": prediction.operating_point,
-            "population_note": prediction.population_note,
-            "operating_point_source": prediction.operating_point_source,
-        }
+        row = prediction_row(prediction, data, kind, model_info)
         kept = None
         if settings.keep_uploads:  # kept whole, before the record, or neither: no truncated file, no row without it
             try:

@@ -1,0 +1,308 @@
+"""``pneumoscan dicom-node``: a DICOM Storage SCP that scores the X-rays a modality or a PACS sends it.
+
+Each received instance is first written whole to a spool folder on disk and only then
+acknowledged (C-STORE success), so an instance the sender was told is stored survives a
+crash of the node: at start, whatever is left in the spool is processed. Scoring workers
+take instances from the spool; each goes through the same loader, gate, population and
+model as an upload (:func:`pneumoscan.inputs.imaging.load_xray`,
+:class:`pneumoscan.running.inference.Predictor`) and ends as exactly one audit row
+(``dicom_instances``): *scored* (with its ``predictions`` row, as an upload's), *refused*
+(CT, lateral, not a chest, undecodable: the loader's reason, and no result object), or
+*duplicate* (that SOP Instance UID was already answered by this model). Results go to the
+outbox (:mod:`pneumoscan.apps.dicom_outbox`) and on to the destination.
+
+The audit log keeps no patient field, as for uploads: the SOP Instance UID is stored as
+its sha256, which is enough to find duplicates and to look a study up by its UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row
+from pneumoscan.apps.dicom_outbox import (
+    Destination,
+    Outbox,
+    Sender,
+    parse_destination,
+    write_atomically,
+)
+from pneumoscan.apps.dicom_results import ModelIdentity, build_results
+from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
+from pneumoscan.errors import ConfigurationError, InputError
+from pneumoscan.inputs.imaging import Limits, load_xray
+from pneumoscan.running.inference import Predictor
+
+log = logging.getLogger("pneumoscan.dicom")
+
+SCORED, REFUSED, DUPLICATE = "scored", "refused", "duplicate"
+#: DIMSE statuses of C-STORE (PS3.4 B.2.3): stored, and "out of resources" (the sender should try again later).
+SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
+
+
+@dataclass
+class Counts:
+    """What the node did since it started (logged at stop; the audit log has every instance)."""
+
+    received: int = 0
+    scored: int = 0
+    refused: int = 0
+    duplicate: int = 0
+    delivered: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, outcome: str) -> None:
+        with self.lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
+
+
+def uid_digest(uid: str) -> str:
+    """The sha256 of a UID: finds duplicates without keeping the UID itself."""
+    return hashlib.sha256(str(uid).strip().encode()).hexdigest()
+
+
+def results_entry(sop_digest: str, model_sha256: str) -> str:
+    """The id of an instance's results: the same instance and model give the same id (and the same outbox entry)."""
+    return hashlib.sha256(f"{sop_digest} {model_sha256}".encode()).hexdigest()[:32]
+
+
+class DicomNode:
+    """Receives, scores and answers; ``start()`` returns at once, ``stop()`` finishes what was received."""
+
+    def __init__(self, settings: DicomNodeSettings, predictor: Predictor | None = None, audit: AuditLog | None = None):
+        check_listening(settings)
+        self.settings = settings
+        self.limits = Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        self.predictor = predictor or Predictor.load(settings.model_dir, settings.precision, settings.threads, self.limits)
+        self.model = ModelIdentity.of_predictor(self.predictor)
+        self.audit = audit or AuditLog(connect(settings.resolved_database_url))
+        folder = settings.data_dir / "dicom"
+        self.spool = folder / "incoming"
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(folder / "outbox")
+        self.destination: Destination | None = (
+            parse_destination(settings.destination, settings.ae_title) if settings.destination else None
+        )
+        self.jobs: queue.Queue[Path | None] = queue.Queue()
+        self.counts = Counts()
+        self.in_flight: set[str] = set()  # SOP digests being scored now: a copy arriving meanwhile waits its turn
+        self.in_flight_lock = threading.Condition()
+        self.workers: list[threading.Thread] = []
+        self.sender: Sender | None = None
+        self.server = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        from pynetdicom import AE, evt
+
+        for leftover in sorted(self.spool.glob("*.dcm")):  # received before a crash or a stop: nothing is lost
+            self.jobs.put(leftover)
+        for index in range(max(1, self.settings.workers)):
+            worker = threading.Thread(target=self.work, name=f"pneumoscan-score-{index}", daemon=True)
+            worker.start()
+            self.workers.append(worker)
+        if self.destination is not None:
+            self.sender = Sender(self.outbox, self.destination, on_delivered=self.delivered,
+                                 on_refused=self.refused_by_destination, retry_max_seconds=self.settings.retry_max_seconds)  # fmt: skip
+            self.sender.start()
+        ae = AE(ae_title=self.settings.ae_title)
+        add_storage_contexts(ae)
+        ae.require_called_aet = True
+        if self.settings.allowed_calling_aes:
+            ae.require_calling_aet = list(self.settings.allowed_calling_aes)
+        ae.maximum_associations = self.settings.max_associations
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        self.server = ae.start_server((self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers)
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the OS chose when the settings say 0)."""
+        return self.server.server_address[1] if self.server else self.settings.dicom_port
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop listening, score what was received, and give the sender ``timeout`` seconds to deliver."""
+        if self.server is not None:
+            self.server.shutdown()
+        self.jobs.join()
+        for _ in self.workers:
+            self.jobs.put(None)
+        for worker in self.workers:
+            worker.join(timeout)
+        if self.sender is not None:
+            self.sender.drain(timeout)
+            self.sender.stop()
+            self.sender.join(timeout)
+        log.info("stopped: %s; %d result sets still in the outbox", self.summary(), len(self.outbox.pending()))
+
+    def summary(self) -> str:
+        c = self.counts
+        return f"{c.received} received, {c.scored} scored, {c.refused} refused, {c.duplicate} duplicates, {c.delivered} delivered"
+
+    # ------------------------------------------------------------------ receiving
+
+    def handle_store(self, event) -> int:  # type: ignore[no-untyped-def]
+        """Keep the instance on disk, then acknowledge it; the disk refusing it asks the sender to retry."""
+        name = uuid.uuid4().hex
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            sidecar = {"calling_ae": str(event.assoc.requestor.ae_title).strip(), "received_at": now().isoformat()}
+            (self.spool / f"{name}.json").write_text(json.dumps(sidecar))
+            write_atomically(self.spool / f"{name}.dcm", lambda path: path.write_bytes(data))
+        except OSError as exc:
+            log.error("an instance could not be kept (%s): the sender is asked to retry", exc.strerror or type(exc).__name__)
+            (self.spool / f"{name}.json").unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        self.counts.add("received")
+        self.jobs.put(self.spool / f"{name}.dcm")
+        return SUCCESS
+
+    # ------------------------------------------------------------------ scoring
+
+    def work(self) -> None:
+        while (path := self.jobs.get()) is not None:
+            try:
+                self.process(path)
+            except Exception:  # a bug of ours must not stop the node: the instance stays in the spool for the next start
+                log.exception("instance %s could not be processed; kept in %s", path.name, self.spool)
+            finally:
+                self.jobs.task_done()
+
+    def process(self, path: Path) -> str:
+        """Score one spooled instance and write its one audit row; returns the outcome."""
+        from pydicom.filereader import read_file_meta_info
+
+        sidecar = read_sidecar(path)
+        data = path.read_bytes()
+        try:
+            meta = read_file_meta_info(path)
+            sop_uid, sop_class = str(meta.MediaStorageSOPInstanceUID), str(meta.MediaStorageSOPClassUID)
+        except Exception:  # noqa: BLE001 - the node wrote this header itself; a file we cannot read back is refused
+            sop_uid, sop_class = f"unreadable {path.name}", ""
+        digest = uid_digest(sop_uid)
+        with self.in_flight_lock:  # two copies of one instance at once: the second waits, then finds the first's row
+            self.in_flight_lock.wait_for(lambda: digest not in self.in_flight)
+            self.in_flight.add(digest)
+        try:
+            outcome = self._process(data, digest, sop_class, sidecar)
+        finally:
+            with self.in_flight_lock:
+                self.in_flight.discard(digest)
+                self.in_flight_lock.notify_all()
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+        self.counts.add(outcome)
+        return outcome
+
+    def _process(self, data: bytes, digest: str, sop_class: str, sidecar: dict) -> str:
+        row = {
+            "id": uuid.uuid4().hex,
+            "received_at": now(),
+            "sop_instance_sha256": digest,
+            "sop_class_uid": sop_class[:64],
+            "calling_ae": sidecar.get("calling_ae", "")[:16],
+            "model_sha256": self.model.sha256,
+        }
+        earlier = self.audit.answered_instance(digest, self.model.sha256)
+        if earlier is not None:
+            when = earlier["received_at"].isoformat(timespec="seconds") if earlier["received_at"] else "earlier"
+            self.audit.record_instance({**row, "outcome": DUPLICATE, "reason": f"already {earlier['outcome']} on {when} "
+                                        f"(row {earlier['id']}) by this model: not scored twice"})  # fmt: skip
+            return DUPLICATE
+        try:
+            scored = self.score(data)
+        except InputError as exc:
+            self.audit.record_instance({**row, "outcome": REFUSED, "reason": str(exc)[:512]})
+            log.info("refused an instance from %s: %s", row["calling_ae"], exc)
+            return REFUSED
+        loaded, prediction, source = scored
+        entry = results_entry(digest, self.model.sha256)
+        try:
+            results = build_results(source, loaded.image, prediction, self.model)
+        except Exception as exc:  # noqa: BLE001 - a header a result cannot copy (e.g. no Study Instance UID)
+            reason = f"scored, but no DICOM result can be made from its header ({type(exc).__name__}: {str(exc)[:300]})"
+            self.audit.record_instance({**row, "outcome": REFUSED, "reason": reason})
+            return REFUSED
+        self.outbox.put(entry, list(results))  # before the row: a crash between the two re-scores it, never loses it
+        upload = prediction_row(prediction, data, "dicom", self.model.as_dict())
+        self.audit.record_instance({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"],
+                                    "report_uid": str(results.report.SOPInstanceUID),
+                                    "heatmap_uid": str(results.heatmap.SOPInstanceUID)}, upload)  # fmt: skip
+        return SCORED
+
+    def score(self, data: bytes):  # type: ignore[no-untyped-def]
+        """The loader, gate, population and model of every entry point; raises InputError for what it refuses."""
+        from pydicom import dcmread
+
+        loaded = load_xray(data, self.limits)
+        if loaded.format != "dicom":
+            raise InputError("a DICOM node scores DICOM instances only")
+        try:
+            source = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except Exception as exc:
+            raise InputError(f"its header cannot be read again ({type(exc).__name__})") from exc
+        tensor = self.predictor.preprocess(loaded.image)
+        prediction = self.predictor.predict_tensors(tensor[None], heatmap=True, ages=[loaded.age_years])[0]
+        return loaded, prediction, source
+
+    # ------------------------------------------------------------------ delivery
+
+    def delivered(self, entry: str) -> None:
+        self.counts.add("delivered")
+        self.audit.mark_delivered(entry, now())
+
+    def refused_by_destination(self, entry: str, reason: str) -> None:
+        self.audit.mark_delivery_refused(entry, reason[:512])
+
+
+def read_sidecar(path: Path) -> dict:
+    try:
+        return json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def add_storage_contexts(ae) -> None:  # type: ignore[no-untyped-def]
+    """Every storage SOP class in every transfer syntax pynetdicom knows: what to refuse is decided after reading."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification
+
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+
+
+def check_listening(settings: DicomNodeSettings) -> None:
+    """DICOM has no passwords: beyond loopback, only the calling AE titles the site lists may send X-rays."""
+    if settings.allowed_calling_aes or is_loopback(settings.dicom_host) or settings.unsafe_allow_any_calling_ae:
+        return
+    raise ConfigurationError(
+        f"the DICOM node would listen on {settings.dicom_host} and accept X-rays from any AE title: list the senders with "
+        "--allow-ae (PNEUMOSCAN_ALLOWED_CALLING_AES, e.g. MODALITY1,PACS), listen on 127.0.0.1, or set "
+        "PNEUMOSCAN_UNSAFE_ALLOW_ANY_CALLING_AE=true if a firewall already does it"
+    )
+
+
+def run_node(settings: DicomNodeSettings, ready: threading.Event | None = None, stop: threading.Event | None = None) -> DicomNode:
+    """Start a node and serve until ``stop`` is set (or SIGINT/SIGTERM when run from the command line)."""
+    node = DicomNode(settings)
+    node.start()
+    where = f"{settings.ae_title}@{settings.dicom_host}:{node.port}"
+    to = str(node.destination) if node.destination else "nowhere yet (no --destination): results wait in the outbox"
+    print(f"pneumoscan DICOM node {where}: model {node.model.name} ({node.predictor.precision}); results to {to}", flush=True)
+    for population, entry in node.predictor.populations.items():
+        print(f"  operating point for {population}: {entry.operating_point}, threshold {entry.threshold:.4f} ({entry.in_force})", flush=True)
+    if ready is not None:
+        ready.set()
+    (stop or threading.Event()).wait()
+    node.stop()
+    print(f"pneumoscan DICOM node stopped: {node.summary()}", flush=True)
+    return node

@@ -1,0 +1,246 @@
+"""Sending results on: a queue on disk and one sender, to a PACS node (C-STORE) or a DICOMweb server (STOW-RS).
+
+Results are written to the outbox before anything is sent, and leave it only once the
+destination said it stored them, so a PACS that is down, restarted or slow loses nothing:
+the sender retries with a growing pause (up to ``retry_max_seconds``), in the order the
+results were made, and the node goes on receiving and scoring meanwhile. A retry after a
+lost answer sends the same objects with the same SOP Instance UIDs (see
+:mod:`pneumoscan.apps.dicom_results`), which a PACS stores once.
+
+Layout: ``outbox/<entry>/{report,heatmap}.dcm``, each entry made in a temporary folder and
+renamed into place whole; ``outbox/refused/<entry>/`` keeps what the destination refused
+for good (a DICOM failure status, not a connection problem) with the reason beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from pneumoscan.errors import ConfigurationError, DeliveryError, DestinationRefused
+
+log = logging.getLogger("pneumoscan.dicom")
+
+ENTRY_FILES = ("report.dcm", "heatmap.dcm")
+REFUSED_DIR = "refused"
+
+
+@dataclass(frozen=True)
+class CStoreDestination:
+    """A DICOM node that accepts C-STORE: ``AE_TITLE@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "PNEUMOSCAN"
+    timeout: float = 30.0
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port} (C-STORE)"
+
+    def send(self, datasets: Sequence[Dataset]) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import (
+            ComprehensiveSRStorage,
+            SecondaryCaptureImageStorage,
+        )
+
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for context in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+            ae.add_requested_context(context)
+        association = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if not association.is_established:
+            raise DeliveryError(f"{self} did not accept an association")
+        try:
+            for dataset in datasets:
+                status = association.send_c_store(dataset)
+                if not status:  # no answer: the association was aborted or timed out
+                    raise DeliveryError(f"{self} gave no answer to C-STORE")
+                code = int(status.Status)
+                if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:  # success, or a warning (stored, with a remark)
+                    raise DestinationRefused(f"{self} refused {dataset.SOPClassUID.name} with status 0x{code:04X}")
+        finally:
+            association.release()
+
+
+@dataclass(frozen=True)
+class StowDestination:
+    """A DICOMweb server's base URL (QIDO/WADO/STOW root), e.g. ``http://pacs:8042/dicom-web``."""
+
+    url: str
+    timeout: float = 30.0
+
+    def __str__(self) -> str:
+        return f"{self.url} (STOW-RS)"
+
+    def send(self, datasets: Sequence[Dataset]) -> None:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(self.url, timeout=self.timeout)
+        try:
+            client.store_instances(list(datasets))
+        except requests.exceptions.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if status in (408, 429) or status >= 500:
+                raise DeliveryError(f"{self} answered HTTP {status}") from exc
+            raise DestinationRefused(f"{self} refused the results: HTTP {status}") from exc
+        except requests.exceptions.RequestException as exc:
+            raise DeliveryError(f"{self} cannot be reached ({type(exc).__name__})") from exc
+
+
+Destination = CStoreDestination | StowDestination
+DESTINATION_FORM = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+
+
+def parse_destination(text: str, calling_ae_title: str = "PNEUMOSCAN") -> Destination:
+    """``AE_TITLE@host:port`` for C-STORE, ``http(s)://…`` for STOW-RS."""
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        return StowDestination(text.rstrip("/"))
+    match = DESTINATION_FORM.match(text)
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise ConfigurationError(
+            f"the destination {text!r} is neither AE_TITLE@host:port (C-STORE, e.g. ORTHANC@pacs.local:4242) "
+            "nor a DICOMweb URL (STOW-RS, e.g. http://pacs.local:8042/dicom-web)"
+        )
+    return CStoreDestination(match["aet"].strip(), match["host"].strip("[]"), int(match["port"]), calling_ae_title)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a temporary name, sync, rename: a crash leaves the old file or the new one, never half of one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class Outbox:
+    """Result objects waiting on disk for their destination."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._changed = threading.Condition()
+
+    def put(self, entry: str, datasets: Sequence[Dataset]) -> Path:
+        """Keep ``datasets`` under ``entry``; an entry of the same name (the same results, made again) is replaced."""
+        staging = self.folder / f".{entry}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name, dataset in zip(ENTRY_FILES, datasets, strict=True):
+            write_atomically(staging / name, lambda path, d=dataset: d.save_as(path, enforce_file_format=True))
+        target = self.folder / entry
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        with self._changed:
+            self._changed.notify_all()
+        return target
+
+    def pending(self) -> list[Path]:
+        """Entries in the order they were made (oldest first)."""
+        entries = [p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != REFUSED_DIR]
+        return sorted(entries, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def refused(self) -> list[Path]:
+        folder = self.folder / REFUSED_DIR
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+    def wait(self, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait(timeout)
+
+    @staticmethod
+    def read(entry: Path) -> list[Dataset]:
+        return [dcmread(entry / name) for name in ENTRY_FILES if (entry / name).is_file()]
+
+    def done(self, entry: Path) -> None:
+        shutil.rmtree(entry)
+
+    def refuse(self, entry: Path, reason: str) -> None:
+        target = self.folder / REFUSED_DIR / entry.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(entry, target)
+        (target / "reason.txt").write_text(reason + "\n")
+
+
+class Sender(threading.Thread):
+    """Empties the outbox into the destination, oldest first; waits and retries while the destination is away."""
+
+    def __init__(self, outbox: Outbox, destination: Destination, *, on_delivered: Callable[[str], None] | None = None,
+                 on_refused: Callable[[str, str], None] | None = None, retry_max_seconds: float = 60.0):  # fmt: skip
+        super().__init__(name="pneumoscan-sender", daemon=True)
+        self.outbox, self.destination = outbox, destination
+        self.on_delivered, self.on_refused = on_delivered, on_refused
+        self.retry_max_seconds = retry_max_seconds
+        self.stopping = threading.Event()
+        self.delivered = 0
+        self.last_error: str | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.outbox._changed:
+            self.outbox._changed.notify_all()
+
+    def run(self) -> None:
+        pause = 1.0
+        while not self.stopping.is_set():
+            entries = self.outbox.pending()
+            if not entries:
+                self.outbox.wait(timeout=5.0)
+                continue
+            try:
+                self.deliver(entries[0])
+                pause = 1.0
+            except DeliveryError as exc:
+                if self.last_error != str(exc):
+                    log.warning("results wait in the outbox (%d): %s; retrying every %.0f s at most",
+                                len(entries), exc, self.retry_max_seconds)  # fmt: skip
+                self.last_error = str(exc)
+                self.stopping.wait(pause)
+                pause = min(pause * 2, self.retry_max_seconds)
+            except Exception as exc:  # a bug of ours or an unreadable entry: keep it aside, go on with the others
+                log.exception("results %s could not be sent", entries[0].name)
+                self._refuse(entries[0], f"{type(exc).__name__}: {exc}")
+
+    def deliver(self, entry: Path) -> None:
+        try:
+            self.destination.send(self.outbox.read(entry))
+        except DestinationRefused as exc:
+            self._refuse(entry, str(exc))
+            return
+        self.outbox.done(entry)
+        self.delivered += 1
+        if self.last_error is not None:
+            log.info("%s is back: results delivered again", self.destination)
+            self.last_error = None
+        if self.on_delivered:
+            self.on_delivered(entry.name)
+
+    def _refuse(self, entry: Path, reason: str) -> None:
+        log.error("results %s kept in %s: %s", entry.name, self.outbox.folder / REFUSED_DIR, reason)
+        self.outbox.refuse(entry, reason)
+        if self.on_refused:
+            self.on_refused(entry.name, reason)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self.outbox.pending():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True

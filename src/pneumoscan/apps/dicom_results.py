@@ -1,0 +1,217 @@
+"""Results as DICOM objects a PACS files next to the study: a TID 1500 Structured Report and a heat-map Secondary Capture.
+
+Why TID 1500 (the Measurement Report, in a Comprehensive SR) and not a free comprehensive
+SR: it is what IHE's AI Results profile and the commercial chest X-ray tools send, so
+viewers that display AI findings read it without knowing pneumoscan. Its one measurement
+group carries the finding (pneumonia present, absent, or indeterminate for an image the
+gate flags), the calibrated probability and the threshold as numbers, the population and
+"image like those validated" as coded evaluations, and the model's name, version, sha256
+and operating point as the algorithm's identification (TID 4019). It references the
+source image, and both objects live in the source's study (same Study Instance UID,
+patient module copied), each in a series of its own.
+
+The Secondary Capture is the X-ray with the heat map overlaid, with a burnt-in banner and
+headers (Series Description, Image Comments) saying it is not for diagnostic use.
+
+UIDs are derived from the source SOP Instance UID and the model's sha256, so building the
+results of the same instance with the same model again gives the same UIDs: a PACS that
+receives them twice keeps one copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, generate_uid
+
+from pneumoscan.running.explanation import overlay
+
+MANUFACTURER = "pneumoscan"
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+#: SNOMED CT and DICOM codes; pneumoscan's own concepts use a private scheme (99 prefix, PS3.16 8.2).
+PRIVATE_SCHEME = "99PNEUMOSCAN"
+PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+INDETERMINATE = Code("82334004", "SCT", "Indeterminate")
+PROBABILITY = Code("probability", PRIVATE_SCHEME, "Calibrated probability of pneumonia")
+THRESHOLD = Code("threshold", PRIVATE_SCHEME, "Decision threshold (operating point)")
+POPULATION = Code("population", PRIVATE_SCHEME, "Population whose operating point decided")
+VALIDATED_IMAGE = Code("in-distribution", PRIVATE_SCHEME, "Image like those the model was validated on")
+POPULATION_CODES = {"child": Code("67822003", "SCT", "Child"), "adult": Code("133936004", "SCT", "Adult")}
+NO_UNITS = Code("1", "UCUM", "no units")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the results name as their author: the exported model, not a person."""
+
+    name: str
+    version: str
+    sha256: str
+
+    @classmethod
+    def of_predictor(cls, predictor) -> ModelIdentity:  # type: ignore[no-untyped-def]
+        """The model as it runs: the sha256 is that of the ONNX file in use (fp32 or int8)."""
+        card = predictor.card
+        return cls(str(card.get("name", "pneumoscan")), str(card.get("pneumoscan_version", "0")), predictor.model_sha256)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Results:
+    """The two objects to send on, with the UIDs that identify them."""
+
+    report: Dataset
+    heatmap: Dataset
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter((self.report, self.heatmap))
+
+
+def derived_uid(source_uid: str, model: ModelIdentity, what: str) -> UID:
+    """The same source instance, model and object give the same UID (under pydicom's root)."""
+    return generate_uid(entropy_srcs=[str(source_uid), model.sha256, what])
+
+
+def finding_value(prediction) -> Code:  # type: ignore[no-untyped-def]
+    """An image the gate flags gets no verdict: the finding is indeterminate, whatever the number says."""
+    if not prediction.validated:
+        return INDETERMINATE
+    return codes.SCT.Present if prediction.label == "PNEUMONIA" else codes.SCT.Absent
+
+
+def algorithm_of(model: ModelIdentity, prediction) -> hd.sr.AlgorithmIdentification:  # type: ignore[name-defined]  # noqa: F821
+    import highdicom as hd
+
+    parameters = [
+        f"model sha256 {model.sha256}",
+        f"operating point {prediction.operating_point} ({prediction.operating_point_source})",
+        f"threshold {prediction.threshold:.4f}",
+    ]
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters, manufacturer=MANUFACTURER)
+
+
+def structured_report(source: Dataset, prediction, model: ModelIdentity) -> Dataset:  # type: ignore[no-untyped-def]
+    """The TID 1500 Measurement Report of one scored image, in the source's study."""
+    import highdicom as hd
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(model.sha256, model, "device"), name=model.name, manufacturer_name=MANUFACTURER,
+            model_name=f"{model.name} {model.version}",
+        ),
+    )
+    evaluations = [hd.sr.QualitativeEvaluation(PNEUMONIA, finding_value(prediction))]
+    if prediction.population in POPULATION_CODES:
+        evaluations.append(hd.sr.QualitativeEvaluation(POPULATION, POPULATION_CODES[prediction.population]))
+    if prediction.in_distribution is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(VALIDATED_IMAGE, codes.SCT.Yes if prediction.in_distribution else codes.SCT.No))
+    algorithm = algorithm_of(model, prediction)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(source.SOPInstanceUID, model, "finding"),
+                                                     identifier="pneumonia"),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        measurements=[
+            hd.sr.Measurement(PROBABILITY, float(prediction.probability), NO_UNITS, algorithm_id=algorithm),
+            hd.sr.Measurement(THRESHOLD, float(prediction.threshold), NO_UNITS),
+        ],
+        qualitative_evaluations=evaluations,
+    )
+    content = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=[group],
+    )
+    report = hd.sr.ComprehensiveSR(
+        evidence=[source],
+        content=content[0],
+        series_instance_uid=derived_uid(source.SeriesInstanceUID, model, "report series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "report"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"pneumoscan AI result ({model.name})"[:64],
+    )
+    report.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    return report
+
+
+def coding_scheme_identification() -> Dataset:
+    """Names the private coding scheme of pneumoscan's own concepts, as PS3.3 C.12.1.1.2 asks."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "pneumoscan concepts"
+    item.CodingSchemeResponsibleOrganization = "the pneumoscan project"
+    return item
+
+
+def banner(picture: Image.Image, text: str) -> Image.Image:
+    """The picture with a black band on top that carries ``text``, so a screenshot keeps the warning."""
+    height = max(24, picture.height // 20)
+    font = ImageFont.load_default(size=int(height * 0.6))
+    canvas = Image.new("RGB", (picture.width, picture.height + height), "black")
+    canvas.paste(picture.convert("RGB"), (0, height))
+    ImageDraw.Draw(canvas).text((height // 3, height // 5), text, fill=(255, 255, 0), font=font)
+    return canvas
+
+
+def heatmap_capture(source: Dataset, image: Image.Image, heatmap: np.ndarray, prediction,  # type: ignore[no-untyped-def]
+                    model: ModelIdentity) -> Dataset:
+    """The heat-map overlay as a Secondary Capture in the source's study, labelled not for diagnostic use."""
+    import highdicom as hd
+
+    verdict = "not validated for this image" if not prediction.validated else prediction.label.lower()
+    text = f"{NOT_FOR_DIAGNOSTIC_USE} - pneumoscan heat map - p={prediction.probability:.2f} ({verdict})"
+    pixels = np.asarray(banner(overlay(image, heatmap), text), dtype=np.uint8)
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=derived_uid(source.SeriesInstanceUID, model, "heat map series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "heat map"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=patient_orientation(source),
+    )
+    capture.SeriesDescription = f"pneumoscan heat map - {NOT_FOR_DIAGNOSTIC_USE}"[:64]
+    capture.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}: where {model.name} looked; the finding is in the structured report"
+    capture.BodyPartExamined = "CHEST"  # an unpaired body part: Laterality (Type 2C) stays absent
+    capture.BurnedInAnnotation = "YES"
+    capture.ConversionType = "WSD"
+    capture.DerivationDescription = f"heat map of {model.name} {model.version} overlaid on the source image"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    capture.SourceImageSequence = [reference]
+    return capture
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str]:
+    """The source's orientation when it says one; a frontal chest film's (patient's left, feet) otherwise."""
+    value = getattr(source, "PatientOrientation", None)
+    if value and len(value) == 2:
+        return (str(value[0]), str(value[1]))
+    return ("L", "F")
+
+
+def build_results(source: Dataset, image: Image.Image, prediction, model: ModelIdentity) -> Results:  # type: ignore[no-untyped-def]
+    """Both result objects of one scored instance (the prediction must carry its heat map)."""
+    return Results(structured_report(source, prediction, model),
+                   heatmap_capture(source, image, prediction.heatmap, prediction, model))
