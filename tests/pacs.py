@@ -109,12 +109,13 @@ class Orthanc:
     def instances_of_study(self, study_instance_uid: str) -> list[dict]:
         """Every instance Orthanc holds in that study, with its tags (SOP class, modality, UIDs)."""
         found = self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid}, "Expand": True})
-        return [self.get(f"/instances/{item['ID']}/simplified-tags") for item in found]  # type: ignore[union-attr]
+        return [{**self.get(f"/instances/{item['ID']}/simplified-tags"), "OrthancID": item["ID"]} for item in found]  # type: ignore[union-attr,dict-item]
 
-    def instance_file(self, sop_instance_uid: str) -> bytes:
-        found = self.post("/tools/lookup", sop_instance_uid)
-        ident = next(item["ID"] for item in found if item["Type"] == "Instance")  # type: ignore[union-attr]
-        return httpx.get(f"{self.url}/instances/{ident}/file", timeout=30).content
+    def instance_file(self, orthanc_id: str) -> bytes:
+        """The stored file, as a viewer would fetch it."""
+        answer = httpx.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30)
+        answer.raise_for_status()
+        return answer.content
 
     def upload(self, data: bytes) -> None:
         httpx.post(f"{self.url}/instances", content=data, timeout=30).raise_for_status()
