@@ -18,6 +18,7 @@ import httpx
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+FORWARD_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "forward-to-pneumoscan.lua"
 INSTALL_HINT = "apt-get install orthanc orthanc-dicomweb (as .ci/run does)"
 
 
@@ -34,7 +35,8 @@ def available() -> bool:
 class Orthanc:
     """One Orthanc server: ``start()``, ``stop()``, ``start()`` again keeps what it stored."""
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC"):
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", forward_to: tuple[str, int] | None = None):
+        """``forward_to`` (AE title, port on 127.0.0.1): route CR/DX to that node, as deploy/orthanc's script does."""
         self.folder = Path(folder)
         self.ae_title = ae_title
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -57,6 +59,9 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         }
+        if forward_to:
+            config["DicomModalities"] = {"pneumoscan": [forward_to[0], "127.0.0.1", forward_to[1]]}
+            config["LuaScripts"] = [str(FORWARD_SCRIPT)]
         self.config = self.folder / "orthanc.json"
         self.config.write_text(json.dumps(config, indent=2))
 

@@ -198,6 +198,30 @@ def test_the_command_line_node_sends_results_to_orthanc_under_the_right_study(or
     assert "stopped: 1 received, 1 scored, 0 refused, 0 duplicates, 1 delivered" in out
 
 
+def test_a_pacs_that_routes_x_rays_to_the_node_gets_results_next_to_the_study(films, predictor, tmp_path) -> None:
+    """The hospital's flow: a modality sends to the PACS, the PACS forwards CR/DX (deploy/orthanc's script), results come back."""
+    port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", forward_to=("PNEUMOSCAN", port)).start()
+    node = DicomNode(DicomNodeSettings(dicom_port=port, data_dir=tmp_path / "node", destination=pacs.destination,
+                                       allowed_calling_aes=["ORTHANC"]), predictor)  # fmt: skip
+    node.start()
+    try:
+        study = radiograph_dataset(films[9], size=512)
+        path = tmp_path / "from-the-modality.dcm"
+        study.save_as(path, enforce_file_format=True)
+        sent = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(pacs.dicom_port), str(path)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(pacs.instances_of_study(study.StudyInstanceUID)) < 3:
+            time.sleep(0.3)
+        assert sorted(i["Modality"] for i in pacs.instances_of_study(study.StudyInstanceUID)) == ["DX", "OT", "SR"]
+        assert [row["calling_ae"] for row in node.audit.instances()] == ["ORTHANC"]
+    finally:
+        node.stop()
+        pacs.stop()
+
+
 def test_refusals_duplicates_and_malformed_instances_never_stop_the_node(orthanc, films, predictor, tmp_path) -> None:
     node = start_node(tmp_path, predictor, destination=orthanc.destination)
     try:
