@@ -38,3 +38,21 @@ def test_onnx_heatmap_equals_grad_cam(smoke_checkpoint: Path, data_root: Path, t
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.99
     # and a heat map is not just the same picture for every image
     assert np.corrcoef(heatmaps[0].ravel(), heatmaps[1].ravel())[0, 1] < 0.99
+
+
+def test_the_overlay_table_gives_the_pixel_by_pixel_blend() -> None:
+    """The 256×256 table is a speed-up only: the same bytes as blending each pixel (the on-device page does that)."""
+    import numpy as np
+    from PIL import Image
+
+    from pneumoscan.running.explanation import colorize, overlay
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (301, 517), dtype=np.uint8))
+    heatmap = rng.random((7, 7)).astype(np.float32)
+    heat = Image.fromarray((heatmap * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+    values = np.asarray(heat, dtype=np.float32) / 255.0
+    weight = (0.45 * (0.3 + 0.7 * values))[..., None]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    expected = (base * (1 - weight) + colorize(values).astype(np.float32) * weight).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(overlay(image, heatmap)), expected)

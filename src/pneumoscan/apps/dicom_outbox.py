@@ -32,6 +32,8 @@ from pneumoscan.errors import ConfigurationError, DeliveryError, DestinationRefu
 log = logging.getLogger("pneumoscan.dicom")
 
 ENTRY_FILES = ("report.dcm", "heatmap.dcm")
+#: Entries sent in one association (C-STORE) or in a row (STOW-RS) before the outbox is looked at again.
+BATCH = 16
 REFUSED_DIR = "refused"
 
 
@@ -49,6 +51,12 @@ class CStoreDestination:
         return f"{self.ae_title}@{self.host}:{self.port} (C-STORE)"
 
     def send(self, datasets: Sequence[Dataset]) -> None:
+        outcome = self.send_batches([datasets])[0]
+        if outcome is not None:
+            raise outcome
+
+    def send_batches(self, batches: Sequence[Sequence[Dataset]]) -> list[DestinationRefused | None]:
+        """Several entries' objects in one association (one handshake, not one per study); a refusal per entry."""
         from pynetdicom import AE
         from pynetdicom.sop_class import (
             ComprehensiveSRStorage,
@@ -62,16 +70,21 @@ class CStoreDestination:
         association = ae.associate(self.host, self.port, ae_title=self.ae_title)
         if not association.is_established:
             raise DeliveryError(f"{self} did not accept an association")
+        outcomes: list[DestinationRefused | None] = []
         try:
-            for dataset in datasets:
-                status = association.send_c_store(dataset)
-                if not status:  # no answer: the association was aborted or timed out
-                    raise DeliveryError(f"{self} gave no answer to C-STORE")
-                code = int(status.Status)
-                if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:  # success, or a warning (stored, with a remark)
-                    raise DestinationRefused(f"{self} refused {dataset.SOPClassUID.name} with status 0x{code:04X}")
+            for datasets in batches:
+                outcomes.append(None)
+                for dataset in datasets:
+                    status = association.send_c_store(dataset)
+                    if not status:  # no answer: the association was aborted or timed out
+                        raise DeliveryError(f"{self} gave no answer to C-STORE")
+                    code = int(status.Status)
+                    if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:  # success, or a warning (stored, with a remark)
+                        outcomes[-1] = DestinationRefused(f"{self} refused {dataset.SOPClassUID.name} with status 0x{code:04X}")
+                        break
         finally:
             association.release()
+        return outcomes
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,16 @@ class StowDestination:
             raise DestinationRefused(f"{self} refused the results: HTTP {status}") from exc
         except requests.exceptions.RequestException as exc:
             raise DeliveryError(f"{self} cannot be reached ({type(exc).__name__})") from exc
+
+    def send_batches(self, batches: Sequence[Sequence[Dataset]]) -> list[DestinationRefused | None]:
+        outcomes: list[DestinationRefused | None] = []
+        for datasets in batches:
+            try:
+                self.send(datasets)
+                outcomes.append(None)
+            except DestinationRefused as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 Destination = CStoreDestination | StowDestination
@@ -203,7 +226,7 @@ class Sender(threading.Thread):
                 self.outbox.wait(timeout=5.0)
                 continue
             try:
-                self.deliver(entries[0])
+                self.deliver(entries[:BATCH])
                 pause = 1.0
             except DeliveryError as exc:
                 if self.last_error != str(exc):
@@ -212,23 +235,31 @@ class Sender(threading.Thread):
                 self.last_error = str(exc)
                 self.stopping.wait(pause)
                 pause = min(pause * 2, self.retry_max_seconds)
-            except Exception as exc:  # a bug of ours or an unreadable entry: keep it aside, go on with the others
-                log.exception("results %s could not be sent", entries[0].name)
-                self._refuse(entries[0], f"{type(exc).__name__}: {exc}")
+            except Exception:  # a bug of ours must not stop the sender: the entries stay, and are tried again later
+                log.exception("results could not be sent; they stay in the outbox")
+                self.stopping.wait(pause)
+                pause = min(pause * 2, self.retry_max_seconds)
 
-    def deliver(self, entry: Path) -> None:
-        try:
-            self.destination.send(self.outbox.read(entry))
-        except DestinationRefused as exc:
-            self._refuse(entry, str(exc))
-            return
-        self.outbox.done(entry)
-        self.delivered += 1
+    def deliver(self, entries: list[Path]) -> None:
+        readable, batches = [], []
+        for entry in entries:
+            try:
+                batches.append(self.outbox.read(entry))
+                readable.append(entry)
+            except Exception as exc:  # noqa: BLE001 - a damaged entry is kept aside; the others go on
+                self._refuse(entry, f"unreadable: {type(exc).__name__}: {exc}")
+        outcomes = self.destination.send_batches(batches) if batches else []
+        for entry, refusal in zip(readable, outcomes, strict=True):
+            if refusal is not None:
+                self._refuse(entry, str(refusal))
+                continue
+            self.outbox.done(entry)
+            self.delivered += 1
+            if self.on_delivered:
+                self.on_delivered(entry.name)
         if self.last_error is not None:
             log.info("%s is back: results delivered again", self.destination)
             self.last_error = None
-        if self.on_delivered:
-            self.on_delivered(entry.name)
 
     def _refuse(self, entry: Path, reason: str) -> None:
         log.error("results %s kept in %s: %s", entry.name, self.outbox.folder / REFUSED_DIR, reason)
