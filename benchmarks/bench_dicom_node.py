@@ -129,6 +129,10 @@ def check_nothing_lost(paths: list[Path], data_dir: Path, orthanc: Orthanc) -> d
     """Every sent instance: results in Orthanc once (scored), or a row with a reason; no result stored twice."""
     from pydicom import dcmread
 
+    deadline = time.monotonic() + 30  # the node records a delivery after the PACS answered: give it that moment
+    while time.monotonic() < deadline and any(r["outcome"] == "scored" and not r["delivered_at"] for r in audit_rows(data_dir)):
+        time.sleep(0.2)
+
     rows = {row["sop_instance_sha256"]: row for row in audit_rows(data_dir)}
     lost, results_missing, twice = 0, 0, 0
     outcomes: dict[str, int] = {}

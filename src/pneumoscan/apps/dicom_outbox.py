@@ -65,8 +65,11 @@ class CStoreDestination:
 
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        for context in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
-            ae.add_requested_context(context)
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+
+        ae.add_requested_context(ComprehensiveSRStorage)
+        ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGBaseline8Bit])
+        ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         association = ae.associate(self.host, self.port, ae_title=self.ae_title)
         if not association.is_established:
             raise DeliveryError(f"{self} did not accept an association")
@@ -204,7 +207,7 @@ class Sender(threading.Thread):
     """Empties the outbox into the destination, oldest first; waits and retries while the destination is away."""
 
     def __init__(self, outbox: Outbox, destination: Destination, *, on_delivered: Callable[[str], None] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None, retry_max_seconds: float = 60.0):  # fmt: skip
+                 on_refused: Callable[[str, str], None] | None = None, retry_max_seconds: float = 30.0):  # fmt: skip
         super().__init__(name="pneumoscan-sender", daemon=True)
         self.outbox, self.destination = outbox, destination
         self.on_delivered, self.on_refused = on_delivered, on_refused

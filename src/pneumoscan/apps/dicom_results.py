@@ -11,7 +11,9 @@ source image, and both objects live in the source's study (same Study Instance U
 patient module copied), each in a series of its own.
 
 The Secondary Capture is the X-ray with the heat map overlaid, with a burnt-in banner and
-headers (Series Description, Image Comments) saying it is not for diagnostic use.
+headers (Series Description, Image Comments) saying it is not for diagnostic use. It is
+JPEG baseline (lossy, flagged so): a 1024² overlay is ~0.2 MB instead of 3.3 MB, which is
+what a PACS spends its time storing (see benchmarks/dicom_node_results.md).
 
 UIDs are derived from the source SOP Instance UID and the model's sha256, so building the
 results of the same instance with the same model again gives the same UIDs: a PACS that
@@ -27,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
 
 from pneumoscan.running.explanation import overlay
 
@@ -180,7 +182,7 @@ def heatmap_capture(source: Dataset, image: Image.Image, heatmap: np.ndarray, pr
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
-        photometric_interpretation="RGB",
+        photometric_interpretation="YBR_FULL_422",  # JPEG baseline: a picture, not pixels to measure on
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=derived_uid(source.SeriesInstanceUID, model, "heat map series"),
@@ -189,11 +191,13 @@ def heatmap_capture(source: Dataset, image: Image.Image, heatmap: np.ndarray, pr
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=patient_orientation(source),
+        transfer_syntax_uid=JPEGBaseline8Bit,
     )
     capture.SeriesDescription = f"pneumoscan heat map - {NOT_FOR_DIAGNOSTIC_USE}"[:64]
     capture.ImageComments = f"{NOT_FOR_DIAGNOSTIC_USE}: where {model.name} looked; the finding is in the structured report"
     capture.BodyPartExamined = "CHEST"  # an unpaired body part: Laterality (Type 2C) stays absent
     capture.BurnedInAnnotation = "YES"
+    capture.LossyImageCompression, capture.LossyImageCompressionMethod = "01", "ISO_10918_1"
     capture.ConversionType = "WSD"
     capture.DerivationDescription = f"heat map of {model.name} {model.version} overlaid on the source image"
     reference = Dataset()

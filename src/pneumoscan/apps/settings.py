@@ -86,7 +86,7 @@ class DicomNodeSettings(ApplicationSettings):
     workers: int = Field(2, ge=1)  # instances scored at once; one per core
     threads: int = Field(1, ge=1)  # ONNX Runtime threads per instance: workers run side by side instead
     max_associations: int = Field(10, ge=1)
-    retry_max_seconds: float = Field(60.0, gt=0)  # the longest pause between two tries of a destination that is away
+    retry_max_seconds: float = Field(30.0, gt=0)  # the longest pause between two tries of a destination that is away
     # DICOM has no passwords: listening beyond loopback for any AE title is refused unless this says it is meant.
     unsafe_allow_any_calling_ae: bool = False
 
