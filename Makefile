@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/pneumoscan serve --host 127.0.0.1 --port 8000
 
-## test: set up and run the test suite (the browser test needs Debian's chromium: apt-get install chromium)
+## test: set up and run the test suite (Debian packages the tests start: apt-get install chromium orthanc orthanc-dicomweb dcmtk dicom3tools)
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
