@@ -34,13 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from dicom_factory import radiograph_dataset  # noqa: E402
-from pacs import Orthanc, free_port  # noqa: E402
+from bench_device import adult_data_root as default_adult_data_root
+from dicom_factory import radiograph_dataset
+from pacs import Orthanc, free_port
 
-from pneumoscan.apps.dicom_node import uid_digest  # noqa: E402
-from bench_device import adult_data_root as default_adult_data_root  # noqa: E402
-from pneumoscan.config import default_data_root  # noqa: E402
-from pneumoscan.learning.data import dataset_split, list_records  # noqa: E402
+from pneumoscan.apps.dicom_node import uid_digest
+from pneumoscan.config import default_data_root
+from pneumoscan.learning.data import dataset_split, list_records
 
 ASSOCIATIONS = 4
 SIZE = 1024

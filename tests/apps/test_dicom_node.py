@@ -300,6 +300,19 @@ def test_results_already_stored_and_sent_again_are_kept_once(orthanc, films, pre
     assert sorted(i["Modality"] for i in orthanc.instances_of_study(study.StudyInstanceUID)) == ["OT", "SR"]
 
 
+def test_the_node_can_send_results_by_stow_rs(orthanc, films, predictor, tmp_path) -> None:
+    node = start_node(tmp_path, predictor, destination=orthanc.dicomweb)
+    study = radiograph_dataset(films[10], size=512, modality="CR")
+    try:
+        assert send(node.port, [study]) == [0]
+        settle(node)
+    finally:
+        node.stop()
+    assert str(node.destination).endswith("(STOW-RS)")
+    assert sorted(i["Modality"] for i in orthanc.instances_of_study(study.StudyInstanceUID)) == ["OT", "SR"]
+    assert node.audit.instances()[0]["delivered_at"] is not None
+
+
 def test_instances_left_in_the_spool_by_a_crash_are_scored_at_the_next_start(films, predictor, tmp_path) -> None:
     spool = tmp_path / "node" / "dicom" / "incoming"
     spool.mkdir(parents=True)

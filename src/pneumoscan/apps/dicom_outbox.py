@@ -256,10 +256,10 @@ class Sender(threading.Thread):
             if refusal is not None:
                 self._refuse(entry, str(refusal))
                 continue
+            if self.on_delivered:  # recorded first: a crash in between re-sends the entry, which the PACS keeps once
+                self.on_delivered(entry.name)
             self.outbox.done(entry)
             self.delivered += 1
-            if self.on_delivered:
-                self.on_delivered(entry.name)
         if self.last_error is not None:
             log.info("%s is back: results delivered again", self.destination)
             self.last_error = None
