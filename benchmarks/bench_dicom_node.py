@@ -21,9 +21,9 @@ written as Digital X-Ray DICOMs into a temporary folder (never into the reposito
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,7 @@ from bench_device import adult_data_root as default_adult_data_root
 from dicom_factory import radiograph_dataset
 from pacs import Orthanc, free_port
 
+from pneumoscan.apps.audit import AuditLog, connect
 from pneumoscan.apps.dicom_node import uid_digest
 from pneumoscan.config import default_data_root
 from pneumoscan.learning.data import dataset_split, list_records
@@ -120,10 +121,13 @@ def wait_for(orthanc: Orthanc, count: int, timeout: float) -> float:
     raise RuntimeError(f"Orthanc holds {orthanc.get('/statistics')['CountInstances']} of {count} instances after {timeout} s")  # type: ignore[index]
 
 
+@functools.lru_cache(maxsize=8)
+def audit_of(data_dir: Path) -> AuditLog:
+    return AuditLog(connect(f"sqlite:///{(data_dir / 'pneumoscan.db').as_posix()}"))
+
+
 def audit_rows(data_dir: Path) -> list[dict]:
-    with sqlite3.connect(data_dir / "pneumoscan.db") as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("select * from dicom_instances")]
+    return audit_of(data_dir).instances()
 
 
 def check_nothing_lost(paths: list[Path], data_dir: Path, orthanc: Orthanc) -> dict:

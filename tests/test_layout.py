@@ -40,7 +40,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_every_module_lives_in_a_subpackage_of_its_layer() -> None:
     top_level = {name for name in import_graph() if name.count(".") == 1}
-    assert top_level <= {"pneumoscan.config", "pneumoscan.errors", "pneumoscan.checksums", "pneumoscan.__main__",
+    assert top_level <= {"pneumoscan.config", "pneumoscan.errors", "pneumoscan.files", "pneumoscan.__main__",
                          "pneumoscan.inputs", "pneumoscan.running", "pneumoscan.learning", "pneumoscan.apps"}, top_level
 
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from test_server import live_server
 
-from pneumoscan.checksums import sha256_file
+from pneumoscan.files import sha256_file
 from pneumoscan.config import PROJECT_ROOT
 from pneumoscan.learning.data import list_records
 from pneumoscan.running.inference import Predictor

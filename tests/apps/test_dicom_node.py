@@ -120,7 +120,7 @@ def test_results_are_valid_dicom_in_the_source_study_and_say_what_the_model_said
     buffer = io.BytesIO()
     source.save_as(buffer, enforce_file_format=True)
     loaded = load_xray(buffer.getvalue())
-    prediction = predictor.predict_tensors(predictor.preprocess(loaded.image)[None], heatmap=True, ages=[6])[0]
+    prediction = predictor.predict_loaded(loaded, heatmap=True)  # PatientAge 006Y routes it to children
     model = ModelIdentity.of_predictor(predictor)
     report, capture = build_results(source, loaded.image, prediction, model)
     for obj in (report, capture):
@@ -152,7 +152,7 @@ def test_an_image_the_gate_flags_gets_no_verdict(predictor, tmp_path) -> None:
     buffer = io.BytesIO()
     photo.save_as(buffer, enforce_file_format=True)
     loaded = load_xray(buffer.getvalue())
-    prediction = predictor.predict_tensors(predictor.preprocess(loaded.image)[None], heatmap=True)[0]
+    prediction = predictor.predict_loaded(loaded, heatmap=True)
     assert prediction.in_distribution is False
     report, capture = build_results(photo, loaded.image, prediction, ModelIdentity.of_predictor(predictor))
     values = sr_values(report)

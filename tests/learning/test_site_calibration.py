@@ -12,7 +12,7 @@ from conftest import site_folder
 
 from pneumoscan.apps import cli
 from pneumoscan.apps.predict import format_records, predict_files
-from pneumoscan.checksums import sha256_file
+from pneumoscan.files import sha256_file
 from pneumoscan.config import PROJECT_ROOT
 from pneumoscan.errors import TooFewSiteCases
 from pneumoscan.learning.data import (

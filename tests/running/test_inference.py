@@ -21,7 +21,7 @@ def predictor(shipped_model: Path) -> Predictor:
 
 
 def test_shipped_onnx_file_matches_its_card(shipped_model: Path) -> None:
-    from pneumoscan.checksums import sha256_file
+    from pneumoscan.files import sha256_file
 
     card = read_card(shipped_model)
     assert sha256_file(shipped_model / card["onnx"]["file"]) == card["onnx"]["sha256"]

@@ -572,14 +572,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pneumoscan.apps.server import ServiceSettings, serve
+    from pneumoscan.apps.server import serve
+    from pneumoscan.apps.settings import ServiceSettings, settings_from
 
-    overrides = {
-        "host": args.host, "port": args.port, "model_dir": args.model, "data_dir": args.data_dir,
-        "database_url": args.database_url, "precision": "int8" if args.int8 else None,
-        "unsafe_allow_unauthenticated_network_access": args.unsafe_allow_unauthenticated_network_access or None,
-    }  # fmt: skip
-    serve(ServiceSettings(**{k: v for k, v in overrides.items() if v is not None}))
+    serve(settings_from(ServiceSettings, host=args.host, port=args.port, model_dir=args.model, data_dir=args.data_dir,
+                        database_url=args.database_url, precision="int8" if args.int8 else None,
+                        unsafe_allow_unauthenticated_network_access=args.unsafe_allow_unauthenticated_network_access or None))
     return 0
 
 
@@ -613,25 +611,17 @@ def run_dicom_node(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from pydantic import ValidationError
-
     from pneumoscan.apps.dicom_node import run_node
-    from pneumoscan.apps.settings import DicomNodeSettings
+    from pneumoscan.apps.settings import DicomNodeSettings, settings_from
 
-    overrides = {
-        "ae_title": args.ae_title, "dicom_host": args.host, "dicom_port": args.port, "allowed_calling_aes": args.allow_ae,
-        "destination": args.destination, "model_dir": args.model, "data_dir": args.data_dir,
-        "database_url": args.database_url, "precision": "int8" if args.int8 else None, "workers": args.workers,
-    }  # fmt: skip
-    try:
-        settings = DicomNodeSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigurationError(f"the DICOM node's settings are not valid: {problems}") from None
+    settings = settings_from(DicomNodeSettings, ae_title=args.ae_title, dicom_host=args.host, dicom_port=args.port,
+                             allowed_calling_aes=args.allow_ae, destination=args.destination, model_dir=args.model,
+                             data_dir=args.data_dir, database_url=args.database_url,
+                             precision="int8" if args.int8 else None, workers=args.workers)  # fmt: skip
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    run_node(settings, stop=stop)
+    run_node(settings, stop)
     return 0
 
 

@@ -33,11 +33,11 @@ from pneumoscan.apps.dicom_outbox import (
     Outbox,
     Sender,
     parse_destination,
-    write_atomically,
 )
 from pneumoscan.apps.dicom_results import ModelIdentity, build_results
 from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
+from pneumoscan.files import write_atomically
 from pneumoscan.inputs.imaging import Limits, load_xray
 from pneumoscan.running.inference import Predictor
 
@@ -156,7 +156,7 @@ class DicomNode:
             data = event.encoded_dataset(include_meta=True)
             sidecar = {"calling_ae": str(event.assoc.requestor.ae_title).strip(), "received_at": now().isoformat()}
             (self.spool / f"{name}.json").write_text(json.dumps(sidecar))
-            write_atomically(self.spool / f"{name}.dcm", lambda path: path.write_bytes(data))
+            write_atomically(self.spool / f"{name}.dcm", data)
         except OSError as exc:
             log.error("an instance could not be kept (%s): the sender is asked to retry", exc.strerror or type(exc).__name__)
             (self.spool / f"{name}.json").unlink(missing_ok=True)
@@ -249,8 +249,7 @@ class DicomNode:
             source = dcmread(io.BytesIO(data), stop_before_pixels=True)
         except Exception as exc:
             raise InputError(f"its header cannot be read again ({type(exc).__name__})") from exc
-        tensor = self.predictor.preprocess(loaded.image)
-        prediction = self.predictor.predict_tensors(tensor[None], heatmap=True, ages=[loaded.age_years])[0]
+        prediction = self.predictor.predict_loaded(loaded, heatmap=True)
         return loaded, prediction, source
 
     # ------------------------------------------------------------------ delivery
@@ -291,7 +290,7 @@ def check_listening(settings: DicomNodeSettings) -> None:
     )
 
 
-def run_node(settings: DicomNodeSettings, ready: threading.Event | None = None, stop: threading.Event | None = None) -> DicomNode:
+def run_node(settings: DicomNodeSettings, stop: threading.Event) -> DicomNode:
     """Start a node and serve until ``stop`` is set (or SIGINT/SIGTERM when run from the command line)."""
     node = DicomNode(settings)
     node.start()
@@ -300,9 +299,7 @@ def run_node(settings: DicomNodeSettings, ready: threading.Event | None = None, 
     print(f"pneumoscan DICOM node {where}: model {node.model.name} ({node.predictor.precision}); results to {to}", flush=True)
     for population, entry in node.predictor.populations.items():
         print(f"  operating point for {population}: {entry.operating_point}, threshold {entry.threshold:.4f} ({entry.in_force})", flush=True)
-    if ready is not None:
-        ready.set()
-    (stop or threading.Event()).wait()
+    stop.wait()
     node.stop()
     print(f"pneumoscan DICOM node stopped: {node.summary()}", flush=True)
     return node

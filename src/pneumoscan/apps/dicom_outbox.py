@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from pneumoscan.errors import ConfigurationError, DeliveryError, DestinationRefused
+from pneumoscan.files import write_atomically
 
 log = logging.getLogger("pneumoscan.dicom")
 
@@ -65,7 +66,11 @@ class CStoreDestination:
 
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+        from pydicom.uid import (
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            JPEGBaseline8Bit,
+        )
 
         ae.add_requested_context(ComprehensiveSRStorage)
         ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGBaseline8Bit])
@@ -144,15 +149,6 @@ def parse_destination(text: str, calling_ae_title: str = "PNEUMOSCAN") -> Destin
     return CStoreDestination(match["aet"].strip(), match["host"].strip("[]"), int(match["port"]), calling_ae_title)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a temporary name, sync, rename: a crash leaves the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 class Outbox:
     """Result objects waiting on disk for their destination."""
 
@@ -171,8 +167,7 @@ class Outbox:
         target = self.folder / entry
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-        with self._changed:
-            self._changed.notify_all()
+        self.wake()
         return target
 
     def pending(self) -> list[Path]:
@@ -185,8 +180,13 @@ class Outbox:
         return sorted(folder.iterdir()) if folder.is_dir() else []
 
     def wait(self, timeout: float) -> None:
+        """Until something is put (or :meth:`wake` is called), at most ``timeout`` seconds."""
         with self._changed:
             self._changed.wait(timeout)
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
     @staticmethod
     def read(entry: Path) -> list[Dataset]:

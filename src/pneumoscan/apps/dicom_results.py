@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
@@ -92,9 +93,7 @@ def finding_value(prediction) -> Code:  # type: ignore[no-untyped-def]
     return codes.SCT.Present if prediction.label == "PNEUMONIA" else codes.SCT.Absent
 
 
-def algorithm_of(model: ModelIdentity, prediction) -> hd.sr.AlgorithmIdentification:  # type: ignore[name-defined]  # noqa: F821
-    import highdicom as hd
-
+def algorithm_of(model: ModelIdentity, prediction) -> hd.sr.AlgorithmIdentification:  # type: ignore[name-defined]
     parameters = [
         f"model sha256 {model.sha256}",
         f"operating point {prediction.operating_point} ({prediction.operating_point_source})",
@@ -105,8 +104,6 @@ def algorithm_of(model: ModelIdentity, prediction) -> hd.sr.AlgorithmIdentificat
 
 def structured_report(source: Dataset, prediction, model: ModelIdentity) -> Dataset:  # type: ignore[no-untyped-def]
     """The TID 1500 Measurement Report of one scored image, in the source's study."""
-    import highdicom as hd
-
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -171,14 +168,11 @@ def banner(picture: Image.Image, text: str) -> Image.Image:
     return canvas
 
 
-def heatmap_capture(source: Dataset, image: Image.Image, heatmap: np.ndarray, prediction,  # type: ignore[no-untyped-def]
-                    model: ModelIdentity) -> Dataset:
+def heatmap_capture(source: Dataset, image: Image.Image, prediction, model: ModelIdentity) -> Dataset:  # type: ignore[no-untyped-def]
     """The heat-map overlay as a Secondary Capture in the source's study, labelled not for diagnostic use."""
-    import highdicom as hd
-
     verdict = "not validated for this image" if not prediction.validated else prediction.label.lower()
     text = f"{NOT_FOR_DIAGNOSTIC_USE} - pneumoscan heat map - p={prediction.probability:.2f} ({verdict})"
-    pixels = np.asarray(banner(overlay(image, heatmap), text), dtype=np.uint8)
+    pixels = np.asarray(banner(overlay(image, prediction.heatmap), text), dtype=np.uint8)
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
@@ -217,5 +211,4 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
 
 def build_results(source: Dataset, image: Image.Image, prediction, model: ModelIdentity) -> Results:  # type: ignore[no-untyped-def]
     """Both result objects of one scored instance (the prediction must carry its heat map)."""
-    return Results(structured_report(source, prediction, model),
-                   heatmap_capture(source, image, prediction.heatmap, prediction, model))
+    return Results(structured_report(source, prediction, model), heatmap_capture(source, image, prediction, model))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pneumoscan.apps.dicom_outbox import StowDestination, write_atomically
+from pneumoscan.apps.dicom_outbox import StowDestination
 from pneumoscan.apps.dicom_results import ModelIdentity, build_results
 from pneumoscan.errors import (
     ConfigurationError,
@@ -30,6 +30,7 @@ from pneumoscan.errors import (
     InputError,
     PacsUnavailable,
 )
+from pneumoscan.files import write_atomically
 from pneumoscan.inputs.imaging import load_xray
 from pneumoscan.running.inference import Predictor
 
@@ -135,8 +136,7 @@ def store_results(url: str, out: Path, rows: Sequence, predictor: Predictor, pro
         try:
             data = Path(row.path).read_bytes()
             loaded = load_xray(data, predictor.limits)
-            prediction = predictor.predict_tensors(predictor.preprocess(loaded.image)[None], heatmap=True,
-                                                   ages=[loaded.age_years])[0]  # fmt: skip
+            prediction = predictor.predict_loaded(loaded, heatmap=True)
             results = build_results(dcmread(row.path, stop_before_pixels=True), loaded.image, prediction, model)
             destination.send(list(results))
         except (DeliveryError, DestinationRefused, InputError, OSError) as exc:
@@ -144,6 +144,6 @@ def store_results(url: str, out: Path, rows: Sequence, predictor: Predictor, pro
             counts["failed"] += 1
             continue
         ledger[key] = str(results.report.SOPInstanceUID)
-        write_atomically(folder / LEDGER, lambda p: p.write_text(json.dumps(ledger, indent=1) + "\n"))
+        write_atomically(folder / LEDGER, json.dumps(ledger, indent=1) + "\n")
         counts["stored"] += 1
     return counts

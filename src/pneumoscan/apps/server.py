@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import io
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -47,6 +46,7 @@ from pneumoscan.apps.audit import AuditLog, connect, prediction_row
 from pneumoscan.apps.device import MODEL_ROUTE, device_settings, gate_bytes
 from pneumoscan.apps.settings import ServiceSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
+from pneumoscan.files import write_atomically
 from pneumoscan.inputs.imaging import HEAD_BYTES, Limits, check_head, load_xray
 from pneumoscan.running.drift import (
     DriftMonitor,
@@ -332,9 +332,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
 
     def score(data: bytes) -> tuple[object, object, str]:
         loaded = load_xray(data, limits)
-        tensor = predictor.preprocess(loaded.image)
-        prediction = predictor.predict_tensors(tensor[None], heatmap=True, ages=[loaded.age_years])[0]
-        return loaded, prediction, loaded.format
+        return loaded, predictor.predict_loaded(loaded, heatmap=True), loaded.format
 
     @app.post(f"{API}/predictions", status_code=201, response_model=PredictionBody,
               responses=documented(*API_ERRORS, 413, 415, 422))  # fmt: skip
@@ -516,19 +514,9 @@ def answered_by(predictor: Predictor, row: dict) -> bool:
 
 
 def keep_upload(folder: Path, name: str, data: bytes) -> Path:
-    """Written whole or not at all: a temporary file, flushed to disk, then renamed; a failed write leaves nothing."""
+    """Written whole or not at all: a failed write leaves nothing."""
     folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-")
-    try:
-        with os.fdopen(handle, "wb") as output:
-            output.write(data)
-            output.flush()
-            os.fsync(output.fileno())
-        os.replace(temporary, folder / name)
-        return folder / name
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    return write_atomically(folder / name, data)
 
 
 def disk_short_of_room(settings: ServiceSettings) -> str | None:

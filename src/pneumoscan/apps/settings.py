@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
@@ -34,6 +34,9 @@ class ApplicationSettings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'pneumoscan.db').as_posix()}"
+
+
+S = TypeVar("S", bound=ApplicationSettings)
 
 
 class ServiceSettings(ApplicationSettings):
@@ -103,6 +106,15 @@ class DicomNodeSettings(ApplicationSettings):
         if not value.strip() or "\\" in value or not value.isprintable():
             raise ValueError("an AE title is 1 to 16 printable characters, without backslash")
         return value.strip()
+
+
+def settings_from(kind: type[S], **flags: object) -> S:
+    """Settings from ``PNEUMOSCAN_*`` and the flags given (None: not given); a bad value is a ConfigurationError."""
+    try:
+        return kind(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"the settings are not valid: {problems}") from None
 
 
 def is_loopback(host: str) -> bool:

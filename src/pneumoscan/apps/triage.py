@@ -42,6 +42,7 @@ from pneumoscan.apps.predict import (
 )
 from pneumoscan.apps.report import render_report
 from pneumoscan.errors import ConfigurationError, NotARadiograph, UnsupportedFormat
+from pneumoscan.files import write_atomically
 from pneumoscan.inputs.imaging import load_xray
 from pneumoscan.inputs.preprocessing import preprocess
 from pneumoscan.running.drift import Observation, drift_figures
@@ -271,14 +272,8 @@ def write_worklist(folder: Path, rows: list[Row]) -> Path:
         for name in TEXT_COLUMNS:
             values[name] = None if values[name] is None else spreadsheet_safe(str(values[name]))
         writer.writerow({k: "" if v is None else v for k, v in values.items()})
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
     return path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------- running
@@ -338,7 +333,7 @@ def triage(
     write_worklist(out, ordered)
     summary = summarise(ordered, predictor_description(predictor), timings, shard=shard,
                         resumed=len(files) - len(pending), inputs=len(files))  # fmt: skip
-    _write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if report:
         write_report(out, ordered, summary)
     return summary
@@ -486,7 +481,7 @@ def merge(folders: Sequence[Path], out: Path, report: bool = True) -> dict:
     write_worklist(out, ordered)
     summary = summarise(ordered, models[0] if models else {}, timings)
     summary["merged_from"] = [Path(f).as_posix() for f in folders]
-    _write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if report:
         write_report(out, ordered, summary)
     return summary
@@ -502,7 +497,7 @@ def _model_identity(model: dict) -> tuple:
 def write_report(out: Path, rows: list[Row], summary: dict) -> Path:
     """``report.html``; the page's code lives in :mod:`pneumoscan.apps.report`."""
     path = Path(out) / REPORT_FILE
-    _write_atomically(path, render_report(rows, summary, Path(out) / THUMBNAIL_DIR))
+    write_atomically(path, render_report(rows, summary, Path(out) / THUMBNAIL_DIR))
     return path
 
 

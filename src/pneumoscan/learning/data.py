@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pneumoscan.checksums import sha256_file
+from pneumoscan.files import sha256_file
 from pneumoscan.config import (
     CLASS_NAMES,
     IMAGE_SUFFIXES,

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 import pneumoscan
-from pneumoscan.checksums import sha256_file
+from pneumoscan.files import sha256_file
 from pneumoscan.config import (
     CLASS_NAMES,
     IMAGENET_MEAN,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscan.checksums import sha256_file
+from pneumoscan.files import sha256_file
 from pneumoscan.config import CLASS_NAMES, portable_path
 from pneumoscan.errors import ConfigurationError, InputError, TooFewSiteCases
 from pneumoscan.learning.data import (

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pneumoscan.checksums import sha256_file
+from pneumoscan.files import sha256_file
 from pneumoscan.config import (
     CLASS_NAMES,
     DEFAULT_MODEL_DIR,
@@ -30,7 +30,7 @@ from pneumoscan.errors import (
     ModelIntegrityError,
     ModelNotFoundError,
 )
-from pneumoscan.inputs.imaging import Limits, load_xray
+from pneumoscan.inputs.imaging import Limits, LoadedImage, load_xray
 from pneumoscan.inputs.preprocessing import preprocess
 from pneumoscan.running.calibration import calibrated_probability
 from pneumoscan.running.ood import WARNING as OOD_WARNING
@@ -318,6 +318,10 @@ class Predictor:
             loaded = load_xray(source, self.limits)
             return loaded.image, loaded.age_years
         return to_grayscale_image(source, self.limits), None
+
+    def predict_loaded(self, loaded: LoadedImage, heatmap: bool = False) -> Prediction:
+        """One image as :func:`~pneumoscan.inputs.imaging.load_xray` read it; its DICOM PatientAge routes it."""
+        return self.predict_tensors(self.preprocess(loaded.image)[None], heatmap, ages=[loaded.age_years])[0]
 
     def predict_tensors(
         self, batch: np.ndarray, heatmap: bool = False, ages: Sequence[float | None] | None = None
