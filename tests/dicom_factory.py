@@ -343,3 +343,36 @@ def radiograph_dicom(source: Path, **options: object) -> bytes:
     buffer = io.BytesIO()
     radiograph_dataset(source, **options).save_as(buffer, enforce_file_format=True)  # type: ignore[arg-type]
     return buffer.getvalue()
+
+
+def large_dicom(width: int, height: int, transfer_syntax: str | None = None, bits_stored: int = 12) -> bytes:
+    """An honest 16-bit DX of ``width``×``height`` pixels (a smooth ramp, so it compresses to a small file).
+
+    What a modality with a large detector sends: no bomb, its codestream declares what its header says.
+    The ramp rises down the rows from 0 to the top stored value, its slope varying across the columns.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.PatientName, ds.PatientID = "Large^Detector", "PID-LARGE"
+    ds.Rows, ds.Columns = height, width
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    top = 2**bits_stored - 1
+    rows = np.linspace(0, top, height, dtype=np.float32)[:, None]
+    slope = np.linspace(0.5, 1.0, width, dtype=np.float32)[None, :]
+    ds.PixelData = (rows * slope).astype(np.uint16).tobytes()
+    if transfer_syntax:
+        ds.compress(transfer_syntax)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

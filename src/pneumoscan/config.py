@@ -39,7 +39,8 @@ MORPHOLOGY_KERNEL = 5
 
 #: Inputs above these are refused before decoding (decompression bombs, wrong files).
 MAX_INPUT_BYTES = 64 * 1024 * 1024
-MAX_INPUT_PIXELS = 40_000_000  # 6000×6000 plus margin; a chest radiograph is about 3000×3000
+MAX_INPUT_PIXELS = 30_000_000  # 5477² ; the largest chest detectors (43 cm at 100 µm) give 4300² = 18.5 M
+#: ... and decoding one at the limit costs at most ~6 bytes a pixel (JPEG 2000: OpenJPEG holds 32-bit planes), 180 MB.
 
 DATA_ENV_VAR = "PNEUMOSCAN_DATA"
 #: The project root: ``src/pneumoscan/config.py`` -> three levels up.

@@ -38,6 +38,9 @@ MANUFACTURER = "pneumoscan"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+#: The heat-map picture's longest side: a picture to look at, not pixels to measure on. A 30 M-pixel film drawn whole in
+#: RGB (with its banner, its array and its JPEG) would cost the node ~500 MB; at 2048 px it costs ~40 MB.
+SC_MAX_SIDE = 2048
 
 #: SNOMED CT and DICOM codes; pneumoscan's own concepts use a private scheme (99 prefix, PS3.16 8.2).
 PRIVATE_SCHEME = "99PNEUMOSCAN"
@@ -172,7 +175,9 @@ def heatmap_capture(source: Dataset, image: Image.Image, prediction, model: Mode
     """The heat-map overlay as a Secondary Capture in the source's study, labelled not for diagnostic use."""
     verdict = "not validated for this image" if not prediction.validated else prediction.label.lower()
     text = f"{NOT_FOR_DIAGNOSTIC_USE} - pneumoscan heat map - p={prediction.probability:.2f} ({verdict})"
-    pixels = np.asarray(banner(overlay(image, prediction.heatmap), text), dtype=np.uint8)
+    picture = image.copy() if max(image.size) > SC_MAX_SIDE else image
+    picture.thumbnail((SC_MAX_SIDE, SC_MAX_SIDE))
+    pixels = np.asarray(banner(overlay(picture, prediction.heatmap), text), dtype=np.uint8)
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
