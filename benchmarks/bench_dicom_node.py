@@ -39,7 +39,7 @@ from dicom_factory import radiograph_dataset
 from pacs import Orthanc, free_port
 
 from pneumoscan.apps.audit import AuditLog, connect
-from pneumoscan.apps.dicom_node import uid_digest
+from pneumoscan.apps.dicom.node import uid_digest
 from pneumoscan.config import default_data_root
 from pneumoscan.learning.data import dataset_split, list_records
 

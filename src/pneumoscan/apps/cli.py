@@ -509,7 +509,7 @@ def run_triage(args: argparse.Namespace) -> int:
                      report=not args.no_report)  # fmt: skip
     print_triage_summary(summary, args.out, not args.no_report)
     if args.store_results:
-        from pneumoscan.apps.dicomweb_pull import store_results
+        from pneumoscan.apps.dicom.pull import store_results
         from pneumoscan.apps.triage import read_worklist
 
         counts = store_results(args.dicomweb, args.out, read_worklist(args.out), predictor)
@@ -521,7 +521,7 @@ def run_triage(args: argparse.Namespace) -> int:
 
 
 def pull_from_pacs(args: argparse.Namespace) -> list[str]:
-    from pneumoscan.apps.dicomweb_pull import PULL_DIR, parse_since, pull
+    from pneumoscan.apps.dicom.pull import PULL_DIR, parse_since, pull
 
     if not args.since:
         raise ConfigurationError("--dicomweb needs --since DATE (YYYY-MM-DD): the first study date to fetch")
@@ -611,7 +611,7 @@ def run_dicom_node(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from pneumoscan.apps.dicom_node import run_node
+    from pneumoscan.apps.dicom.node import run_node
     from pneumoscan.apps.settings import DicomNodeSettings, settings_from
 
     settings = settings_from(DicomNodeSettings, ae_title=args.ae_title, dicom_host=args.host, dicom_port=args.port,

@@ -21,9 +21,9 @@ from pacs import INSTALL_HINT, Orthanc, available, free_port
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 
-from pneumoscan.apps.dicom_node import DUPLICATE, REFUSED, SCORED, DicomNode, check_listening
-from pneumoscan.apps.dicom_outbox import CStoreDestination, StowDestination, parse_destination
-from pneumoscan.apps.dicom_results import INDETERMINATE, NOT_FOR_DIAGNOSTIC_USE, PNEUMONIA, ModelIdentity, build_results
+from pneumoscan.apps.dicom.node import DUPLICATE, REFUSED, SCORED, DicomNode, check_listening
+from pneumoscan.apps.dicom.outbox import CStoreDestination, StowDestination, parse_destination
+from pneumoscan.apps.dicom.results import INDETERMINATE, NOT_FOR_DIAGNOSTIC_USE, PNEUMONIA, ModelIdentity, build_results
 from pneumoscan.apps.settings import DicomNodeSettings
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.inputs.imaging import load_xray

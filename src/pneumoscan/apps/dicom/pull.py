@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pneumoscan.apps.dicom_outbox import StowDestination
-from pneumoscan.apps.dicom_results import ModelIdentity, build_results
+from pneumoscan.apps.dicom.outbox import StowDestination
+from pneumoscan.apps.dicom.results import ModelIdentity, build_results
 from pneumoscan.errors import (
     ConfigurationError,
     DeliveryError,

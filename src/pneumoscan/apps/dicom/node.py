@@ -9,7 +9,7 @@ model as an upload (:func:`pneumoscan.inputs.imaging.load_xray`,
 (``dicom_instances``): *scored* (with its ``predictions`` row, as an upload's), *refused*
 (CT, lateral, not a chest, undecodable: the loader's reason, and no result object), or
 *duplicate* (that SOP Instance UID was already answered by this model). Results go to the
-outbox (:mod:`pneumoscan.apps.dicom_outbox`) and on to the destination.
+outbox (:mod:`pneumoscan.apps.dicom.outbox`) and on to the destination.
 
 The audit log keeps no patient field, as for uploads: the SOP Instance UID is stored as
 its sha256, which is enough to find duplicates and to look a study up by its UID.
@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row
-from pneumoscan.apps.dicom_outbox import (
+from pneumoscan.apps.dicom.outbox import (
     Destination,
     Outbox,
     Sender,
     parse_destination,
 )
-from pneumoscan.apps.dicom_results import ModelIdentity, build_results
+from pneumoscan.apps.dicom.results import ModelIdentity, build_results
 from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.files import write_atomically

@@ -5,7 +5,7 @@ destination said it stored them, so a PACS that is down, restarted or slow loses
 the sender retries with a growing pause (up to ``retry_max_seconds``), in the order the
 results were made, and the node goes on receiving and scoring meanwhile. A retry after a
 lost answer sends the same objects with the same SOP Instance UIDs (see
-:mod:`pneumoscan.apps.dicom_results`), which a PACS stores once.
+:mod:`pneumoscan.apps.dicom.results`), which a PACS stores once.
 
 Layout: ``outbox/<entry>/{report,heatmap}.dcm``, each entry made in a temporary folder and
 renamed into place whole; ``outbox/refused/<entry>/`` keeps what the destination refused
