@@ -42,3 +42,17 @@ def write_atomically(path: Path, content: bytes | str | Callable[[Path], None]) 
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def move_atomically(source: Path, target: Path) -> Path:
+    """A file already written (e.g. received from the network) made durable under its final name: synced, renamed
+    (on the same file system), and the folder synced, so that the rename survives a power loss too."""
+    with open(source, "rb") as written:
+        os.fsync(written.fileno())
+    os.replace(source, target)
+    folder = os.open(Path(target).parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return Path(target)

@@ -63,6 +63,7 @@ dicom_instances = Table(
     Column("id", String(32), primary_key=True),
     Column("received_at", DateTime(timezone=True), nullable=False, index=True),
     Column("sop_instance_sha256", String(64), nullable=False),  # sha256 of the SOP Instance UID, never the UID
+    Column("pixels_sha256", String(64), nullable=True),  # sha256 of the decoded image: the same UID, another image (0005)
     Column("sop_class_uid", String(64), nullable=False),  # what kind of object (CT, DX, ...): no patient field
     Column("calling_ae", String(16), nullable=False),
     Column("model_sha256", String(64), nullable=False),
@@ -134,12 +135,16 @@ class AuditLog:
                 connection.execute(insert(predictions).values(**prediction))
             connection.execute(insert(dicom_instances).values(**instance))
 
-    def answered_instance(self, sop_instance_sha256: str, model_sha256: str) -> dict | None:
-        """The first time this model scored or refused this instance; None if it never did."""
+    def scored_instance(self, sop_instance_sha256: str, pixels_sha256: str, model_sha256: str) -> dict | None:
+        """The first time this model scored this instance with these pixels; None if it never did.
+
+        Refusals are not answers: a refused copy never keeps a later instance with the same UID from being scored.
+        """
         query = (select(dicom_instances)
                  .where(and_(dicom_instances.c.sop_instance_sha256 == sop_instance_sha256,
+                             dicom_instances.c.pixels_sha256 == pixels_sha256,
                              dicom_instances.c.model_sha256 == model_sha256,
-                             dicom_instances.c.outcome != "duplicate"))
+                             dicom_instances.c.outcome == "scored"))
                  .order_by(dicom_instances.c.received_at).limit(1))  # fmt: skip
         with self.engine.connect() as connection:
             found = connection.execute(query).mappings().first()

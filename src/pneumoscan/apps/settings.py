@@ -88,7 +88,13 @@ class DicomNodeSettings(ApplicationSettings):
     destination: str | None = None  # AE_TITLE@host:port (C-STORE) or a DICOMweb URL (STOW-RS); none: results wait
     workers: int = Field(2, ge=1)  # instances scored at once; one per core
     threads: int = Field(1, ge=1)  # ONNX Runtime threads per instance: workers run side by side instead
-    max_associations: int = Field(10, ge=1)
+    # Association slots: more than the listed senders need, since one that never sends an A-ASSOCIATE-RQ holds one too
+    # (for association_request_timeout seconds); and at most max_connections_per_peer connections from one address.
+    max_associations: int = Field(32, ge=1)
+    max_connections_per_peer: int = Field(4, ge=1)
+    association_request_timeout: float = Field(5.0, gt=0)
+    # Per instance, the shared max_upload_bytes; per association, this (bytes of all its instances).
+    max_association_bytes: int = Field(4 * 2**30, ge=1)
     retry_max_seconds: float = Field(30.0, gt=0)  # the longest pause between two tries of a destination that is away
     # DICOM has no passwords: listening beyond loopback for any AE title is refused unless this says it is meant.
     unsafe_allow_any_calling_ae: bool = False

@@ -1,14 +1,17 @@
 """``pneumoscan dicom-node``: a DICOM Storage SCP that scores the X-rays a modality or a PACS sends it.
 
-Each received instance is first written whole to a spool folder on disk and only then
-acknowledged (C-STORE success), so an instance the sender was told is stored survives a
-crash of the node: at start, whatever is left in the spool is processed. Scoring workers
+Each received instance is written to disk as it arrives, a chunk at a time and within a byte
+limit (:mod:`pneumoscan.apps.dicom.receiving`), synced and moved whole into a spool folder, and
+only then acknowledged (C-STORE success), so an instance the sender was told is stored survives a
+crash of the node: at start, whatever is left in the spool is processed; an instance whose scoring
+failed for a reason of ours (the audit log away, a full disk) is tried again, with a growing pause. Scoring workers
 take instances from the spool; each goes through the same loader, gate, population and
 model as an upload (:func:`pneumoscan.inputs.imaging.load_xray`,
 :class:`pneumoscan.running.inference.Predictor`) and ends as exactly one audit row
 (``dicom_instances``): *scored* (with its ``predictions`` row, as an upload's), *refused*
 (CT, lateral, not a chest, undecodable: the loader's reason, and no result object), or
-*duplicate* (that SOP Instance UID was already answered by this model). Results go to the
+*duplicate* (this model already scored that SOP Instance UID with the same pixels). A refusal
+answers nothing: a later instance with the same UID is judged on its own. Results go to the
 outbox (:mod:`pneumoscan.apps.dicom.outbox`) and on to the destination.
 
 The audit log keeps no patient field, as for uploads: the SOP Instance UID is stored as
@@ -34,18 +37,22 @@ from pneumoscan.apps.dicom.outbox import (
     Sender,
     parse_destination,
 )
-from pneumoscan.apps.dicom.results import ModelIdentity, build_results
+from pneumoscan.apps.dicom.receiving import Receipts, guarded_server_class, receive_chunked_into
+from pneumoscan.apps.dicom.results import ModelIdentity, build_results, image_digest
 from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
-from pneumoscan.files import write_atomically
+from pneumoscan.files import move_atomically
 from pneumoscan.inputs.imaging import Limits, load_xray
 from pneumoscan.running.inference import Predictor
 
 log = logging.getLogger("pneumoscan.dicom")
 
 SCORED, REFUSED, DUPLICATE = "scored", "refused", "duplicate"
-#: DIMSE statuses of C-STORE (PS3.4 B.2.3): stored, and "out of resources" (the sender should try again later).
-SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
+#: DIMSE statuses of C-STORE (PS3.4 B.2.3): stored, "out of resources" (the sender should try again later), and a
+#: failure of the C000-CFFF range ("cannot understand"), which senders do not retry: the instance is over a limit.
+SUCCESS, OUT_OF_RESOURCES, OVER_LIMIT = 0x0000, 0xA700, 0xC001
+#: Pauses before scoring an instance again after a failure of ours (seconds; the last one repeats).
+RETRY_PAUSES = (1.0, 2.0, 5.0, 15.0, 30.0)
 
 
 @dataclass
@@ -91,7 +98,11 @@ class DicomNode:
         self.destination: Destination | None = (
             parse_destination(settings.destination, settings.ae_title) if settings.destination else None
         )
+        self.receipts = Receipts(folder / "receiving", settings.max_upload_bytes, settings.max_association_bytes)
         self.jobs: queue.Queue[Path | None] = queue.Queue()
+        self.failures: dict[Path, int] = {}  # instances whose scoring failed for a reason of ours: tries so far
+        self.retries: set[threading.Timer] = set()
+        self.stopping = threading.Event()
         self.counts = Counts()
         self.in_flight: set[str] = set()  # SOP digests being scored now: a copy arriving meanwhile waits its turn
         self.in_flight_lock = threading.Condition()
@@ -104,6 +115,7 @@ class DicomNode:
     def start(self) -> None:
         from pynetdicom import AE, evt
 
+        receive_chunked_into(self.receipts)
         for leftover in sorted(self.spool.glob("*.dcm")):  # received before a crash or a stop: nothing is lost
             self.jobs.put(leftover)
         for index in range(max(1, self.settings.workers)):
@@ -120,8 +132,14 @@ class DicomNode:
         if self.settings.allowed_calling_aes:
             ae.require_calling_aet = list(self.settings.allowed_calling_aes)
         ae.maximum_associations = self.settings.max_associations
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
-        self.server = ae.start_server((self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers)
+        ae.acse_timeout = self.settings.association_request_timeout  # a connection that never asks is closed after it
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                    (evt.EVT_CONN_CLOSE, lambda event: self.receipts.discard_unclaimed(event.assoc))]  # fmt: skip
+        server_class = guarded_server_class(self.settings.max_connections_per_peer)
+        self.server = ae.make_server((self.settings.dicom_host, self.settings.dicom_port), evt_handlers=handlers,
+                                     server_class=server_class)  # fmt: skip
+        ae._servers.append(self.server)  # what AE.start_server does, which takes no server class of its own
+        threading.Thread(target=self.server.serve_forever, name="pneumoscan-dicom-listener", daemon=True).start()
 
     @property
     def port(self) -> int:
@@ -132,6 +150,9 @@ class DicomNode:
         """Stop listening, score what was received, and give the sender ``timeout`` seconds to deliver."""
         if self.server is not None:
             self.server.shutdown()
+        self.stopping.set()
+        for timer in list(self.retries):  # instances waiting for another try stay in the spool for the next start
+            timer.cancel()
         self.jobs.join()
         for _ in self.workers:
             self.jobs.put(None)
@@ -149,17 +170,27 @@ class DicomNode:
 
     # ------------------------------------------------------------------ receiving
 
-    def handle_store(self, event) -> int:  # type: ignore[no-untyped-def]
-        """Keep the instance on disk, then acknowledge it; the disk refusing it asks the sender to retry."""
+    def handle_store(self, event):  # type: ignore[no-untyped-def]
+        """Keep the instance on disk, then acknowledge it; over a limit it is refused, the disk refusing it asks for a retry."""
         name = uuid.uuid4().hex
+        received = Path(event.dataset_path)
+        bounded = self.receipts.claim(event.assoc, received)
+        if bounded is not None and bounded.over_limit:
+            received.unlink(missing_ok=True)
+            log.warning("refused an instance of %d MB or more from %s: over the limit of %d MB per instance "
+                        "(%d MB per association)", bounded.received // 2**20, event.assoc.requestor.ae_title,
+                        self.settings.max_upload_bytes // 2**20, self.settings.max_association_bytes // 2**20)  # fmt: skip
+            return failure(OVER_LIMIT, f"over the limit of {self.settings.max_upload_bytes // 2**20} MB per instance")
         try:
-            data = event.encoded_dataset(include_meta=True)
             sidecar = {"calling_ae": str(event.assoc.requestor.ae_title).strip(), "received_at": now().isoformat()}
             (self.spool / f"{name}.json").write_text(json.dumps(sidecar))
-            write_atomically(self.spool / f"{name}.dcm", data)
+            if bounded is not None:
+                bounded.file.flush()
+            move_atomically(received, self.spool / f"{name}.dcm")
         except OSError as exc:
             log.error("an instance could not be kept (%s): the sender is asked to retry", exc.strerror or type(exc).__name__)
             (self.spool / f"{name}.json").unlink(missing_ok=True)
+            received.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
         self.counts.add("received")
         self.jobs.put(self.spool / f"{name}.dcm")
@@ -171,10 +202,30 @@ class DicomNode:
         while (path := self.jobs.get()) is not None:
             try:
                 self.process(path)
-            except Exception:  # a bug of ours must not stop the node: the instance stays in the spool for the next start
-                log.exception("instance %s could not be processed; kept in %s", path.name, self.spool)
+                self.failures.pop(path, None)
+            except Exception:  # a bug of ours, the audit log or the disk away: the node goes on, the instance is retried
+                self.retry_later(path)
             finally:
                 self.jobs.task_done()
+
+    def retry_later(self, path: Path) -> None:
+        """An acknowledged instance whose scoring failed is tried again, after a pause that grows, without a restart."""
+        tries = self.failures[path] = self.failures.get(path, 0) + 1
+        pause = RETRY_PAUSES[min(tries, len(RETRY_PAUSES)) - 1]
+        log.exception("instance %s could not be processed (try %d); kept in %s and tried again in %.0f s",
+                      path.name, tries, self.spool, pause)  # fmt: skip
+        if self.stopping.is_set():
+            return
+
+        def again() -> None:
+            self.retries.discard(timer)
+            if not self.stopping.is_set() and path.is_file():
+                self.jobs.put(path)
+
+        timer = threading.Timer(pause, again)
+        timer.daemon = True
+        self.retries.add(timer)
+        timer.start()
 
     def process(self, path: Path) -> str:
         """Score one spooled instance and write its one audit row; returns the outcome."""
@@ -211,35 +262,33 @@ class DicomNode:
             "calling_ae": sidecar.get("calling_ae", "")[:16],
             "model_sha256": self.model.sha256,
         }
-        earlier = self.audit.answered_instance(digest, self.model.sha256)
-        if earlier is not None:
-            when = earlier["received_at"].isoformat(timespec="seconds") if earlier["received_at"] else "earlier"
-            self.audit.record_instance({**row, "outcome": DUPLICATE, "reason": f"already {earlier['outcome']} on {when} "
-                                        f"(row {earlier['id']}) by this model: not scored twice"})  # fmt: skip
-            return DUPLICATE
         try:
-            scored = self.score(data)
-        except InputError as exc:
+            loaded, source = self.load(data)
+        except InputError as exc:  # a refusal answers nothing: the same UID with another content is judged on its own
             self.audit.record_instance({**row, "outcome": REFUSED, "reason": str(exc)[:512]})
             log.info("refused an instance from %s: %s", row["calling_ae"], exc)
             return REFUSED
-        loaded, prediction, source = scored
-        entry = results_entry(digest, self.model.sha256)
-        try:
-            results = build_results(source, loaded.image, prediction, self.model)
-        except Exception as exc:  # noqa: BLE001 - a header a result cannot copy (e.g. no Study Instance UID)
-            reason = f"scored, but no DICOM result can be made from its header ({type(exc).__name__}: {str(exc)[:300]})"
-            self.audit.record_instance({**row, "outcome": REFUSED, "reason": reason})
-            return REFUSED
+        pixels = image_digest(loaded.image)
+        row["pixels_sha256"] = pixels
+        earlier = self.audit.scored_instance(digest, pixels, self.model.sha256)
+        if earlier is not None:
+            when = earlier["received_at"].isoformat(timespec="seconds") if earlier["received_at"] else "earlier"
+            self.audit.record_instance({**row, "outcome": DUPLICATE, "reason": f"already scored on {when} "
+                                        f"(row {earlier['id']}) by this model, same pixels: not scored twice"})  # fmt: skip
+            return DUPLICATE
+        prediction = self.predictor.predict_loaded(loaded, heatmap=True)
+        entry = results_entry(f"{digest} {pixels}", self.model.sha256)
+        results = build_results(source, loaded.image, prediction, self.model)
         self.outbox.put(entry, list(results))  # before the row: a crash between the two re-scores it, never loses it
         upload = prediction_row(prediction, data, "dicom", self.model.as_dict())
-        self.audit.record_instance({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"],
+        reason = f"header values left out of the results: {', '.join(results.dropped)}"[:512] if results.dropped else None
+        self.audit.record_instance({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"], "reason": reason,
                                     "report_uid": str(results.report.SOPInstanceUID),
                                     "heatmap_uid": str(results.heatmap.SOPInstanceUID)}, upload)  # fmt: skip
         return SCORED
 
-    def score(self, data: bytes):  # type: ignore[no-untyped-def]
-        """The loader, gate, population and model of every entry point; raises InputError for what it refuses."""
+    def load(self, data: bytes):  # type: ignore[no-untyped-def]
+        """The loader of every entry point, and the header again for the results; InputError for what it refuses."""
         from pydicom import dcmread
 
         loaded = load_xray(data, self.limits)
@@ -249,8 +298,7 @@ class DicomNode:
             source = dcmread(io.BytesIO(data), stop_before_pixels=True)
         except Exception as exc:
             raise InputError(f"its header cannot be read again ({type(exc).__name__})") from exc
-        prediction = self.predictor.predict_loaded(loaded, heatmap=True)
-        return loaded, prediction, source
+        return loaded, source
 
     # ------------------------------------------------------------------ delivery
 
@@ -260,6 +308,16 @@ class DicomNode:
 
     def refused_by_destination(self, entry: str, reason: str) -> None:
         self.audit.mark_delivery_refused(entry, reason[:512])
+
+
+def failure(status: int, comment: str):  # type: ignore[no-untyped-def]
+    """A C-STORE failure status with the reason the sender's log shows (Error Comment: 64 characters at most)."""
+    from pydicom.dataset import Dataset
+
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = comment[:64]
+    return answer
 
 
 def read_sidecar(path: Path) -> dict:

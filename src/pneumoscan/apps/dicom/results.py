@@ -15,14 +15,22 @@ headers (Series Description, Image Comments) saying it is not for diagnostic use
 JPEG baseline (lossy, flagged so): a 1024² overlay is ~0.2 MB instead of 3.3 MB, which is
 what a PACS spends its time storing (see benchmarks/dicom_node_results.md).
 
-UIDs are derived from the source SOP Instance UID and the model's sha256, so building the
-results of the same instance with the same model again gives the same UIDs: a PACS that
-receives them twice keeps one copy.
+UIDs are derived from the source SOP Instance UID, the image's pixels and the model's sha256,
+so building the results of the same instance with the same model again gives the same UIDs (a
+PACS that receives them twice keeps one copy), while a different image sent under the same UID
+gets results of its own.
+
+A header value that highdicom rejects (a PatientSex of "Q", a StudyDate of "20261399") never
+costs the result: the results copy a sanitised header, where such a value is left empty (the
+patient and study attributes they copy are Type 2) and a missing or malformed UID is derived.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
@@ -33,6 +41,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
 
 from pneumoscan.running.explanation import overlay
+
+log = logging.getLogger("pneumoscan.dicom")
 
 MANUFACTURER = "pneumoscan"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
@@ -75,18 +85,85 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class Results:
-    """The two objects to send on, with the UIDs that identify them."""
+    """The two objects to send on, with the UIDs that identify them, and the source's header values left out of them."""
 
     report: Dataset
     heatmap: Dataset
+    dropped: tuple[str, ...] = field(default=())
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter((self.report, self.heatmap))
 
 
-def derived_uid(source_uid: str, model: ModelIdentity, what: str) -> UID:
-    """The same source instance, model and object give the same UID (under pydicom's root)."""
-    return generate_uid(entropy_srcs=[str(source_uid), model.sha256, what])
+def derived_uid(source_uid: str, model: ModelIdentity, what: str, pixels: str = "") -> UID:
+    """The same source instance (and pixels), model and object give the same UID (under pydicom's root)."""
+    return generate_uid(entropy_srcs=[str(source_uid), model.sha256, what, pixels])
+
+
+def image_digest(image: Image.Image) -> str:
+    """The sha256 of the image as decoded: the same in every lossless transfer syntax a PACS may re-send it in."""
+    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height} ".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+#: The Type 2 attributes of the patient and study modules that the results copy: empty is valid, a wrong value is not.
+COPIED_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
+#: Attributes that only inform the results: dropped when unreadable.
+OPTIONAL_COPIED = ("PatientAge", "PatientOrientation", "SeriesNumber", "InstanceNumber", "Laterality", "ImageLaterality",
+                   "PatientWeight", "PatientSize", "SeriesDate", "SeriesTime", "ContentDate", "ContentTime")  # fmt: skip
+PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
+UIDS_OF_THE_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def acceptable_value(header: Dataset, keyword: str) -> bool:
+    """Whether a copied attribute's value is one highdicom (and the standard) accepts; an empty one is."""
+    from pydicom.valuerep import DA, DT, TM
+
+    try:
+        element = header[keyword]
+        value = element.value
+        if value is None or value == "":
+            return True
+        if element.VR in ("DA", "TM", "DT"):
+            parse = {"DA": DA, "TM": TM, "DT": DT}[element.VR]
+            return all(parse(str(v)) is not None for v in (value if element.VM > 1 else [value]))
+        if keyword == "PatientSex":
+            return str(value).strip().upper() in PATIENT_SEX_VALUES
+        if keyword.endswith("UID"):
+            text = str(value)
+            return len(text) <= 64 and all(part.isdigit() and (part == "0" or not part.startswith("0")) for part in text.split("."))
+        str(value)
+        return True
+    except Exception:  # noqa: BLE001 - a value pydicom cannot even convert is not acceptable
+        return False
+
+
+def result_header(source: Dataset, pixels: str, everything: bool = False) -> tuple[Dataset, tuple[str, ...]]:
+    """A copy of the source's header the results can be built from, and the attributes whose values were left out.
+
+    ``everything`` empties every copied Type 2 attribute and drops the optional ones, whatever they hold:
+    the last resort when highdicom still refuses the header.
+    """
+    header = copy.deepcopy(source)
+    dropped: list[str] = []
+    for keyword in COPIED_TYPE_2:
+        if keyword in header and (everything or not acceptable_value(header, keyword)):
+            del header[keyword]
+            setattr(header, keyword, "")
+            dropped.append(keyword)
+    for keyword in OPTIONAL_COPIED:
+        if keyword in header and (everything or not acceptable_value(header, keyword)):
+            del header[keyword]
+            dropped.append(keyword)
+    for keyword in UIDS_OF_THE_SOURCE:
+        if keyword not in header or not acceptable_value(header, keyword) or not str(header[keyword].value):
+            if keyword in header:
+                del header[keyword]
+            setattr(header, keyword, derived_uid(pixels, ModelIdentity("source", "0", ""), keyword))
+            dropped.append(keyword)
+    return header, tuple(dropped)
 
 
 def finding_value(prediction) -> Code:  # type: ignore[no-untyped-def]
@@ -105,7 +182,7 @@ def algorithm_of(model: ModelIdentity, prediction) -> hd.sr.AlgorithmIdentificat
     return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters, manufacturer=MANUFACTURER)
 
 
-def structured_report(source: Dataset, prediction, model: ModelIdentity) -> Dataset:  # type: ignore[no-untyped-def]
+def structured_report(source: Dataset, prediction, model: ModelIdentity, pixels: str = "") -> Dataset:  # type: ignore[no-untyped-def]
     """The TID 1500 Measurement Report of one scored image, in the source's study."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -121,7 +198,7 @@ def structured_report(source: Dataset, prediction, model: ModelIdentity) -> Data
         evaluations.append(hd.sr.QualitativeEvaluation(VALIDATED_IMAGE, codes.SCT.Yes if prediction.in_distribution else codes.SCT.No))
     algorithm = algorithm_of(model, prediction)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(source.SOPInstanceUID, model, "finding"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(source.SOPInstanceUID, model, "finding", pixels),
                                                      identifier="pneumonia"),
         finding_type=PNEUMONIA,
         algorithm_id=algorithm,
@@ -142,7 +219,7 @@ def structured_report(source: Dataset, prediction, model: ModelIdentity) -> Data
         content=content[0],
         series_instance_uid=derived_uid(source.SeriesInstanceUID, model, "report series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "report"),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "report", pixels),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -171,22 +248,22 @@ def banner(picture: Image.Image, text: str) -> Image.Image:
     return canvas
 
 
-def heatmap_capture(source: Dataset, image: Image.Image, prediction, model: ModelIdentity) -> Dataset:  # type: ignore[no-untyped-def]
+def heatmap_capture(source: Dataset, image: Image.Image, prediction, model: ModelIdentity, pixels: str = "") -> Dataset:  # type: ignore[no-untyped-def]
     """The heat-map overlay as a Secondary Capture in the source's study, labelled not for diagnostic use."""
     verdict = "not validated for this image" if not prediction.validated else prediction.label.lower()
     text = f"{NOT_FOR_DIAGNOSTIC_USE} - pneumoscan heat map - p={prediction.probability:.2f} ({verdict})"
     picture = image.copy() if max(image.size) > SC_MAX_SIDE else image
     picture.thumbnail((SC_MAX_SIDE, SC_MAX_SIDE))
-    pixels = np.asarray(banner(overlay(picture, prediction.heatmap), text), dtype=np.uint8)
+    drawn = np.asarray(banner(overlay(picture, prediction.heatmap), text), dtype=np.uint8)
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=pixels,
+        pixel_array=drawn,
         photometric_interpretation="YBR_FULL_422",  # JPEG baseline: a picture, not pixels to measure on
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=derived_uid(source.SeriesInstanceUID, model, "heat map series"),
         series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "heat map"),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "heat map", pixels),
         instance_number=1,
         manufacturer=MANUFACTURER,
         patient_orientation=patient_orientation(source),
@@ -215,5 +292,19 @@ def patient_orientation(source: Dataset) -> tuple[str, str]:
 
 
 def build_results(source: Dataset, image: Image.Image, prediction, model: ModelIdentity) -> Results:  # type: ignore[no-untyped-def]
-    """Both result objects of one scored instance (the prediction must carry its heat map)."""
-    return Results(structured_report(source, prediction, model), heatmap_capture(source, image, prediction, model))
+    """Both result objects of one scored instance (the prediction must carry its heat map), whatever its header holds.
+
+    Built from a sanitised copy of the header (:func:`result_header`); should highdicom still refuse
+    it, every copied patient and study value is left empty and the results are built again.
+    """
+    pixels = image_digest(image)
+    header, dropped = result_header(source, pixels)
+    try:
+        return Results(structured_report(header, prediction, model, pixels),
+                       heatmap_capture(header, image, prediction, model, pixels), dropped)  # fmt: skip
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        log.warning("the results could not copy the source's header (%s): its patient and study values are left empty",
+                    str(exc)[:200])  # fmt: skip
+        header, dropped = result_header(source, pixels, everything=True)
+        return Results(structured_report(header, prediction, model, pixels),
+                       heatmap_capture(header, image, prediction, model, pixels), dropped)  # fmt: skip
