@@ -90,7 +90,7 @@ class DicomNodeSettings(ApplicationSettings):
     threads: int = Field(1, ge=1)  # ONNX Runtime threads per instance: workers run side by side instead
     # Association slots: more than the listed senders need, since one that never sends an A-ASSOCIATE-RQ holds one too
     # (for association_request_timeout seconds); and at most max_connections_per_peer connections from one address.
-    max_associations: int = Field(32, ge=1)
+    max_associations: int = Field(64, ge=1)
     max_connections_per_peer: int = Field(4, ge=1)
     association_request_timeout: float = Field(5.0, gt=0)
     # Per instance, the shared max_upload_bytes; per association, this (bytes of all its instances).

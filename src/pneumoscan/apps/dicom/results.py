@@ -149,7 +149,9 @@ def result_header(source: Dataset, pixels: str, everything: bool = False) -> tup
     header = copy.deepcopy(source)
     dropped: list[str] = []
     for keyword in COPIED_TYPE_2:
-        if keyword in header and (everything or not acceptable_value(header, keyword)):
+        if keyword not in header:  # absent: highdicom copies it all the same
+            setattr(header, keyword, "")
+        elif everything or not acceptable_value(header, keyword):
             del header[keyword]
             setattr(header, keyword, "")
             dropped.append(keyword)

@@ -1,0 +1,222 @@
+"""The DICOM node under hostile or broken input (issue 27): size, connections, refused copies, our own failures, headers.
+
+Each test failed on the node before issue 27: a 400 MB instance cost +787 MB and was read whole,
+50 idle connections kept the listed sender out for 30 s, a refused copy made the real study a
+"duplicate", an instance whose scoring failed waited for a restart, and a PatientSex of "Q" lost
+the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicom_factory import JPEG_2000_LOSSLESS, large_dicom, radiograph_dataset, write_huge_dicom
+from pacs import free_port
+from pynetdicom import AE, StoragePresentationContexts, _config
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+from pneumoscan.apps.audit import AuditLog, connect
+from pneumoscan.apps.dicom.node import DUPLICATE, OVER_LIMIT, REFUSED, SCORED, DicomNode
+from pneumoscan.apps.settings import DicomNodeSettings
+from pneumoscan.config import MAX_INPUT_PIXELS
+from pneumoscan.errors import DatabaseUnavailableError
+from pneumoscan.learning.data import list_records
+from pneumoscan.running.inference import Predictor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def films(data_root: Path) -> list[Path]:
+    records = list_records(data_root, "test")
+    return [r.path for r in records if r.class_name == "PNEUMONIA"][:4]
+
+
+@pytest.fixture(scope="module")
+def predictor(shipped_model: Path) -> Predictor:
+    return Predictor.load(shipped_model)
+
+
+def start_node(tmp_path: Path, predictor: Predictor, audit: AuditLog | None = None, **settings: object) -> DicomNode:
+    node = DicomNode(DicomNodeSettings(dicom_port=0, data_dir=tmp_path / "node", **settings), predictor, audit)
+    node.start()
+    return node
+
+
+def send(port: int, datasets: list, calling: str = "MODALITY") -> list:  # type: ignore[type-arg]
+    """C-STORE each dataset (or file path, in Explicit VR Little Endian) in one association; each answer's status."""
+    ae = AE(ae_title=calling)
+    if any(isinstance(d, Path) for d in datasets):  # a file is sent as it is: the context must be its transfer syntax
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    else:
+        ae.requested_contexts = StoragePresentationContexts
+    association = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
+    assert association.is_established, "the node refused the association"
+    answers = [association.send_c_store(dataset) for dataset in datasets]
+    association.release()
+    return answers
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def peak_mb(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+@contextlib.contextmanager
+def command_line_node(tmp_path: Path, model: Path, **env: str):  # type: ignore[no-untyped-def]
+    port = free_port()
+    node = subprocess.Popen([sys.executable, "-m", "pneumoscan", "dicom-node", "--port", str(port), "--model", str(model),
+                             "--data-dir", str(tmp_path / "node")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PNEUMOSCAN_ALLOWED_CALLING_AES": "MODALITY,STORESCU", **env})  # fmt: skip
+    try:
+        assert node.stdout.readline().startswith("pneumoscan DICOM node"), "the node did not start"
+        yield node, port
+    finally:
+        node.terminate()
+        node.communicate(timeout=60)
+
+
+def test_a_400_mb_instance_is_refused_with_a_failure_status_and_costs_the_node_no_memory(tmp_path, films, shipped_model) -> None:
+    """And an honest JPEG 2000 film at the pixel limit (a 3 MB file of 30 M pixels) is scored within +250 MB."""
+    huge = write_huge_dicom(tmp_path / "huge.dcm")
+    honest = tmp_path / "honest.dcm"
+    width = int((MAX_INPUT_PIXELS * 10 / 11) ** 0.5)
+    honest.write_bytes(large_dicom(width, MAX_INPUT_PIXELS // width, JPEG_2000_LOSSLESS))
+    with command_line_node(tmp_path, shipped_model) as (node, port):
+        assert [int(a.Status) for a in send(port, [radiograph_dataset(films[0], size=512)])] == [0]  # warm: model, decoders
+        time.sleep(3)
+        before = peak_mb(node.pid)
+        _config.STORE_SEND_CHUNKED_DATASET = True  # the sender streams the file from disk, as a PACS does
+        try:
+            (answer,) = send(port, [huge])
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        assert int(answer.Status) == OVER_LIMIT and "limit" in answer.get("ErrorComment", ""), answer
+        refused_growth = peak_mb(node.pid) - before
+        assert refused_growth < 100, f"+{refused_growth:.0f} MB for a refused 400 MB instance"
+        assert list((tmp_path / "node" / "dicom" / "receiving").iterdir()) == []  # nothing of it kept on disk
+        sent = subprocess.run(["storescu", "-xv", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(honest)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        audit = AuditLog(connect(f"sqlite:///{tmp_path / 'node' / 'pneumoscan.db'}"))
+        assert wait_for(lambda: len(audit.instances()) == 2, 120), audit.instances()
+        assert [row["outcome"] for row in audit.instances()] == [SCORED, SCORED]
+        growth = peak_mb(node.pid) - before
+        assert growth <= 250, f"+{growth:.0f} MB for a {honest.stat().st_size / 1e6:.1f} MB JPEG 2000 of {MAX_INPUT_PIXELS:,} pixels"
+
+
+def test_idle_connections_do_not_keep_a_listed_sender_out(tmp_path, predictor) -> None:
+    """50 TCP connections that never ask for an association, from one address and then from 50: C-ECHO within 2 s."""
+    node = start_node(tmp_path, predictor, allowed_calling_aes=["MODALITY"], association_request_timeout=3.0)
+    idle: list[socket.socket] = []
+    try:
+        for sources in (["127.0.0.2"] * 50, [f"127.0.1.{i}" for i in range(1, 51)]):
+            for source in sources:
+                connection = socket.socket()
+                connection.bind((source, 0))
+                connection.connect(("127.0.0.1", node.port))
+                idle.append(connection)
+            time.sleep(0.3)
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(Verification)
+            started = time.monotonic()
+            association = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+            assert association.is_established, "the listed sender was rejected"
+            status = association.send_c_echo()
+            association.release()
+            took = time.monotonic() - started
+            assert status and int(status.Status) == 0 and took < 2.0, f"C-ECHO took {took:.1f} s"
+        # a connection that never sends an A-ASSOCIATE-RQ is closed by the node after association_request_timeout
+        last = idle[-1]
+        last.settimeout(10)
+        started = time.monotonic()
+        assert last.recv(1) == b"" and time.monotonic() - started < 6
+    finally:
+        for connection in idle:
+            connection.close()
+        node.stop()
+
+
+def test_a_refused_copy_never_blocks_the_real_study_with_the_same_uid(tmp_path, films, predictor) -> None:
+    node = start_node(tmp_path, predictor)
+    try:
+        hand = radiograph_dataset(films[0], body_part="HAND", modality="CR")
+        chest = radiograph_dataset(films[0])
+        chest.SOPInstanceUID = chest.file_meta.MediaStorageSOPInstanceUID = hand.SOPInstanceUID
+        other_pixels = radiograph_dataset(films[1])
+        other_pixels.SOPInstanceUID = other_pixels.file_meta.MediaStorageSOPInstanceUID = hand.SOPInstanceUID
+        for dataset in (hand, chest, chest, other_pixels):  # one at a time: the order of the rows is the order sent
+            assert [int(a.Status) for a in send(node.port, [dataset])] == [0]
+            node.jobs.join()
+        rows = node.audit.instances()
+        assert [row["outcome"] for row in rows] == [REFUSED, SCORED, DUPLICATE, SCORED], [(r["outcome"], r["reason"]) for r in rows]
+        assert "hand" in rows[0]["reason"].lower() and "same pixels" in rows[2]["reason"]
+        entries = node.outbox.pending()
+        assert len(entries) == 2  # the chest film and the other image have results of their own, the copy none
+    finally:
+        node.stop()
+
+
+class FlakyAudit(AuditLog):
+    """The audit database away for the first ``failures`` writes, then back."""
+
+    def __init__(self, engine, failures: int):  # type: ignore[no-untyped-def]
+        super().__init__(engine)
+        self.failures = failures
+
+    def record_instance(self, instance: dict, prediction: dict | None = None) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise DatabaseUnavailableError("the audit database is away (test)")
+        super().record_instance(instance, prediction)
+
+
+def test_an_acknowledged_instance_is_scored_once_the_audit_log_is_back_without_a_restart(tmp_path, films, predictor) -> None:
+    audit = FlakyAudit(connect(f"sqlite:///{tmp_path / 'audit.db'}"), failures=2)
+    node = start_node(tmp_path, predictor, audit=audit)
+    try:
+        study = radiograph_dataset(films[2])
+        assert [int(a.Status) for a in send(node.port, [study])] == [0]  # acknowledged: on disk
+        assert wait_for(lambda: [r["outcome"] for r in audit.instances()] == [SCORED], 20), audit.instances()
+        assert list(node.spool.glob("*.dcm")) == [] and audit.failures == 0
+        assert len(node.outbox.pending()) == 1  # its results, once, though it was tried three times
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("keyword, value", [("PatientSex", "Q"), ("StudyDate", "20261399"), ("StudyTime", "99xx"),
+                                            ("PatientBirthDate", "1970-01-01")])  # fmt: skip
+def test_header_values_highdicom_rejects_never_cost_the_results(tmp_path, films, predictor, keyword, value) -> None:
+    node = start_node(tmp_path, predictor)
+    try:
+        study = radiograph_dataset(films[3])
+        setattr(study, keyword, value)
+        assert [int(a.Status) for a in send(node.port, [study])] == [0]
+        node.jobs.join()
+        (row,) = node.audit.instances()
+        assert row["outcome"] == SCORED and keyword in row["reason"], row
+        (entry,) = node.outbox.pending()
+        objects = [pydicom.dcmread(path) for path in sorted(entry.glob("*.dcm"))]
+        assert sorted(o.Modality for o in objects) == ["OT", "SR"]
+        for result in objects:
+            assert result.StudyInstanceUID == study.StudyInstanceUID and result.get(keyword, "") == ""
+    finally:
+        node.stop()
