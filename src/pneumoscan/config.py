@@ -42,6 +42,28 @@ MAX_INPUT_BYTES = 64 * 1024 * 1024
 MAX_INPUT_PIXELS = 30_000_000  # 5477² ; the largest chest detectors (43 cm at 100 µm) give 4300² = 18.5 M
 #: ... and decoding one at the limit costs at most ~6 bytes a pixel (JPEG 2000: OpenJPEG holds 32-bit planes), 180 MB.
 
+
+
+@dataclass(frozen=True)
+class PullLimits:
+    """Bounds of pull mode against a DICOMweb server, which may be broken or hostile: it ends, in bounded memory.
+
+    A QIDO search is paged and stops at ``max_instances`` (a day's CR/DX of a large hospital is a
+    few hundred to a few thousand); every answer is read a chunk at a time up to its byte limit
+    (a WADO instance: the input limit) and within ``request_seconds`` in all, however slowly it
+    trickles; after ``failures_in_a_row`` requests that time out or break off, the PACS is taken to be
+    down for this run and what is left is reported, not fetched.
+    """
+
+    page_size: int = 100
+    max_series: int = 1000
+    max_instances: int = 2000
+    max_query_bytes: int = 16 * 2**20
+    max_instance_bytes: int = MAX_INPUT_BYTES
+    request_seconds: float = 30.0
+    failures_in_a_row: int = 2
+
+
 DATA_ENV_VAR = "PNEUMOSCAN_DATA"
 #: The project root: ``src/pneumoscan/config.py`` -> three levels up.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -21,6 +21,7 @@ from pneumoscan.config import (
     INTENSITY_MODES,
     MAX_INPUT_BYTES,
     MAX_INPUT_PIXELS,
+    PullLimits,
     POPULATIONS,
     PROJECT_ROOT,
     DataConfig,
@@ -474,6 +475,10 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--since", default=None, metavar="DATE", help="with --dicomweb: studies dated DATE (YYYY-MM-DD) or later")
     p.add_argument("--store-results", action="store_true",
                    help="with --dicomweb: store each scored study's structured report and heat map back (STOW-RS)")
+    p.add_argument("--max-instances", type=int, default=PullLimits.max_instances,
+                   help="with --dicomweb: fetch at most this many instances in one run (the rest: a row saying so)")
+    p.add_argument("--request-seconds", type=float, default=PullLimits.request_seconds,
+                   help="with --dicomweb: the longest one search or retrieval may take, however slowly the PACS answers")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images while the model runs")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--shard", default=None, metavar="K/N", help="process only the K-th of N disjoint parts of the inputs")
@@ -496,17 +501,18 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_triage(args: argparse.Namespace) -> int:
     from pneumoscan.apps.triage import Shard, triage
 
-    inputs = list(args.inputs)
+    inputs, failures = list(args.inputs), []
     if args.dicomweb:
-        inputs += pull_from_pacs(args)
+        pulled, failures = pull_from_pacs(args)
+        inputs += pulled
     elif args.since or args.store_results:
         raise ConfigurationError("--since and --store-results go with --dicomweb URL (pull mode)")
-    if not inputs:
+    if not inputs and not args.dicomweb:
         raise ConfigurationError("give the studies to triage (files, folders, patterns) or --dicomweb URL --since DATE")
     shard = Shard.parse(args.shard) if args.shard else None
     predictor = load_predictor(args)
     summary = triage(inputs, args.out, predictor, workers=args.workers, batch_size=args.batch_size, shard=shard,
-                     report=not args.no_report)  # fmt: skip
+                     report=not args.no_report, pull_failures=failures)  # fmt: skip
     print_triage_summary(summary, args.out, not args.no_report)
     if args.store_results:
         from pneumoscan.apps.dicom.pull import store_results
@@ -520,14 +526,17 @@ def run_triage(args: argparse.Namespace) -> int:
     return 1 if summary["errors"] else 0
 
 
-def pull_from_pacs(args: argparse.Namespace) -> list[str]:
+def pull_from_pacs(args: argparse.Namespace) -> tuple[list[str], list]:  # type: ignore[type-arg]
+    """The folder of what was pulled (to triage), and what could not be (rows of the worklist)."""
     from pneumoscan.apps.dicom.pull import PULL_DIR, parse_since, pull
 
     if not args.since:
         raise ConfigurationError("--dicomweb needs --since DATE (YYYY-MM-DD): the first study date to fetch")
-    pulled = pull(args.dicomweb, parse_since(args.since), args.out)
-    print(f"pulled from {args.dicomweb}: {pulled.series} CR/DX series, {pulled.instances} instances, {pulled.fetched} new")
-    return [str(args.out / PULL_DIR)] if pulled.instances else []
+    limits = PullLimits(max_instances=args.max_instances, request_seconds=args.request_seconds)
+    pulled = pull(args.dicomweb, parse_since(args.since), args.out, limits=limits)
+    print(f"pulled from {args.dicomweb}: {pulled.series} CR/DX series, {pulled.instances} instances, {pulled.fetched} new"
+          + (f", {len(pulled.failures)} could not be fetched (rows with their reason in the worklist)" if pulled.failures else ""))
+    return ([str(args.out / PULL_DIR)] if pulled.files else []), pulled.failures
 
 
 def run_triage_merge(args: argparse.Namespace) -> int:

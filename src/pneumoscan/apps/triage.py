@@ -299,8 +299,13 @@ def triage(
     shard: Shard | None = None,
     report: bool = True,
     progress: bool = True,
+    pull_failures: Sequence = (),  # type: ignore[type-arg]
 ) -> dict:
-    """Score every input not already in ``out``'s worklist; write worklist, report and summary; return the summary."""
+    """Score every input not already in ``out``'s worklist; write worklist, report and summary; return the summary.
+
+    ``pull_failures`` (pull mode's :class:`~pneumoscan.apps.dicom.pull.Failure` s) become error rows, in place of
+    the previous run's: what could not be fetched then and was fetched now is no longer an error.
+    """
     predictor = predictor or Predictor.load()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,10 +313,10 @@ def triage(
     files = discover(inputs)
     if shard:
         files = [f for f in files if shard.holds(f.as_posix())]
-    done = {row.path: row for row in read_worklist(out)}
+    done = {row.path: row for row in read_worklist(out) if not row.path.startswith(PULL_FAILURE_PREFIX)}
     started = time.perf_counter()
     timings = Timings()
-    rows = dict(done)
+    rows = dict(done) | {row.path: row for row in map(pull_failure_row, pull_failures)}
     pending = [f for f in files if not _already_done(f, done.get(f.as_posix()))]
     bar = tqdm(total=len(pending), unit="image", desc="triage", disable=not progress, smoothing=0.1)
     last_checkpoint = time.monotonic()
@@ -337,6 +342,15 @@ def triage(
     if report:
         write_report(out, ordered, summary)
     return summary
+
+
+#: The "path" of a worklist row for what pull mode could not fetch: where it is on the PACS.
+PULL_FAILURE_PREFIX = "dicomweb:"
+
+
+def pull_failure_row(failure) -> Row:  # type: ignore[no-untyped-def]
+    return Row(path=f"{PULL_FAILURE_PREFIX}{failure.where}", status=FAILED, error=failure.reason, format="dicom",
+               study_instance_uid=failure.study_uid, series_instance_uid=failure.series_uid)  # fmt: skip
 
 
 def _already_done(path: Path, previous: Row | None) -> bool:
