@@ -11,8 +11,9 @@ import hashlib
 import logging
 import random
 import re
+import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Record:
     dataset: str = ""  # the dataset's name (its folder), for per-dataset figures
     root: Path | None = None  # the dataset folder ``path`` is relative to
     split: str | None = None  # a labels file's own split column, if it has one
+    line: int | None = field(default=None, compare=False)  # the labels file's line that listed it, to name in an error
 
     @property
     def class_name(self) -> str:
@@ -239,7 +241,18 @@ def image_inside(root: Path, relative: str, csv_path: Path, line: int) -> Path:
 
 
 def parse_label(value: str, csv_path: Path, line: int) -> int:
-    name = value.strip().upper()
+    """NORMAL or PNEUMONIA, in any case, after Unicode normalisation (NFC); any other character is refused by name.
+
+    ``str.upper`` alone would take a Turkish dotless ı for an I, and ``strip`` a no-break space for a
+    space: a label that only looks right is a sign of a file edited by hand, and is refused.
+    """
+    name = unicodedata.normalize("NFC", value).strip(" \t")
+    odd = next((c for c in name if not (c.isascii() and c.isalpha())), None)  # before upper(): "ı".upper() is "I"
+    name = name.upper()
+    if odd is not None:
+        label_name = unicodedata.name(odd, "an unnamed character")
+        raise _row_error(csv_path, line, f"label {value!r} holds U+{ord(odd):04X} ({label_name}); write "
+                                         f"{' or '.join(CLASS_NAMES)} in plain letters")  # fmt: skip
     if name not in CLASS_NAMES:
         raise _row_error(csv_path, line, f"label {value!r} is neither {' nor '.join(CLASS_NAMES)}")
     return CLASS_NAMES.index(name)
@@ -257,11 +270,12 @@ def parse_age(value: str | None, csv_path: Path, line: int) -> float | None:
     return age
 
 
-def read_labels_file(source: Path) -> list[Record]:
+def read_labels_file(source: Path, max_rows: int | None = None) -> list[Record]:
     """Records of a labels CSV: ``path,label`` and optionally ``patient_id,split,age,sex,view``.
 
     Paths are relative to the CSV's folder. Every problem names its line, so a
-    file of thousands of rows can be fixed without guessing.
+    file of thousands of rows can be fixed without guessing. Past ``max_rows`` rows the
+    file is refused without reading further.
     """
     csv_path = labels_file_of(source)
     root = csv_path.parent
@@ -276,7 +290,12 @@ def read_labels_file(source: Path) -> list[Record]:
             )
         if "patient_id" not in columns:
             log.warning("%s has no patient_id column: each image counts as its own patient in the split", csv_path)
-        records = [labels_row(row, root, csv_path, line) for line, row in enumerate(reader, start=2)]
+        records = []
+        for line, row in enumerate(reader, start=2):
+            if max_rows is not None and len(records) >= max_rows:
+                raise LabelsFileError(f"{csv_path.name} lists more than {max_rows:,} images, the most one run takes; "
+                                      "split it into several files")  # fmt: skip
+            records.append(labels_row(row, root, csv_path, line))
     if not records:
         raise LabelsFileError(f"{csv_path.name} lists no images")
     return records
@@ -295,7 +314,7 @@ def labels_row(row: dict[str, str | None], root: Path, csv_path: Path, line: int
     record = Record(
         path, label, (row.get("patient_id") or "").strip() or f"image:{row['path']}", CLASS_NAMES[label].lower(),
         view=view, age=age, sex=(row.get("sex") or "").strip().upper() or None, population=population_of_age(age),
-        dataset=root.name, root=root, split=split,
+        dataset=root.name, root=root, split=split, line=line,
     )
     return record
 
@@ -402,10 +421,12 @@ def class_folder_records(root: Path) -> list[Record]:
     return records
 
 
-def site_records(sources: list[Path], split: str = "all", seed: int = 42, val_fraction: float = 0.10) -> list[Record]:
+def site_records(sources: list[Path], split: str = "all", seed: int = 42, val_fraction: float = 0.10,
+                 max_rows: int | None = None) -> list[Record]:  # fmt: skip
     """A site's labelled studies: every image of each source (``split="all"``), or one of its parts.
 
     A source is what ``--data`` takes, or a folder with ``NORMAL/`` and ``PNEUMONIA/`` directly.
+    More than ``max_rows`` studies in all are refused (a labels file's, before it is read to its end).
     """
     records: list[Record] = []
     for source in sources:
@@ -419,9 +440,11 @@ def site_records(sources: list[Path], split: str = "all", seed: int = 42, val_fr
             if kind == "folder":
                 records += list_records(source, "train") + list_records(source, "test")
             else:
-                records += read_labels_file(source) if kind == "labels" else read_nih_entries(source)
+                records += read_labels_file(source, max_rows) if kind == "labels" else read_nih_entries(source)
         else:
             records += dataset_split(source, split, seed, val_fraction)
+        if max_rows is not None and len(records) > max_rows:
+            raise LabelsFileError(f"the site set holds more than {max_rows:,} studies, the most one run takes")
     if not records:
         raise DatasetNotFoundError(f"no images in {', '.join(str(s) for s in sources)}")
     return records

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pneumoscan.files import sha256_file
 from pneumoscan.config import CLASS_NAMES, portable_path
-from pneumoscan.errors import ConfigurationError, InputError, TooFewSiteCases
+from pneumoscan.errors import ConfigurationError, InputError, LabelsFileError, TooFewSiteCases
 from pneumoscan.learning.data import (
     Record,
     content_checksum,
@@ -73,6 +73,9 @@ SITE_FOLDER = "site"
 #: Files of a model folder that belong to its card, not to the model: rewritten, never copied.
 CARD_FILES = (CARD_FILE, "MODEL_CARD.md")
 PROTOCOL_SEED = 0
+#: The most studies one calibration takes (a site's labelled set is hundreds to a few thousand): a labels file past it is
+#: refused before it is read to its end.
+MAX_SITE_ROWS = 100_000
 
 
 def minimum_cases(policy: str, target: float) -> dict[str, int]:
@@ -238,13 +241,11 @@ def calibrate(
     population classifier are copied unchanged.
     """
     model_dir, out = Path(model_dir), Path(out)
-    if out.resolve() == model_dir.resolve():
-        raise ConfigurationError("--out must be a new folder: the model calibrated on validation stays as it is")
+    check_new_folder(out, model_dir)
     predictor = Predictor.load(model_dir)
     if population is not None and population not in predictor.populations:
         raise ConfigurationError(f"{model_dir.name} has no population {population!r} (it has {', '.join(predictor.populations)})")
-    split_settings = predictor.card["validation"]["split"]
-    records = site_records(list(sources), split, split_settings["seed"], split_settings["val_fraction"])
+    records = site_set(predictor, sources, split)
     studies = score_site(predictor, records, progress)
     populations = [population] if population else sorted({s.population for s in studies}, key=list(predictor.populations).index)
     today = today or Date.today().isoformat()
@@ -261,6 +262,49 @@ def calibrate(
                          protocol=SITE_PROTOCOL_TEXT)  # fmt: skip
     write_card(out, card)
     return card
+
+
+def check_new_folder(out: Path, model_dir: Path) -> None:
+    """``--out`` is a new (or empty) folder: calibrate never writes over a model, its own or another's."""
+    if out.resolve() == model_dir.resolve():
+        raise ConfigurationError("--out must be a new folder: the model calibrated on validation stays as it is")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        holds = "a model" if (out / CARD_FILE).exists() or any(out.glob("*.onnx")) else "files"
+        raise ConfigurationError(f"--out {out} already holds {holds}: give a new folder (calibrate never overwrites one)")
+
+
+def site_set(predictor: Predictor, sources: list[Path], split: str) -> list[Record]:
+    """The site's labelled studies, each once, with one label (see :func:`each_study_once`)."""
+    split_settings = predictor.card["validation"]["split"]
+    records = site_records(list(sources), split, split_settings["seed"], split_settings["val_fraction"], MAX_SITE_ROWS)
+    return each_study_once(records)
+
+
+def each_study_once(records: list[Record]) -> list[Record]:
+    """A study listed twice (by the same path, or another file with the same bytes) counts once; with two labels, refused.
+
+    One normal and one pneumonia film listed 60 times each would pass the 50-per-class minimum and set
+    a threshold from two images; a file labelled both ways has no label at all.
+    """
+    first_of: dict[str, Record] = {}
+    digest_of: dict[Path, str] = {}
+    kept: list[Record] = []
+    for record in records:
+        digest = digest_of.get(record.path) or digest_of.setdefault(record.path, sha256_file(record.path))
+        first = first_of.setdefault(digest, record)
+        if first is record:
+            kept.append(record)
+        elif first.label != record.label:
+            raise LabelsFileError(f"{where(first)} and {where(record)} are the same image, labelled {first.class_name} and "
+                                  f"{record.class_name}: give it one label, then run again")  # fmt: skip
+    if len(kept) < len(records):
+        log.warning("%d rows of the site set repeat a study listed before (the same file, or the same bytes): each study "
+                    "is counted once (%d studies)", len(records) - len(kept), len(kept))  # fmt: skip
+    return kept
+
+
+def where(record: Record) -> str:
+    return f"{record.relative} (line {record.line})" if record.line else record.relative
 
 
 SITE_PROTOCOL_TEXT = (
@@ -297,8 +341,7 @@ def halves_protocol(
     population (flagged ones too, as ``evaluate`` does).
     """
     predictor = Predictor.load(model_dir)
-    split_settings = predictor.card["validation"]["split"]
-    records = site_records(list(sources), split, split_settings["seed"], split_settings["val_fraction"])
+    records = site_set(predictor, sources, split)
     studies = [s for s in score_site(predictor, records, progress) if s.population == population]
     halves = split_in_halves([s.record for s in studies], seed)
     by_path = {s.record.path: s for s in studies}
