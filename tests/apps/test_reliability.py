@@ -158,6 +158,29 @@ def test_every_api_route_needs_the_key_when_one_is_set(shipped_model: Path, tmp_
     assert client.get("/api/v1/predictions", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
+def test_metrics_and_the_schema_can_require_the_key_too(shipped_model: Path, tmp_path: Path) -> None:
+    """Off by default (a scraper without a key keeps working); on, /metrics and /openapi.json answer 401 without it."""
+    default = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path / "a", api_key="s3cret")))
+    assert default.get("/metrics").status_code == 200 and default.get("/openapi.json").status_code == 200
+    closed = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path / "b", api_key="s3cret",
+                                                   require_key_for_metrics_and_schema=True)))  # fmt: skip
+    for path in ("/metrics", "/openapi.json"):
+        assert closed.get(path).status_code == 401, path
+        assert closed.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200, path
+        assert closed.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+        assert closed.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+    assert closed.get("/healthz").status_code == 200 and closed.get("/docs").status_code == 200  # the page itself holds nothing
+
+
+def test_the_docs_are_served_from_this_origin_under_the_csp(shipped_model: Path, tmp_path: Path) -> None:
+    client = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path)))
+    page = client.get("/docs")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert "http" not in page.text.replace("http-equiv", "") and "<script>" not in page.text  # no CDN, no inline script
+    assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs/static/index.html").status_code == 404 and client.get("/redoc").status_code == 404
+
+
 def test_the_page_and_the_api_send_security_headers_and_cors_is_closed(shipped_model: Path, tmp_path: Path) -> None:
     client = TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path)))
     for url in ("/", "/static/app.js", "/api/v1/predictions", "/healthz"):
@@ -355,6 +378,26 @@ def test_the_shipped_container_needs_a_key(tmp_path: Path) -> None:
     compose = (root / "compose.yaml").read_text()
     assert "PNEUMOSCAN_API_KEY: ${PNEUMOSCAN_API_KEY:?" in compose
     assert "UNSAFE" not in compose and "unsafe" not in (root / "Dockerfile").read_text()
+
+
+def test_compose_restarts_and_limits_every_service_and_fixes_no_secret() -> None:
+    """Issue 27: compose had no restart policy (a node killed for memory stayed gone), no memory limits, a fixed
+    PostgreSQL password, and Orthanc's REST and DICOM ports without authentication."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "compose.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    for name, service in services.items():
+        assert service.get("restart") == "unless-stopped", name
+        assert str(service.get("mem_limit", "")).rstrip("g").isdigit(), name
+    assert services["db"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "pneumoscan:pneumoscan@" not in text and all("${POSTGRES_PASSWORD:?" in services[s]["environment"]["PNEUMOSCAN_DATABASE_URL"]
+                                                          for s in ("app", "dicom-node"))  # fmt: skip
+    orthanc = services["orthanc"]["environment"]
+    assert orthanc["ORTHANC__AUTHENTICATION_ENABLED"] == "true" and "${ORTHANC_PASSWORD:?" in orthanc["ORTHANC__REGISTERED_USERS"]
+    assert orthanc["ORTHANC__DICOM_ALWAYS_ALLOW_STORE"] == "false" and orthanc["ORTHANC__DICOM_CHECK_CALLED_AET"] == "true"
+    assert services["app"]["environment"]["PNEUMOSCAN_REQUIRE_KEY_FOR_METRICS_AND_SCHEMA"] == "true"
 
 
 def test_an_empty_key_never_means_no_authentication(shipped_model: Path, tmp_path: Path) -> None:

@@ -136,3 +136,29 @@ def test_the_page_shows_the_operating_point_in_force_and_warns_of_drift(site_mod
         expect(page.locator("#drift")).to_contain_text("Recent studies do not look like those the operating point was set on")
         page.screenshot(path=str(OUTPUT / "web-drift.png"), full_page=True)
         browser.close()
+
+
+def test_the_api_docs_load_from_this_origin_under_the_csp(shipped_model: Path, tmp_path: Path) -> None:
+    """Swagger UI comes from the installed package, not a CDN; it runs under the page's Content-Security-Policy
+    (no inline script) and sends the tab's key with its requests (issue 27: /docs had no CSP and a CDN without integrity)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    env = {"PNEUMOSCAN_API_KEY": "docs-key", "PNEUMOSCAN_REQUIRE_KEY_FOR_METRICS_AND_SCHEMA": "true"}
+    with live_server(tmp_path / "service", env) as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update"])  # fmt: skip
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        foreign: list[str] = []
+        page.on("request", lambda r: foreign.append(r.url) if not r.url.startswith(base) else None)
+        response = page.goto(base + "/docs")
+        policy = response.headers["content-security-policy"]
+        assert "script-src 'self' 'wasm-unsafe-eval'" in policy and "frame-ancestors 'none'" in policy
+        page.evaluate("sessionStorage.setItem('pneumoscan-api-key', 'docs-key')")
+        page.reload()
+        expect(page.locator(".opblock-summary-path").first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("/api/v1/predictions", exact=True).first).to_be_visible()
+        page.screenshot(path=str(OUTPUT / "web-docs.png"))
+        browser.close()
+    assert foreign == [] and not [m for m in problems if "Content Security Policy" in m or "Refused" in m], (foreign, problems)

@@ -244,8 +244,8 @@ ISOLATION_HEADERS = {
     "Cross-Origin-Embedder-Policy": "require-corp",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-#: FastAPI's interactive docs load Swagger UI from a CDN; they keep only the generic headers.
-DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")
+#: Swagger UI's files that the docs page loads, from the installed package (never a CDN): served under /docs/static/.
+SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
 
 
 def create_app(settings: ServiceSettings | None = None, predictor: Predictor | None = None) -> FastAPI:
@@ -267,7 +267,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     for row in reversed(audit.recent(settings.drift_window)):  # a restart keeps watching: only rows of this model and operating point
         if row["model_sha256"] == predictor.model_sha256 and answered_by(predictor, row):
             drift.add(Observation(row.get("population"), row["probability"], row.get("ood_score")))
-    app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays")
+    app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays",
+                  docs_url=None, redoc_url=None)  # the docs page is ours: Swagger UI from this origin, under the CSP
     app.state.predictor = predictor
     @app.get("/static/vendor/onnxruntime-web/{name}", include_in_schema=False)
     async def runtime_file(name: str, request: Request) -> FileResponse:
@@ -432,6 +433,18 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             return Response(await run_in_threadpool(gate_bytes, point.gate), media_type="application/octet-stream")
         raise HTTPException(404, "no such model file")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(STATIC / "docs.html", media_type="text/html")
+
+    @app.get("/docs/static/{name}", include_in_schema=False)
+    async def docs_file(name: str) -> FileResponse:
+        from swagger_ui_bundle import swagger_ui_path
+
+        if name not in SWAGGER_FILES:
+            raise HTTPException(404, "no such file")
+        return FileResponse(Path(str(swagger_ui_path)) / name, media_type=SWAGGER_FILES[name])
+
     @app.get("/sw.js", include_in_schema=False)
     async def service_worker() -> FileResponse:
         """At the root, so that it may keep the page itself for offline use."""
@@ -468,12 +481,15 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     app.add_middleware(UploadGuard, path=f"{API}/predictions", max_file_bytes=settings.max_upload_bytes,
                        admission=admitted, on_shed=shed.inc)  # fmt: skip
 
+    keyed = ("/metrics", "/openapi.json") if settings.require_key_for_metrics_and_schema else ()
+
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if api_key and request.url.path.startswith("/api/"):
-            given = request.headers.get("x-api-key", "")
+        path = request.url.path
+        if api_key and (path.startswith("/api/") or path in keyed):
+            given = request.headers.get("x-api-key", "") or bearer_token(request.headers.get("authorization", ""))
             if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(401, "unauthorized", "a valid X-API-Key header is required")
+                return error(401, "unauthorized", "a valid X-API-Key header (or Authorization: Bearer) is required")
         return await call_next(request)
 
     @app.middleware("http")
@@ -496,15 +512,20 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     async def security_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
         response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
-        if request.url.path not in DOCS_PATHS:
-            response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
-            response.headers.update(ISOLATION_HEADERS)
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers.update(ISOLATION_HEADERS)
         return response
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key"])  # fmt: skip
     return app
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of ``Authorization: Bearer <token>``: what Prometheus's scrape configuration can send."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def answered_by(predictor: Predictor, row: dict) -> bool:

@@ -53,6 +53,8 @@ class ServiceSettings(ApplicationSettings):
     # Serving anything but the loopback address without a key lists and sends every X-ray to whoever can reach the port:
     # refused at start unless this says, by name, that it is meant.
     unsafe_allow_unauthenticated_network_access: bool = False
+    # With a key: /metrics and /openapi.json need it too (X-API-Key, or Authorization: Bearer for a Prometheus scraper).
+    require_key_for_metrics_and_schema: bool = False
     keep_uploads: bool = False
     picture_cache_mb: float = 32.0  # X-rays and heat maps of recent predictions, kept in memory: bounded in bytes
     min_free_disk_mb: float = 512.0  # below it, /readyz says not ready: uploads are spooled and the audit log written there
