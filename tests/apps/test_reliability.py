@@ -519,3 +519,28 @@ def test_the_server_refuses_every_bomb_within_100_mb_of_growth(tmp_path: Path, d
         assert answer.startswith(b"HTTP/1.1 413") and b"ImageTooLarge" in answer and sent == 0, answer[:300]
         growth = peak_mb(server.process.pid) - before
     assert growth < 100, f"the server's peak memory grew by {growth:.0f} MB while refusing"
+
+
+@pytest.mark.slow
+def test_an_honest_film_at_the_pixel_limit_costs_the_server_at_most_250_mb(tmp_path: Path, data_root: Path) -> None:
+    """Issue 27: a 3 MB JPEG 2000 of 30 M 16-bit pixels (no bomb: its codestream says what its header says) grew the
+    server from 264 to 1244 MB. Now it is scored within +250 MB of peak memory (VmHWM)."""
+    from bench_hardening import peak_mb
+    from dicom_factory import JPEG_2000_LOSSLESS, large_dicom
+
+    from pneumoscan.config import MAX_INPUT_PIXELS
+
+    width = int((MAX_INPUT_PIXELS * 10 / 11) ** 0.5)
+    honest = large_dicom(width, MAX_INPUT_PIXELS // width, JPEG_2000_LOSSLESS)
+    warm = large_dicom(256, 256, JPEG_2000_LOSSLESS)
+    with load_test.running_server(tmp_path / "service") as server:
+        for _ in range(2):  # the model, the decoders, the picture cache and the audit log warmed up
+            answer = httpx.post(f"{server.base}/api/v1/predictions", files={"file": ("w.dcm", warm, "application/dicom")}, timeout=60)
+            assert answer.status_code == 201, answer.text
+        before = peak_mb(server.process.pid)
+        answer = httpx.post(f"{server.base}/api/v1/predictions", files={"file": ("x.dcm", honest, "application/dicom")}, timeout=120)
+        assert answer.status_code == 201, answer.text
+        picture = httpx.get(f"{server.base}/api/v1/predictions/{answer.json()['id']}/heatmap.png", timeout=60)
+        assert picture.status_code == 200
+        growth = peak_mb(server.process.pid) - before
+    assert growth <= 250, f"the server's peak memory grew by {growth:.0f} MB for one {len(honest) / 1e6:.1f} MB upload"

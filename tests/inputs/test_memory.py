@@ -29,14 +29,16 @@ WIDTH = int((MAX_INPUT_PIXELS * 10 / 11) ** 0.5)
 HEIGHT = MAX_INPUT_PIXELS // WIDTH
 
 LOAD_AND_MEASURE = """
-import json, resource, sys
+import json, sys
+def hwm():  # VmHWM in kB: this process's own peak (ru_maxrss keeps the parent's peak across exec)
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])
 import numpy as np
 from pneumoscan.inputs.imaging import load_xray
 big, warm = open(sys.argv[1], 'rb').read(), open(sys.argv[2], 'rb').read()
 load_xray(warm)  # the decoders' libraries loaded, so only the large image's own memory is measured
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 image = load_xray(big).image
-growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+growth = (hwm() - base) / 1024
 pixels = np.asarray(image)
 print(json.dumps({'growth_mb': growth, 'size': image.size, 'mode': image.mode, 'top_row': float(pixels[0].mean()),
                   'bottom_left': int(pixels[-1, 0]), 'bottom_right': int(pixels[-1, -1])}))

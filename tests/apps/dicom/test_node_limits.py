@@ -220,3 +220,19 @@ def test_header_values_highdicom_rejects_never_cost_the_results(tmp_path, films,
             assert result.StudyInstanceUID == study.StudyInstanceUID and result.get(keyword, "") == ""
     finally:
         node.stop()
+
+
+def test_an_association_past_its_byte_limit_gets_failure_statuses_and_a_new_one_is_served(tmp_path, films, predictor) -> None:
+    study = radiograph_dataset(films[0])
+    size = len(study.PixelData)
+    node = start_node(tmp_path, predictor, max_association_bytes=int(size * 1.5))
+    try:
+        answers = send(node.port, [radiograph_dataset(films[i % len(films)]) for i in range(3)])
+        assert [int(a.Status) for a in answers] == [0, OVER_LIMIT, OVER_LIMIT], answers
+        assert answers[1].ErrorComment.startswith("association over") and "open a new one" in answers[1].ErrorComment
+        assert [int(a.Status) for a in send(node.port, [study])] == [0]  # the limit is per association
+        node.jobs.join()
+        assert [row["outcome"] for row in node.audit.instances()] == [SCORED, SCORED]
+        assert list((tmp_path / "node" / "dicom" / "receiving").iterdir()) == []
+    finally:
+        node.stop()

@@ -24,12 +24,14 @@ from pneumoscan.apps.triage import read_worklist
 pytestmark = pytest.mark.slow
 
 PULL_AND_MEASURE = """
-import json, resource, sys, time
+import json, sys, time
+def hwm():  # VmHWM in kB: this process's own peak (ru_maxrss keeps the parent's peak across exec)
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1])
 from datetime import date
 from pathlib import Path
 from pneumoscan.apps.dicom.pull import pull
 from pneumoscan.errors import PacsUnavailable
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 started = time.monotonic()
 try:
     pulled = pull(sys.argv[1], date(2026, 1, 1), Path(sys.argv[2]), progress=False)
@@ -38,7 +40,7 @@ try:
 except PacsUnavailable as exc:
     outcome = {"unavailable": str(exc)}
 outcome["seconds"] = time.monotonic() - started
-outcome["growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+outcome["growth_mb"] = (hwm() - base) / 1024
 print(json.dumps(outcome))
 """
 

@@ -180,6 +180,8 @@ class DicomNode:
             log.warning("refused an instance of %d MB or more from %s: over the limit of %d MB per instance "
                         "(%d MB per association)", bounded.received // 2**20, event.assoc.requestor.ae_title,
                         self.settings.max_upload_bytes // 2**20, self.settings.max_association_bytes // 2**20)  # fmt: skip
+            if bounded.limit < self.settings.max_upload_bytes:  # what the association had left
+                return failure(OVER_LIMIT, f"association over {self.settings.max_association_bytes // 2**20} MB: open a new one")
             return failure(OVER_LIMIT, f"over the limit of {self.settings.max_upload_bytes // 2**20} MB per instance")
         try:
             sidecar = {"calling_ae": str(event.assoc.requestor.ae_title).strip(), "received_at": now().isoformat()}
