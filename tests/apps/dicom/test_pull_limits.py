@@ -76,11 +76,13 @@ def triage_command(url: str, out: Path, model: Path, *extra: str) -> subprocess.
                           capture_output=True, text=True, timeout=150)  # fmt: skip
 
 
-def test_a_pacs_that_trickles_every_answer_is_unreachable_exit_3_within_the_deadline(tmp_path: Path, shipped_model: Path) -> None:
-    server = HostileDicomweb("trickle", trickle_seconds=1.0).start()
+@pytest.mark.parametrize("trickle, deadline", [(1.0, 4), (3.0, 2)], ids=["past-the-deadline", "past-the-read-timeout"])
+def test_a_pacs_that_trickles_every_answer_is_unreachable_exit_3_within_the_deadline(trickle: float, deadline: int, tmp_path: Path,
+                                                                                      shipped_model: Path) -> None:  # fmt: skip
+    server = HostileDicomweb("trickle", trickle_seconds=trickle).start()
     try:
         started = time.monotonic()
-        result = triage_command(server.url, tmp_path / "out", shipped_model, "--request-seconds", "4")
+        result = triage_command(server.url, tmp_path / "out", shipped_model, "--request-seconds", str(deadline))
         took = time.monotonic() - started
     finally:
         server.stop()

@@ -140,6 +140,7 @@ class DicomwebReader:
     def get(self, path: str, accept: str, max_bytes: int, params: dict | None = None) -> tuple[str, bytes]:
         """The answer's content type and body; PullFailure when it is not 200, too large, or too slow."""
         import requests
+        import urllib3
 
         deadline = time.monotonic() + self.limits.request_seconds
         read_timeout = max(1.0, min(10.0, self.limits.request_seconds))
@@ -158,7 +159,7 @@ class DicomwebReader:
                     if time.monotonic() > deadline:
                         raise requests.exceptions.Timeout(f"not finished after {self.limits.request_seconds:.0f} s")
                 content_type = response.headers.get("Content-Type", "")
-        except requests.exceptions.RequestException as exc:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:  # the body is read from urllib3
             self.failures_in_a_row += 1
             raise Unreachable(f"the PACS did not answer in time or broke off ({type(exc).__name__}: {str(exc)[:120]})") from exc
         except OSError as exc:  # a connection reset while reading the body
