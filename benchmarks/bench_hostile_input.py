@@ -244,7 +244,11 @@ PULL = (
     "import sys\n"
     "from datetime import date\n"
     "from pathlib import Path\n"
-    "import pneumoscan.apps.dicom.pull as pull_mode, requests, numpy\n"
+    "try:\n"
+    "    import pneumoscan.apps.dicom.pull as pull_mode\n"
+    "except ImportError:  # before issue 27 the module was apps/dicomweb_pull.py\n"
+    "    import pneumoscan.apps.dicomweb_pull as pull_mode\n"
+    "import requests, numpy\n"
     "print('ready', flush=True); sys.stdin.readline()\n"
     "try:\n"
     "    pulled = pull_mode.pull(sys.argv[1], date(2026, 1, 1), Path(sys.argv[2]), progress=False)\n"
@@ -304,6 +308,11 @@ def calibrate_attack(folder: Path, data_root: Path) -> Row:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="loader,server,node,pull,calibrate", help="which attacks (comma-separated)")
+    chosen = parser.parse_args().steps.split(",")
     from pneumoscan.config import default_data_root
 
     data_root = default_data_root()
@@ -311,14 +320,15 @@ def main() -> None:
     good = io.BytesIO()
     radiograph_dataset(film).save_as(good, enforce_file_format=True)
     rows: list[Row] = []
-    steps: list[Callable[[Path], list[Row]]] = [
-        lambda folder: loader_attacks(),
-        lambda folder: server_attacks(folder),
-        lambda folder: node_attacks(folder, film),
-        lambda folder: [pull_attack(mode, folder, good.getvalue()) for mode in ("endless", "huge", "endless-chunked", "trickle", "malformed")],
-        lambda folder: [calibrate_attack(folder, data_root)],
-    ]
-    for step in steps:
+    steps: dict[str, Callable[[Path], list[Row]]] = {
+        "loader": lambda folder: loader_attacks(),
+        "server": lambda folder: server_attacks(folder),
+        "node": lambda folder: node_attacks(folder, film),
+        "pull": lambda folder: [pull_attack(mode, folder, good.getvalue())
+                                for mode in ("endless", "huge", "endless-chunked", "trickle", "malformed")],
+        "calibrate": lambda folder: [calibrate_attack(folder, data_root)],
+    }
+    for step in (steps[name] for name in chosen):
         with tempfile.TemporaryDirectory() as folder:
             rows += step(Path(folder))
             print(f"... {rows[-1]}", file=sys.stderr, flush=True)

@@ -345,12 +345,8 @@ def radiograph_dicom(source: Path, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def large_dicom(width: int, height: int, transfer_syntax: str | None = None, bits_stored: int = 12) -> bytes:
-    """An honest 16-bit DX of ``width``×``height`` pixels (a smooth ramp, so it compresses to a small file).
-
-    What a modality with a large detector sends: no bomb, its codestream declares what its header says.
-    The ramp rises down the rows from 0 to the top stored value, its slope varying across the columns.
-    """
+def dx_header(width: int, height: int, bits_stored: int = 12) -> "Dataset":  # noqa: F821
+    """A 16-bit DX header of ``width``×``height`` pixels, without its pixel data."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
@@ -367,6 +363,16 @@ def large_dicom(width: int, height: int, transfer_syntax: str | None = None, bit
     ds.Rows, ds.Columns = height, width
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    return ds
+
+
+def large_dicom(width: int, height: int, transfer_syntax: str | None = None, bits_stored: int = 12) -> bytes:
+    """An honest 16-bit DX of ``width``×``height`` pixels (a smooth ramp, so it compresses to a small file).
+
+    What a modality with a large detector sends: no bomb, its codestream declares what its header says.
+    The ramp rises down the rows from 0 to the top stored value, its slope varying across the columns.
+    """
+    ds = dx_header(width, height, bits_stored)
     top = 2**bits_stored - 1
     rows = np.linspace(0, top, height, dtype=np.float32)[:, None]
     slope = np.linspace(0.5, 1.0, width, dtype=np.float32)[None, :]
@@ -380,21 +386,7 @@ def large_dicom(width: int, height: int, transfer_syntax: str | None = None, bit
 
 def write_huge_dicom(path: Path, side: int = 14_142) -> Path:
     """A DX of ``side``² 16-bit pixels (14142²: 400 MB) written a chunk at a time, never whole in memory."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.Rows, ds.Columns = "DX", side, side
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.save_as(path, enforce_file_format=True)
+    dx_header(side, side).save_as(path, enforce_file_format=True)
     length = side * side * 2
     with open(path, "ab") as handle:
         handle.write(struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\x00\x00" + struct.pack("<I", length))

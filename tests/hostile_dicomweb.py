@@ -6,6 +6,7 @@ Modes (issue 27):
 - ``endless-chunked``: one instance whose WADO answer is chunked and never ends;
 - ``trickle``: every answer sends its headers, then one byte every ``trickle_seconds``;
 - ``trickle-wado``: the searches answer at once, the three retrievals trickle;
+- ``no-content``: not hostile: every search finds nothing and says so with 204 No Content;
 - ``malformed``: one good chest DX among a search result without StudyInstanceUID, UIDs ``..`` and
   ``1.2<newline>3``, and instances answered as ``text/html`` or as bytes that are not DICOM.
 Every request loop is bounded by the client; ``stop()`` ends the server.
@@ -71,6 +72,10 @@ class HostileDicomweb:
         if self.mode == "trickle":
             return self.trickle(handler)
         if parts[-1] in ("series", "instances"):
+            if self.mode == "no-content":  # how dcm4chee and others answer a search that finds nothing
+                handler.send_response(204)
+                handler.send_header("Content-Length", "0")
+                return handler.end_headers()
             return self.send_json(handler, self.search(parts, query))
         sop = parts[-1]
         if self.mode == "endless":

@@ -128,3 +128,13 @@ def test_malformed_answers_are_rows_with_their_reason_and_the_good_study_is_scor
         assert words in reasons, (words, reasons)
     assert "1 new" in first.stdout and "0 new" in again.stdout
     assert not any(p.name == "etc" for p in (tmp_path / "out").rglob("*"))  # a UID never names a path
+
+
+def test_a_search_that_finds_nothing_with_204_is_no_new_study_not_an_error(tmp_path: Path, shipped_model: Path) -> None:
+    server = HostileDicomweb("no-content").start()
+    try:
+        result = triage_command(server.url, tmp_path / "out", shipped_model)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert "0 CR/DX series, 0 instances, 0 new" in result.stdout and read_worklist(tmp_path / "out") == []

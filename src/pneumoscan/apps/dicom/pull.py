@@ -147,6 +147,9 @@ class DicomwebReader:
         try:
             with self.session.get(f"{self.url}{path}", params=params, headers={"Accept": accept}, stream=True,
                                   timeout=(min(5.0, self.limits.request_seconds), read_timeout)) as response:  # fmt: skip
+                if response.status_code == 204:  # a search that found nothing, as several PACS answer it
+                    self.failures_in_a_row = 0
+                    return "", b""
                 if response.status_code != 200:
                     self.failures_in_a_row = 0  # it answered
                     raise PullFailure(f"the PACS answered HTTP {response.status_code}")
@@ -176,7 +179,7 @@ class DicomwebReader:
             limit = min(self.limits.page_size, cap - len(results))
             content_type, body = self.get(path, "application/dicom+json", self.limits.max_query_bytes,
                                           {**filters, "limit": str(limit), "offset": str(len(results))})  # fmt: skip
-            if not body.strip():  # 204 No Content is answered as 200 with nothing by some servers
+            if not body.strip():  # 204 No Content, or a 200 with nothing in it
                 break
             try:
                 page = json.loads(body)
