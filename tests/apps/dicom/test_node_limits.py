@@ -202,6 +202,30 @@ def test_an_acknowledged_instance_is_scored_once_the_audit_log_is_back_without_a
         node.stop()
 
 
+def test_an_acknowledged_instance_is_scored_once_the_disk_has_room_again(tmp_path, films, predictor, monkeypatch) -> None:
+    """The outbox's disk full (ENOSPC) for the first two tries: the instance stays in the spool and is retried."""
+    import errno
+
+    from pneumoscan.apps.dicom.outbox import Outbox
+
+    put, failures = Outbox.put, [2]
+
+    def full_then_room(self, entry, datasets):  # type: ignore[no-untyped-def]
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return put(self, entry, datasets)
+
+    monkeypatch.setattr(Outbox, "put", full_then_room)
+    node = start_node(tmp_path, predictor)
+    try:
+        assert [int(a.Status) for a in send(node.port, [radiograph_dataset(films[1])])] == [0]
+        assert wait_for(lambda: [r["outcome"] for r in node.audit.instances()] == [SCORED], 20), node.audit.instances()
+        assert list(node.spool.glob("*.dcm")) == [] and failures == [0] and len(node.outbox.pending()) == 1
+    finally:
+        node.stop()
+
+
 @pytest.mark.parametrize("keyword, value", [("PatientSex", "Q"), ("StudyDate", "20261399"), ("StudyTime", "99xx"),
                                             ("PatientBirthDate", "1970-01-01")])  # fmt: skip
 def test_header_values_highdicom_rejects_never_cost_the_results(tmp_path, films, predictor, keyword, value) -> None:
