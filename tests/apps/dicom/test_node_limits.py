@@ -260,3 +260,26 @@ def test_an_association_past_its_byte_limit_gets_failure_statuses_and_a_new_one_
         assert list((tmp_path / "node" / "dicom" / "receiving").iterdir()) == []
     finally:
         node.stop()
+
+
+def test_results_stay_in_the_source_study_whatever_its_uid_looks_like(films, predictor) -> None:
+    """A UID with leading zeros (some modalities write them) is kept; a missing one is derived, the same each time."""
+    import io
+
+    from pneumoscan.apps.dicom.results import ModelIdentity, build_results
+    from pneumoscan.inputs.imaging import load_xray
+
+    model = ModelIdentity.of_predictor(predictor)
+    study = radiograph_dataset(films[0])
+    study.StudyInstanceUID = "1.2.840.0113654.2.70.1.123"
+    buffer = io.BytesIO()
+    study.save_as(buffer, enforce_file_format=True)
+    loaded = load_xray(buffer.getvalue())
+    prediction = predictor.predict_loaded(loaded, heatmap=True)
+    header = pydicom.dcmread(io.BytesIO(buffer.getvalue()), stop_before_pixels=True)
+    results = build_results(header, loaded.image, prediction, model)
+    assert results.dropped == () and {o.StudyInstanceUID for o in results} == {study.StudyInstanceUID}
+    del header.StudyInstanceUID
+    first, again = build_results(header, loaded.image, prediction, model), build_results(header, loaded.image, prediction, model)
+    assert "StudyInstanceUID" in first.dropped and first.report.StudyInstanceUID == first.heatmap.StudyInstanceUID
+    assert first.report.StudyInstanceUID == again.report.StudyInstanceUID  # one derived study for both objects, every time

@@ -133,7 +133,9 @@ def acceptable_value(header: Dataset, keyword: str) -> bool:
             return str(value).strip().upper() in PATIENT_SEX_VALUES
         if keyword.endswith("UID"):
             text = str(value)
-            return len(text) <= 64 and all(part.isdigit() and (part == "0" or not part.startswith("0")) for part in text.split("."))
+            # digits in dot-separated parts; leading zeros, which some modalities write, are kept (highdicom takes them,
+            # and a derived UID would put the results in another study)
+            return len(text) <= 64 and all(part.isascii() and part.isdigit() for part in text.split("."))
         str(value)
         return True
     except Exception:  # noqa: BLE001 - a value pydicom cannot even convert is not acceptable
