@@ -275,6 +275,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if metrics.get("by_view"):
             print(f"  view mix reversed: AUROC {metrics['by_view']['reversed_view_mix']['auroc']:.4f} "
                   f"(view alone: {metrics['by_view']['view_only_baseline']['auroc_reversed_view_mix']:.4f})")  # fmt: skip
+        if metrics.get("localisation"):
+            from pneumoscan.learning.localisation import localisation_table
+
+            print(f"  where the heat map points, on the films with radiologists' boxes:\n{localisation_table(metrics['localisation'])}")
         print(f"report: {(out / population if population else out) / 'report.md'}")
     return 0
 

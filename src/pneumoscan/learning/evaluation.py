@@ -476,4 +476,43 @@ def evaluate(
                                                subject.name if single else f"{subject.name} ({population})")  # fmt: skip
     if not results:
         raise ConfigurationError(f"no image of {split} belongs to a population the model is validated for ({', '.join(calibrations)})")
+    for population, metrics in results.items():
+        chosen = [records[i] for i, r in enumerate(records) if (r.population or "child") == population or single]
+        figures = localisation_of(subject, sources, chosen)
+        if figures is not None:
+            metrics["localisation"] = figures
+            write_localisation(Path(out) if single else Path(out) / population, figures, split)
     return next(iter(results.values())) if single else {"populations": results}
+
+
+def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[Record]) -> dict | None:
+    """The heat maps of the pneumonia films that have radiologists' boxes, measured (see :mod:`localisation`).
+
+    None when no dataset has a ``boxes.csv``, or the model is a checkpoint (the heat map measured is
+    the exported graph's, the one every answer shows).
+    """
+    from PIL import Image
+
+    from pneumoscan.learning.localisation import boxes_file_of, localise, read_boxes
+
+    boxes = {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
+    boxed = [r for r in records if r.label == 1 and r.path.resolve() in boxes]
+    if not boxed or subject.onnx is None:
+        return None
+    size_of = lambda record: Image.open(record.path).size  # noqa: E731  (the header only)
+    predictions = subject.onnx.predict([r.path for r in boxed], heatmap=True)
+    training = [(r, size_of(r)) for r in records_of(sources, "train", subject.seed, subject.val_fraction)
+                if r.label == 1 and r.path.resolve() in boxes]  # fmt: skip
+    return localise(boxed, [p.heatmap for p in predictions], [size_of(r) for r in boxed], boxes, training)
+
+
+def write_localisation(folder: Path, figures: dict, split: str) -> None:
+    from pneumoscan.learning.localisation import localisation_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "localisation.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (folder / "localisation.md").write_text(
+        f"# Localisation on the {split} part: heat maps against the radiologists' boxes\n\n"
+        "Pointing game: the heat map's maximum inside a box; mass inside: the share of the map inside the boxes. "
+        "Fixed point and fixed map: learnt from the training part's boxes, the same on every film; flat map: the "
+        "boxes' share of the film. 95 % intervals resample patients.\n\n" + localisation_table(figures) + "\n")

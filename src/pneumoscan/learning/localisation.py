@@ -1,0 +1,180 @@
+"""Does the heat map point where a radiologist would? Its figures against radiologists' boxes, beside fixed baselines.
+
+A heat map is a claim about *where* the pneumonia is, and clinicians read it so. This measures
+the claim on the films whose opacities radiologists boxed (``boxes.csv`` beside a dataset's
+labels file: ``path,x,y,width,height`` in pixels of the file, x and y its top-left corner, as
+the RSNA 2018 boxes of ``rsna_adult``):
+
+- **pointing game**: the map's maximum lies inside a box;
+- **mass inside**: the share of the map's total that lies inside the boxes.
+
+Beside each, what needs no model at all, learnt from the *training* part's boxes: the **fixed
+point** (the pixel most often inside a training box, the same on every film) and the **fixed
+map** (how often each pixel is inside a training box). A heat map that does not beat them does not
+localise. Intervals resample patients (95 %, percentile bootstrap).
+
+Everything is computed on the heat map's own grid (the model's input size): the boxes are
+scaled from the file's size to it, as the image itself is (aspect not kept).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan.errors import LabelsFileError
+from pneumoscan.learning.data import Record, labels_file_of
+
+BOXES_FILE = "boxes.csv"
+BOX_COLUMNS = ("path", "x", "y", "width", "height")
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Box:
+    """A radiologist's box, in pixels of the image file (x, y: top-left corner)."""
+
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+def boxes_file_of(source: Path) -> Path | None:
+    """The ``boxes.csv`` beside a dataset's labels file, if it has one."""
+    path = labels_file_of(Path(source)).parent / BOXES_FILE
+    return path if path.is_file() else None
+
+
+def read_boxes(path: Path) -> dict[Path, list[Box]]:
+    """Each image's boxes, keyed by the image's resolved path; a bad row is refused with its line."""
+    path = Path(path)
+    boxes: dict[Path, list[Box]] = {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ())[:5] != BOX_COLUMNS:
+            raise LabelsFileError(f"{path.name}: the columns must be {','.join(BOX_COLUMNS)} (found {','.join(reader.fieldnames or [])})")
+        for line, row in enumerate(reader, start=2):
+            try:
+                box = Box(*(float(row[c]) for c in BOX_COLUMNS[1:]))
+            except (TypeError, ValueError):
+                raise LabelsFileError(f"{path.name}, line {line}: x, y, width and height must be numbers") from None
+            if box.width <= 0 or box.height <= 0:
+                raise LabelsFileError(f"{path.name}, line {line}: a box has a positive width and height")
+            boxes.setdefault((path.parent / (row["path"] or "").strip()).resolve(), []).append(box)
+    return boxes
+
+
+def box_mask(boxes: Sequence[Box], image_size: tuple[int, int], grid: int) -> np.ndarray:
+    """``grid``×``grid`` booleans: which pixel centres of the heat map lie inside any box (scaled from the file's size)."""
+    width, height = image_size
+    centres = (np.arange(grid) + 0.5) / grid
+    xs, ys = centres * width, centres * height
+    mask = np.zeros((grid, grid), dtype=bool)
+    for box in boxes:
+        columns = (xs >= box.x) & (xs < box.x + box.width)
+        rows = (ys >= box.y) & (ys < box.y + box.height)
+        mask |= rows[:, None] & columns[None, :]
+    return mask
+
+
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> bool:
+    """The map's maximum inside a box (the first maximum, in reading order, when several pixels share it)."""
+    return bool(mask.flat[int(np.argmax(heatmap))])
+
+
+def mass_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """The share of the map's total inside the boxes; a map that is zero everywhere has none."""
+    total = float(np.sum(heatmap))
+    return float(np.sum(heatmap[mask]) / total) if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """What the training part's boxes give without looking at the film."""
+
+    fixed_point: tuple[int, int]  # row, column of the heat-map grid
+    fixed_map: np.ndarray  # grid×grid: how often each pixel is inside a training box
+
+    @classmethod
+    def learn(cls, training_masks: Sequence[np.ndarray]) -> Baselines:
+        if not training_masks:
+            raise LabelsFileError("no training image has boxes: the baselines cannot be learnt")
+        frequency = np.mean(np.stack(training_masks).astype(np.float64), axis=0)
+        row, column = np.unravel_index(int(np.argmax(frequency)), frequency.shape)
+        return cls((int(row), int(column)), frequency)
+
+
+def bootstrap_mean(values: np.ndarray, patients: Sequence[str], resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of a mean over images, resampling patients with replacement."""
+    values = np.asarray(values, dtype=np.float64)
+    _, index = np.unique(np.asarray(patients), return_inverse=True)
+    n = index.max() + 1
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(resamples):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n)[index]
+        if weights.sum():
+            means.append(float(np.average(values, weights=weights)))
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def figure(values: np.ndarray, patients: Sequence[str], resamples: int) -> dict[str, object]:
+    return {"value": float(np.mean(values)), "ci": list(bootstrap_mean(values, patients, resamples))}
+
+
+def localisation_figures(masks: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], patients: Sequence[str],
+                         baselines: Baselines, resamples: int = RESAMPLES) -> dict[str, object]:  # fmt: skip
+    """The pointing game and the mass inside for the heat maps and for both baselines, over films with boxes."""
+    row, column = baselines.fixed_point
+    hits = np.asarray([pointing_hit(h, m) for h, m in zip(heatmaps, masks, strict=True)], dtype=float)
+    fixed_hits = np.asarray([m[row, column] for m in masks], dtype=float)
+    mass = np.asarray([mass_inside(h, m) for h, m in zip(heatmaps, masks, strict=True)])
+    fixed_mass = np.asarray([mass_inside(baselines.fixed_map, m) for m in masks])
+    return {
+        "n": len(masks),
+        "patients": len(set(patients)),
+        "pointing_game": figure(hits, patients, resamples),
+        "pointing_game_fixed_point": figure(fixed_hits, patients, resamples),
+        "mass_inside": figure(mass, patients, resamples),
+        "mass_inside_fixed_map": figure(fixed_mass, patients, resamples),
+        "box_area_share": float(np.mean([m.mean() for m in masks])),  # what a flat map puts inside
+    }
+
+
+def localise(records: Sequence[Record], heatmaps: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
+             boxes: dict[Path, list[Box]], training: Sequence[tuple[Record, tuple[int, int]]],
+             resamples: int = RESAMPLES) -> dict[str, object]:  # fmt: skip
+    """Figures over the films with boxes, in all and per view, with the baselines of the ``training`` films' boxes."""
+    grid = int(np.asarray(heatmaps[0]).shape[-1]) if heatmaps else 224
+    baselines = Baselines.learn([box_mask(boxes[r.path.resolve()], size, grid) for r, size in training
+                                 if r.path.resolve() in boxes])  # fmt: skip
+    chosen = [i for i, r in enumerate(records) if r.path.resolve() in boxes]
+    masks = {i: box_mask(boxes[records[i].path.resolve()], image_sizes[i], grid) for i in chosen}
+    groups = {"all": chosen} | {f"view {view}": [i for i in chosen if records[i].view == view]
+                                for view in sorted({records[i].view for i in chosen if records[i].view})}  # fmt: skip
+    out: dict[str, object] = {"fixed_point": list(baselines.fixed_point), "grid": grid}
+    for name, picked in groups.items():
+        if picked:
+            out[name] = localisation_figures([masks[i] for i in picked], [np.asarray(heatmaps[i]) for i in picked],
+                                             [records[i].patient for i in picked], baselines, resamples)  # fmt: skip
+    return out
+
+
+def localisation_table(figures: dict) -> str:
+    """The figures as a Markdown table, each beside its baseline."""
+    def cell(entry: dict) -> str:
+        low, high = entry["ci"]
+        return f"{entry['value']:.3f} ({low:.3f}–{high:.3f})"
+
+    lines = ["| films with boxes | n | pointing game | fixed point | mass inside | fixed map | flat map |", "|---|---|---|---|---|---|---|"]
+    for name, entry in figures.items():
+        if isinstance(entry, dict) and "pointing_game" in entry:
+            lines.append(f"| {name} | {entry['n']} | {cell(entry['pointing_game'])} | {cell(entry['pointing_game_fixed_point'])} | "
+                         f"{cell(entry['mass_inside'])} | {cell(entry['mass_inside_fixed_map'])} | {entry['box_area_share']:.3f} |")
+    return "\n".join(lines)
