@@ -13,8 +13,10 @@ from pneumoscan.learning.data import records_of
 from pneumoscan.learning.localisation import (
     Baselines,
     Box,
+    best_level,
     bootstrap_mean,
     box_mask,
+    overlap,
     localisation_figures,
     mass_inside,
     pointing_hit,
@@ -30,6 +32,18 @@ def test_a_map_peaking_inside_a_box_scores_1_and_outside_0() -> None:
     assert mass_inside(inside, mask) == 1.0 and mass_inside(outside, mask) == 0.0
     assert mass_inside(np.ones((224, 224)), mask) == pytest.approx(0.5)  # a flat map puts the box's share inside
     assert mass_inside(np.zeros((224, 224)), mask) == 0.0
+
+
+def test_iou_and_dice_of_the_thresholded_map_and_the_level_chosen_on_validation() -> None:
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[:, :5] = True  # the left half
+    heat = np.zeros((10, 10))
+    heat[:, :5], heat[:, 5:] = 1.0, 0.3  # strong on the box, weaker beside it
+    assert overlap(heat, mask, 0.5) == (1.0, 1.0)  # above half the maximum: exactly the box
+    iou, dice = overlap(heat, mask, 0.2)  # everything: the box is half of it
+    assert iou == 0.5 and dice == pytest.approx(2 / 3)
+    assert overlap(np.zeros((10, 10)), mask, 0.5) == (0.0, 0.0)
+    assert 0.3 < best_level([heat, heat], [mask, mask]) <= 1.0  # a level that cuts the weak half off
 
 
 def test_boxes_are_scaled_from_the_file_to_the_heat_map_grid() -> None:
@@ -91,6 +105,7 @@ def test_evaluate_reproduces_the_pointing_game_of_the_shipped_model_on_the_adult
     measured = figures["all"]["pointing_game"]["value"]
     assert 0.32 <= measured <= 0.38, measured
     assert figures["all"]["pointing_game_fixed_point"]["value"] > measured + 0.15  # the map loses to a constant guess
+    assert figures["validation_films"] > 50 and 0 < figures["all"]["level"] < 1 and 0 <= figures["all"]["iou"]["value"] <= 1
 
     rows = [line.split(",") for line in (adult_root / "boxes.csv").read_text().splitlines()[1:]]
     boxes: dict[str, list[tuple[float, ...]]] = {}

@@ -503,7 +503,11 @@ def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[
     predictions = subject.onnx.predict([r.path for r in boxed], heatmap=True)
     training = [(r, size_of(r)) for r in records_of(sources, "train", subject.seed, subject.val_fraction)
                 if r.label == 1 and r.path.resolve() in boxes]  # fmt: skip
-    return localise(boxed, [p.heatmap for p in predictions], [size_of(r) for r in boxed], boxes, training)
+    validation_films = [r for r in records_of(sources, "val", subject.seed, subject.val_fraction)
+                        if r.label == 1 and r.path.resolve() in boxes and r.population == boxed[0].population]  # fmt: skip
+    validation = [(r, size_of(r), p.heatmap) for r, p in
+                  zip(validation_films, subject.onnx.predict([r.path for r in validation_films], heatmap=True))]  # fmt: skip
+    return localise(boxed, [p.heatmap for p in predictions], [size_of(r) for r in boxed], boxes, training, validation)
 
 
 def write_localisation(folder: Path, figures: dict, split: str) -> None:
@@ -513,6 +517,8 @@ def write_localisation(folder: Path, figures: dict, split: str) -> None:
     (folder / "localisation.json").write_text(json.dumps(figures, indent=2) + "\n")
     (folder / "localisation.md").write_text(
         f"# Localisation on the {split} part: heat maps against the radiologists' boxes\n\n"
-        "Pointing game: the heat map's maximum inside a box; mass inside: the share of the map inside the boxes. "
-        "Fixed point and fixed map: learnt from the training part's boxes, the same on every film; flat map: the "
-        "boxes' share of the film. 95 % intervals resample patients.\n\n" + localisation_table(figures) + "\n")
+        "Pointing game: the heat map's maximum inside a box; mass inside: the share of the map inside the boxes; IoU "
+        "and Dice: the map above a share of its maximum chosen on the validation part's boxed films, against the boxes. "
+        "Fixed point, fixed map and fixed region: learnt from the training part's boxes, the same on every film (the "
+        "region's level chosen on validation too); flat map: the boxes' share of the film. 95 % intervals resample "
+        "patients.\n\n" + localisation_table(figures) + "\n")

@@ -6,12 +6,15 @@ labels file: ``path,x,y,width,height`` in pixels of the file, x and y its top-le
 the RSNA 2018 boxes of ``rsna_adult``):
 
 - **pointing game**: the map's maximum lies inside a box;
-- **mass inside**: the share of the map's total that lies inside the boxes.
+- **mass inside**: the share of the map's total that lies inside the boxes;
+- **IoU and Dice** of the map thresholded at a level chosen on the *validation* part's boxed films
+  (the level with the best mean IoU there), against the union of the boxes.
 
 Beside each, what needs no model at all, learnt from the *training* part's boxes: the **fixed
 point** (the pixel most often inside a training box, the same on every film) and the **fixed
-map** (how often each pixel is inside a training box). A heat map that does not beat them does not
-localise. Intervals resample patients (95 %, percentile bootstrap).
+map** (how often each pixel is inside a training box; thresholded at its own validation-chosen
+level, it is the **fixed region** the IoU is compared with). A heat map that does not beat them does
+not localise. Intervals resample patients (95 %, percentile bootstrap).
 
 Everything is computed on the heat map's own grid (the model's input size): the boxes are
 scaled from the file's size to it, as the image itself is (aspect not kept).
@@ -87,6 +90,25 @@ def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> bool:
     return bool(mask.flat[int(np.argmax(heatmap))])
 
 
+#: The levels a map may be thresholded at (a share of its own maximum) for IoU and Dice; one is chosen on validation.
+LEVELS = tuple(round(level, 2) for level in np.arange(0.05, 1.0, 0.05))
+
+
+def overlap(heatmap: np.ndarray, mask: np.ndarray, level: float) -> tuple[float, float]:
+    """IoU and Dice of the map above ``level`` × its maximum with the boxes (both 0 when either is empty)."""
+    top = float(np.max(heatmap))
+    region = heatmap >= level * top if top > 0 else np.zeros_like(mask)
+    both, either = np.logical_and(region, mask).sum(), np.logical_or(region, mask).sum()
+    total = region.sum() + mask.sum()
+    return (float(both / either) if either else 0.0), (float(2 * both / total) if total else 0.0)
+
+
+def best_level(heatmaps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+    """The level with the highest mean IoU over (validation) films; the lowest such level on a tie."""
+    scores = [np.mean([overlap(h, m, level)[0] for h, m in zip(heatmaps, masks, strict=True)]) for level in LEVELS]
+    return LEVELS[int(np.argmax(scores))]
+
+
 def mass_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
     """The share of the map's total inside the boxes; a map that is zero everywhere has none."""
     total = float(np.sum(heatmap))
@@ -129,14 +151,16 @@ def figure(values: np.ndarray, patients: Sequence[str], resamples: int) -> dict[
 
 
 def localisation_figures(masks: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], patients: Sequence[str],
-                         baselines: Baselines, resamples: int = RESAMPLES) -> dict[str, object]:  # fmt: skip
-    """The pointing game and the mass inside for the heat maps and for both baselines, over films with boxes."""
+                         baselines: Baselines, levels: tuple[float, float] | None = None,
+                         resamples: int = RESAMPLES) -> dict[str, object]:  # fmt: skip
+    """The pointing game, the mass inside and (given the validation-chosen ``levels`` of the map and of the fixed map)
+    IoU and Dice, for the heat maps and for the baselines, over films with boxes."""
     row, column = baselines.fixed_point
     hits = np.asarray([pointing_hit(h, m) for h, m in zip(heatmaps, masks, strict=True)], dtype=float)
     fixed_hits = np.asarray([m[row, column] for m in masks], dtype=float)
     mass = np.asarray([mass_inside(h, m) for h, m in zip(heatmaps, masks, strict=True)])
     fixed_mass = np.asarray([mass_inside(baselines.fixed_map, m) for m in masks])
-    return {
+    out: dict[str, object] = {
         "n": len(masks),
         "patients": len(set(patients)),
         "pointing_game": figure(hits, patients, resamples),
@@ -145,36 +169,61 @@ def localisation_figures(masks: Sequence[np.ndarray], heatmaps: Sequence[np.ndar
         "mass_inside_fixed_map": figure(fixed_mass, patients, resamples),
         "box_area_share": float(np.mean([m.mean() for m in masks])),  # what a flat map puts inside
     }
+    if levels is not None:
+        level, fixed_level = levels
+        ours = np.asarray([overlap(h, m, level) for h, m in zip(heatmaps, masks, strict=True)])
+        fixed = np.asarray([overlap(baselines.fixed_map, m, fixed_level) for m in masks])
+        out |= {"level": level, "iou": figure(ours[:, 0], patients, resamples), "dice": figure(ours[:, 1], patients, resamples),
+                "fixed_region_level": fixed_level, "iou_fixed_region": figure(fixed[:, 0], patients, resamples),
+                "dice_fixed_region": figure(fixed[:, 1], patients, resamples)}  # fmt: skip
+    return out
 
 
 def localise(records: Sequence[Record], heatmaps: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
              boxes: dict[Path, list[Box]], training: Sequence[tuple[Record, tuple[int, int]]],
+             validation: Sequence[tuple[Record, tuple[int, int], np.ndarray]] = (),
              resamples: int = RESAMPLES) -> dict[str, object]:  # fmt: skip
-    """Figures over the films with boxes, in all and per view, with the baselines of the ``training`` films' boxes."""
+    """Figures over the films with boxes, in all and per view, with the baselines of the ``training`` films' boxes.
+
+    ``validation`` (record, size, heat map) of boxed films chooses the thresholding levels of IoU and Dice;
+    without it those are left out.
+    """
     grid = int(np.asarray(heatmaps[0]).shape[-1]) if heatmaps else 224
     baselines = Baselines.learn([box_mask(boxes[r.path.resolve()], size, grid) for r, size in training
                                  if r.path.resolve() in boxes])  # fmt: skip
+    levels = None
+    if validation:
+        validation_masks = [box_mask(boxes[r.path.resolve()], size, grid) for r, size, _ in validation]
+        levels = (best_level([np.asarray(h) for _, _, h in validation], validation_masks),
+                  best_level([baselines.fixed_map] * len(validation_masks), validation_masks))  # fmt: skip
     chosen = [i for i, r in enumerate(records) if r.path.resolve() in boxes]
     masks = {i: box_mask(boxes[records[i].path.resolve()], image_sizes[i], grid) for i in chosen}
     groups = {"all": chosen} | {f"view {view}": [i for i in chosen if records[i].view == view]
                                 for view in sorted({records[i].view for i in chosen if records[i].view})}  # fmt: skip
-    out: dict[str, object] = {"fixed_point": list(baselines.fixed_point), "grid": grid}
+    out: dict[str, object] = {"fixed_point": list(baselines.fixed_point), "grid": grid,
+                              "validation_films": len(validation)}  # fmt: skip
     for name, picked in groups.items():
         if picked:
             out[name] = localisation_figures([masks[i] for i in picked], [np.asarray(heatmaps[i]) for i in picked],
-                                             [records[i].patient for i in picked], baselines, resamples)  # fmt: skip
+                                             [records[i].patient for i in picked], baselines, levels, resamples)  # fmt: skip
     return out
 
 
 def localisation_table(figures: dict) -> str:
     """The figures as a Markdown table, each beside its baseline."""
-    def cell(entry: dict) -> str:
+
+    def cell(entry: dict | None) -> str:
+        if entry is None:
+            return "–"
         low, high = entry["ci"]
         return f"{entry['value']:.3f} ({low:.3f}–{high:.3f})"
 
-    lines = ["| films with boxes | n | pointing game | fixed point | mass inside | fixed map | flat map |", "|---|---|---|---|---|---|---|"]
+    lines = ["| films with boxes | n | pointing game | fixed point | mass inside | fixed map | flat map | IoU | fixed region IoU "
+             "| Dice | fixed region Dice |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, entry in figures.items():
         if isinstance(entry, dict) and "pointing_game" in entry:
             lines.append(f"| {name} | {entry['n']} | {cell(entry['pointing_game'])} | {cell(entry['pointing_game_fixed_point'])} | "
-                         f"{cell(entry['mass_inside'])} | {cell(entry['mass_inside_fixed_map'])} | {entry['box_area_share']:.3f} |")
+                         f"{cell(entry['mass_inside'])} | {cell(entry['mass_inside_fixed_map'])} | {entry['box_area_share']:.3f} | "
+                         f"{cell(entry.get('iou'))} | {cell(entry.get('iou_fixed_region'))} | {cell(entry.get('dice'))} | "
+                         f"{cell(entry.get('dice_fixed_region'))} |")  # fmt: skip
     return "\n".join(lines)
