@@ -148,12 +148,18 @@ def main() -> None:
                 before = peak_mb(server.process.pid)
                 outcome = attack(server.base)
                 rows.append((name, outcome, peak_mb(server.process.pid) - before))
-    print(f"Command: `python benchmarks/bench_hardening.py` on {platform.machine()}, {cpu_name()}, "
-          f"{time.strftime('%Y-%m-%d')}; server with default settings on 127.0.0.1.\n")  # fmt: skip
-    print("| attack | answer | growth of the server's peak memory (MB) |")
-    print("|---|---|---|")
-    for name, outcome, growth in rows:
-        print(f"| {name} | {outcome} | {growth:.0f} |")
+    print_results("python benchmarks/bench_hardening.py", "server with default settings on 127.0.0.1",
+                  ("attack", "answer", "growth of the server's peak memory (MB)"),
+                  [(name, outcome, f"{growth:.0f}") for name, outcome, growth in rows])  # fmt: skip
+
+
+def print_results(command: str, where: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """The command and the machine it ran on, then the rows as a Markdown table (what docs/reliability.md quotes)."""
+    print(f"Command: `{command}` on {platform.machine()}, {cpu_name()}, {time.strftime('%Y-%m-%d')}; {where}.\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

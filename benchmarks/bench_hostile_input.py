@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import platform
 import socket
 import sqlite3
 import subprocess
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_hardening import cpu_name, peak_mb  # noqa: E402
+from bench_hardening import peak_mb, print_results  # noqa: E402
 from dicom_factory import (  # noqa: E402
     JPEG_2000_LOSSLESS,
     JPEG_LS_LOSSLESS,
@@ -334,12 +333,8 @@ def main() -> None:
             print(f"... {rows[-1]}", file=sys.stderr, flush=True)
     import pneumoscan
 
-    print(f"Command: `python benchmarks/bench_hostile_input.py` ({Path(pneumoscan.__file__).parent}) on {platform.machine()}, "
-          f"{cpu_name()}, {time.strftime('%Y-%m-%d')}; every process on 127.0.0.1, started here.\n")  # fmt: skip
-    print("| attack | outcome | cost |")
-    print("|---|---|---|")
-    for attack, outcome, cost in rows:
-        print(f"| {attack} | {outcome} | {cost} |")
+    print_results("python benchmarks/bench_hostile_input.py", f"the code of {Path(pneumoscan.__file__).parent}; every "
+                  "process on 127.0.0.1, started here", ("attack", "outcome", "cost"), rows)  # fmt: skip
 
 
 if __name__ == "__main__":

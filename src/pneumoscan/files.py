@@ -22,7 +22,7 @@ def write_atomically(path: Path, content: bytes | str | Callable[[Path], None]) 
     """Written whole or not at all: a temporary file beside ``path``, synced, then renamed over it.
 
     A crash leaves the old file or the new one, never half of one, and a failed write
-    leaves nothing behind. ``content`` is bytes, text (UTF-8), or a function that writes
+    leaves nothing behind (the folder is synced too, see :func:`move_atomically`). ``content`` is bytes, text (UTF-8), or a function that writes
     the temporary path (e.g. a DICOM dataset's ``save_as``). The temporary name starts
     with a dot and ends with a random suffix, so folder scans by extension skip it.
     """
@@ -35,9 +35,7 @@ def write_atomically(path: Path, content: bytes | str | Callable[[Path], None]) 
             content(temporary)
         else:
             temporary.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
+        move_atomically(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -69,7 +69,7 @@ def test_the_fixed_point_is_where_the_training_boxes_overlap_most() -> None:
 def test_figures_count_hits_and_their_interval_resamples_patients() -> None:
     grid = 10
     masks = [box_mask([Box(0, 0, 5, 10)], (10, 10), grid) for _ in range(4)]
-    heatmaps = [np.eye(grid)[::-1] * 0 for _ in range(4)]
+    heatmaps = [np.zeros((grid, grid)) for _ in range(4)]
     for i, heat in enumerate(heatmaps):
         heat[5, 1 if i < 3 else 8] = 1.0  # three inside, one outside
     figures = localisation_figures(masks, heatmaps, ["a", "a", "b", "c"], Baselines.learn(masks), resamples=500)

@@ -265,12 +265,16 @@ def read_dicom_dataset(data: bytes) -> object:
     return ds
 
 
+def transfer_syntax_of(ds: object) -> str:
+    """The dataset's Transfer Syntax UID; implicit VR little endian (DICOM's default) when it names none."""
+    file_meta = getattr(ds, "file_meta", None)
+    return str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else "") or "1.2.840.10008.1.2"
+
+
 def prefer_lean_decoder(ds: object) -> None:
     """JPEG-LS through CharLS (pyjpegls) when it is installed: it decodes into its output, where libjpeg's plugin
     holds about three times the frame (a 40 M-pixel 16-bit film: +157 MB instead of +308 MB)."""
-    file_meta = getattr(ds, "file_meta", None)
-    syntax = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
-    if syntax in JPEG_LS_SYNTAXES and find_spec("jpeg_ls") is not None:
+    if transfer_syntax_of(ds) in JPEG_LS_SYNTAXES and find_spec("jpeg_ls") is not None:
         ds.pixel_array_options(decoding_plugin="pyjpegls")  # type: ignore[attr-defined]
 
 
@@ -369,8 +373,7 @@ def check_pixel_data_size(ds: object, rows: int, columns: int, limits: Limits) -
     samples, bits = header_int(ds, "SamplesPerPixel", 1), header_int(ds, "BitsAllocated", 8)
     if samples not in (1, 3) or bits not in (1, 8, 16, 32):
         raise CorruptImage(f"the DICOM header declares {samples} samples of {bits} bits per pixel, which no X-ray image has")
-    file_meta = getattr(ds, "file_meta", None)
-    syntax = str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else "") or "1.2.840.10008.1.2"
+    syntax = transfer_syntax_of(ds)
     if syntax in NATIVE_SYNTAXES or "PixelData" not in ds:  # type: ignore[operator]
         return
     from pydicom.encaps import generate_frames
@@ -474,8 +477,10 @@ def display_through_table(raw: np.ndarray, ds: object) -> np.ndarray:
 def display_by_bands(raw: np.ndarray, ds: object, rows: int = 256) -> np.ndarray:
     """Data wider than 16 bits (or floating point): the display chain a band of rows at a time, never the whole frame."""
     bands = range(0, raw.shape[0], rows)
-    low = min(float(display_float(raw[at : at + rows], ds).min()) for at in bands)
-    high = max(float(display_float(raw[at : at + rows], ds).max()) for at in bands)
+    low, high = np.inf, -np.inf
+    for at in bands:  # the data's range first (needed when the file has no window), then the conversion
+        mapped = display_float(raw[at : at + rows], ds)
+        low, high = min(low, float(mapped.min())), max(high, float(mapped.max()))
     out = np.empty(raw.shape, dtype=np.uint8)
     for at in bands:
         out[at : at + rows] = to_display_uint8(display_float(raw[at : at + rows], ds), ds, low, high)

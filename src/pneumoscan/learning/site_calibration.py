@@ -290,8 +290,9 @@ def each_study_once(records: list[Record]) -> list[Record]:
     digest_of: dict[Path, str] = {}
     kept: list[Record] = []
     for record in records:
-        digest = digest_of.get(record.path) or digest_of.setdefault(record.path, sha256_file(record.path))
-        first = first_of.setdefault(digest, record)
+        if record.path not in digest_of:  # a path listed 100,000 times is read once
+            digest_of[record.path] = sha256_file(record.path)
+        first = first_of.setdefault(digest_of[record.path], record)
         if first is record:
             kept.append(record)
         elif first.label != record.label:

@@ -262,7 +262,7 @@ def pull(url: str, since: date, out: Path, modalities: Sequence[str] = MODALITIE
             continue
         seen.add((study, series_uid))
         if reader.down or found.instances >= limits.max_instances:
-            found.failures.append(Failure(f"{study}/{series_uid}", not_fetched_reason(reader, limits), study, series_uid))
+            found.failures.append(Failure(f"{study}/{series_uid}", not_fetched_reason(reader), study, series_uid))
             continue
         try:
             instances = reader.search(f"/studies/{study}/series/{series_uid}/instances", {},
@@ -278,7 +278,8 @@ def pull(url: str, since: date, out: Path, modalities: Sequence[str] = MODALITIE
     return found
 
 
-def not_fetched_reason(reader: DicomwebReader, limits: PullLimits) -> str:
+def not_fetched_reason(reader: DicomwebReader) -> str:
+    limits = reader.limits
     if reader.down:
         return (f"not fetched: {limits.failures_in_a_row} requests in a row to the PACS timed out or broke off; "
                 "run the same command again later")  # fmt: skip
@@ -300,7 +301,7 @@ def fetch_one(reader: DicomwebReader, folder: Path, study: str, series: str, ins
         found.files.append(path)
         return
     if reader.down:
-        found.failures.append(Failure(f"{where}/{sop}", not_fetched_reason(reader, reader.limits), study, series))
+        found.failures.append(Failure(f"{where}/{sop}", not_fetched_reason(reader), study, series))
         return
     try:
         data = reader.retrieve(study, series, sop)

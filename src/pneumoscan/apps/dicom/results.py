@@ -136,7 +136,7 @@ def acceptable_value(header: Dataset, keyword: str) -> bool:
             # digits in dot-separated parts; leading zeros, which some modalities write, are kept (highdicom takes them,
             # and a derived UID would put the results in another study)
             return len(text) <= 64 and all(part.isascii() and part.isdigit() for part in text.split("."))
-        str(value)
+        str(value)  # what fails for a value pydicom cannot convert
         return True
     except Exception:  # noqa: BLE001 - a value pydicom cannot even convert is not acceptable
         return False
@@ -165,7 +165,7 @@ def result_header(source: Dataset, pixels: str, everything: bool = False) -> tup
         if keyword not in header or not acceptable_value(header, keyword) or not str(header[keyword].value):
             if keyword in header:
                 del header[keyword]
-            setattr(header, keyword, derived_uid(pixels, ModelIdentity("source", "0", ""), keyword))
+            setattr(header, keyword, generate_uid(entropy_srcs=["source", keyword, pixels]))  # the same for both results
             dropped.append(keyword)
     return header, tuple(dropped)
 
