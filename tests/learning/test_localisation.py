@@ -121,3 +121,62 @@ def test_evaluate_reproduces_the_pointing_game_of_the_shipped_model_on_the_adult
         hits += any(bx <= x + 0.5 < bx + bw and by <= y + 0.5 < by + bh for bx, by, bw, bh in boxes[film.path.relative_to(adult_root).as_posix()])
     assert len(films) == 164
     assert abs(hits / len(films) - measured) <= 0.03, (hits / len(films), measured)
+
+
+# --- regions (item 1's RSNA mAP, the fixed boxes, the rule fitted on validation) ------------------------------------
+
+from pneumoscan.learning.localisation import (  # noqa: E402
+    Film,
+    FixedBoxes,
+    box_iou,
+    fit_region_rule,
+    image_precision,
+    mean_average_precision,
+)
+from pneumoscan.running.regions import Region, RegionRule  # noqa: E402
+
+
+def test_rsna_precision_on_known_cases() -> None:
+    truth = [Box(0, 0, 100, 100)]
+    assert image_precision([Region(0, 0, 100, 100, 0.9)], truth) == 1.0
+    half = Region(0, 0, 100, 50, 0.9)  # IoU 0.5: a hit at the thresholds 0.40 and 0.45 only (IoU must exceed them)
+    assert box_iou(half, truth[0]) == 0.5
+    assert image_precision([half], truth) == 2 / 8
+    # a hit and a false positive: TP 1, FP 1, FN 0 at every threshold
+    assert image_precision([Region(0, 0, 100, 100, 0.9), Region(150, 150, 20, 20, 0.5)], truth) == 0.5
+    assert image_precision([], truth) == 0.0  # a missed box
+    assert image_precision([Region(0, 0, 10, 10, 0.9)], []) == 0.0  # a region on a normal film
+    assert image_precision([], []) is None  # a normal film left alone is not counted
+    value, counted = mean_average_precision([[Region(0, 0, 100, 100, 0.9)], [], [half]], [truth, [], truth])
+    assert counted == [0, 2] and value == (1.0 + 0.25) / 2
+
+
+def test_two_predictions_cannot_both_match_one_box() -> None:
+    truth = [Box(0, 0, 100, 100)]
+    twice = [Region(0, 0, 100, 100, 0.9), Region(0, 0, 100, 100, 0.8)]
+    assert image_precision(twice, truth) == 0.5  # TP 1, FP 1
+
+
+def test_fixed_boxes_are_the_median_box_of_each_side_commoner_side_first() -> None:
+    size = (200, 100)
+    training = [([Box(20, 10, 40, 40), Box(120, 20, 60, 60)], size), ([Box(30, 10, 40, 40)], size), ([Box(10, 30, 40, 20)], size)]
+    fixed = FixedBoxes.learn(training)
+    left, right = fixed.boxes
+    assert left == (0.1, 0.1, 0.2, 0.4, 0.75) and right[4] == 0.25
+    assert fixed.regions((400, 200), most=1) == [Region(40.0, 20.0, 80.0, 80.0, 0.75)]
+
+
+def test_the_rule_fitted_on_validation_recovers_the_boxes_of_hand_made_maps() -> None:
+    heat = np.zeros((224, 224), dtype=np.float32)
+    heat[40:120, 40:100] = 0.8
+    heat[60:80, 60:80] = 1.0  # a peak inside the opacity: at a high level only the peak would be boxed
+    heat[180:200, 150:170] = 0.35  # a faint spot outside it
+    truth = (Box(40, 40, 60, 80),)  # in pixels of a 224 px file
+    films = [Film("p1", "PA", (224, 224), truth, heat, 0.9, True), Film("p2", "PA", (224, 224), (), heat, 0.2, False)]
+    rule, value = fit_region_rule(films)
+    assert value == 1.0
+    assert rule == RegionRule(0.3, 0.0, 1)  # the first rule that scores 1: at 0.3 the faint spot is a second, weaker region
+    flagged_normal = [films[0], Film("p3", "PA", (224, 224), (), heat, 0.9, True)]  # a region on it costs
+    assert fit_region_rule(flagged_normal)[1] == 0.5
+    with pytest.raises(LabelsFileError):
+        fit_region_rule([films[1]])

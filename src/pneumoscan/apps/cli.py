@@ -278,7 +278,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if metrics.get("localisation"):
             from pneumoscan.learning.localisation import localisation_table
 
+            from pneumoscan.learning.evaluation import regions_text
+
             print(f"  where the heat map points, on the films with radiologists' boxes:\n{localisation_table(metrics['localisation'])}")
+            print(f"  regions: {regions_text(metrics['localisation']['regions'])}")
         print(f"report: {(out / population if population else out) / 'report.md'}")
     return 0
 
@@ -319,6 +322,43 @@ def run_export(args: argparse.Namespace) -> int:
             f"temperature {entry['calibration']['temperature']:.3f}; test AUROC {test['auroc']:.4f}, "
             f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}"
         )
+    return 0
+
+
+def add_fit_regions_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fit-regions",
+        help="fit how heat maps become regions on the validation part's radiologists' boxes, into the model's card",
+        description="For each population whose validation part has radiologists' boxes (a boxes.csv beside the labels), "
+        "choose the level, minimum area and number of regions with the best RSNA mAP there (normal films included) and "
+        "write that rule into model_card.json and MODEL_CARD.md. export does this itself; this refits a model folder "
+        "exported before regions, or with other data. The test part is not read.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    add_data_argument(p)
+    p.set_defaults(handler=run_fit_regions)
+
+
+def run_fit_regions(args: argparse.Namespace) -> int:
+    from pneumoscan.learning.evaluation import ModelUnderTest
+    from pneumoscan.learning.export import record_region_rules
+    from pneumoscan.running.inference import card_populations
+
+    model = ModelUnderTest(args.model or DEFAULT_MODEL_DIR)
+    if model.onnx is None:
+        raise ModelNotFoundError(f"{model.path} is not an exported model folder: export the checkpoint first")
+    chosen = data_sources(args.data) if args.data else model.sources
+    sources = [chosen] if isinstance(chosen, Path) else list(chosen)
+    card = record_region_rules(model.path, sources, model.seed, model.val_fraction)
+    for population, entry in card_populations(card).items():
+        rule = entry.get("regions")
+        if rule is None:
+            print(f"[{population}] no radiologists' boxes in its validation part: no regions")
+        else:
+            print(f"[{population}] level {rule['level']}, minimum area {rule['min_area']:.0%}, at most {rule['max_regions']} "
+                  f"region(s): validation mAP@[0.40:0.75] {rule['validation_map']:.3f} over {rule['validation_films']} films "
+                  f"({rule['validation_films_with_boxes']} with boxes)")  # fmt: skip
     return 0
 
 
@@ -657,6 +697,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_evaluate_parser(subparsers)
     add_export_parser(subparsers)
     add_calibrate_parser(subparsers)
+    add_fit_regions_parser(subparsers)
     add_site_protocol_parser(subparsers)
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import (
@@ -47,6 +48,9 @@ from pneumoscan.running.calibration import (
     reliability_curve,
     threshold_for_sensitivity,
 )
+
+if TYPE_CHECKING:
+    from pneumoscan.running.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -486,28 +490,89 @@ def evaluate(
 
 
 def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[Record]) -> dict | None:
-    """The heat maps of the pneumonia films that have radiologists' boxes, measured (see :mod:`localisation`).
+    """The heat maps and regions of the films measured against radiologists' boxes (see :mod:`localisation`).
 
-    None when no dataset has a ``boxes.csv``, or the model is a checkpoint (the heat map measured is
-    the exported graph's, the one every answer shows).
+    Heat maps: on the pneumonia films with boxes. Regions: RSNA's mAP on every film of ``records``
+    (normals included), by the card's region rule or, for a card without one, the rule fitted now on the
+    validation part. None when no dataset has a ``boxes.csv``, or the model is a checkpoint (what is measured
+    is the exported graph's map, the one every answer shows).
     """
-    from PIL import Image
-
-    from pneumoscan.learning.localisation import boxes_file_of, localise, read_boxes
+    from pneumoscan.learning.localisation import (
+        FixedBoxes,
+        boxes_file_of,
+        fit_region_rule,
+        fixed_count,
+        localise,
+        read_boxes,
+        region_figures,
+    )
 
     boxes = {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
     boxed = [r for r in records if r.label == 1 and r.path.resolve() in boxes]
     if not boxed or subject.onnx is None:
         return None
-    size_of = lambda record: Image.open(record.path).size  # noqa: E731  (the header only)
-    predictions = subject.onnx.predict([r.path for r in boxed], heatmap=True)
+    population = boxed[0].population
     training = [(r, size_of(r)) for r in records_of(sources, "train", subject.seed, subject.val_fraction)
                 if r.label == 1 and r.path.resolve() in boxes]  # fmt: skip
-    validation_films = [r for r in records_of(sources, "val", subject.seed, subject.val_fraction)
-                        if r.label == 1 and r.path.resolve() in boxes and r.population == boxed[0].population]  # fmt: skip
-    validation = [(r, size_of(r), p.heatmap) for r, p in
-                  zip(validation_films, subject.onnx.predict([r.path for r in validation_films], heatmap=True))]  # fmt: skip
-    return localise(boxed, [p.heatmap for p in predictions], [size_of(r) for r in boxed], boxes, training, validation)
+    known = lambda r: r.label == 0 or r.path.resolve() in boxes  # noqa: E731  (a pneumonia without boxes: truth unknown)
+    validation = films_of(subject.onnx, [r for r in records_of(sources, "val", subject.seed, subject.val_fraction)
+                                         if r.population == population and known(r)], boxes)  # fmt: skip
+    tested = films_of(subject.onnx, [r for r in records if known(r)], boxes)
+    maps = {film.record.path: film.heatmap for film in tested}
+    figures = localise(boxed, [maps[r.path] for r in boxed], [size_of(r) for r in boxed], boxes, training,
+                       [(f.record, f.size, f.heatmap) for f in validation if f.truth])  # fmt: skip
+    settings = subject.onnx.populations.get(population or "")
+    rule, source = (settings.regions if settings is not None else None), "the model card"
+    if rule is None:
+        rule, _ = fit_region_rule(validation)
+        source = "fitted now on the validation part"
+    fixed = FixedBoxes.learn([(boxes[r.path.resolve()], size) for r, size in training])
+    figures["regions"] = region_figures(tested, rule, fixed, fixed_count(validation, fixed))
+    figures["regions"]["rule_source"] = source
+    return figures
+
+
+def size_of(record: Record) -> tuple[int, int]:
+    """The file's width and height, from its header only."""
+    from PIL import Image
+
+    with Image.open(record.path) as image:
+        return image.size
+
+
+def films_of(predictor: Predictor, records: list[Record], boxes: dict) -> list:
+    """Each record scored with its heat map, as a :class:`~pneumoscan.learning.localisation.Film`."""
+    from pneumoscan.learning.localisation import Film
+
+    predictions = predictor.predict([r.path for r in records], heatmap=True) if records else []
+    return [Film(r.patient, r.view, size_of(r), tuple(boxes.get(r.path.resolve(), ()) if r.label == 1 else ()), p.heatmap,
+                       p.probability, p.label == CLASS_NAMES[1] and p.validated, r)  # fmt: skip
+            for r, p in zip(records, predictions)]
+
+
+def fit_region_rules(predictor: Predictor, sources: list[Path], seed: int, val_fraction: float) -> dict[str, dict]:
+    """Per population with radiologists' boxes in its validation part, the region rule with the best RSNA mAP there.
+
+    A population without boxes gets no rule, and so no regions: where its pneumonias lie was never measured.
+    """
+    from pneumoscan.learning.localisation import boxes_file_of, fit_region_rule, read_boxes
+
+    boxes = {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
+    val = records_of(sources, "val", seed, val_fraction)
+    rules = {}
+    for population in predictor.populations:
+        picked = [r for r in val if (r.population or predictor.default_population) == population
+                  and (r.label == 0 or r.path.resolve() in boxes)]  # fmt: skip
+        if not any(r.label == 1 for r in picked):
+            continue
+        films = films_of(predictor, picked, boxes)
+        rule, value = fit_region_rule(films)
+        rules[population] = rule.to_dict() | {
+            "fitted_on": "this population's validation part: the rule (level, minimum area, most regions) with the best "
+                         "RSNA mAP@[0.40:0.75], normal films included",
+            "validation_map": value, "validation_films": len(films), "validation_films_with_boxes": sum(1 for f in films if f.truth),
+        }  # fmt: skip
+    return rules
 
 
 def write_localisation(folder: Path, figures: dict, split: str) -> None:
@@ -521,4 +586,16 @@ def write_localisation(folder: Path, figures: dict, split: str) -> None:
         "and Dice: the map above a share of its maximum chosen on the validation part's boxed films, against the boxes. "
         "Fixed point, fixed map and fixed region: learnt from the training part's boxes, the same on every film (the "
         "region's level chosen on validation too); flat map: the boxes' share of the film. 95 % intervals resample "
-        "patients.\n\n" + localisation_table(figures) + "\n")
+        "patients.\n\n" + localisation_table(figures) + "\n\n## Regions\n\n" + regions_text(figures["regions"]) + "\n")
+
+
+def regions_text(figures: dict) -> str:
+    """What the regions' table means, with the rule they were made by, then the table."""
+    from pneumoscan.learning.localisation import regions_table
+
+    rule = figures["rule"]
+    return (f"RSNA 2018's challenge metric (per film, the mean over IoU thresholds 0.40–0.75 of TP / (TP + FP + FN); a "
+            "normal film with a region scores 0, one without is not counted) of the regions every answer carries (rule "
+            f"from {figures['rule_source']}: level {rule['level']}, minimum area {rule['min_area']:.0%}, at most "
+            f"{rule['max_regions']}), beside the fixed boxes (the median training box of each side, {len(figures['fixed_boxes'])} "
+            "kept as chosen on validation) on the same flagged films.\n\n" + regions_table(figures))

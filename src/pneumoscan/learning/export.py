@@ -42,6 +42,7 @@ from pneumoscan.learning.data import (
 from pneumoscan.learning.evaluation import (
     Calibration,
     fit_calibration,
+    fit_region_rules,
     run_data_config,
     write_evaluation,
 )
@@ -57,6 +58,7 @@ from pneumoscan.running.inference import (
     INT8_MODEL_FILE,
     MODEL_FILE,
     Predictor,
+    card_populations,
 )
 
 log = logging.getLogger(__name__)
@@ -301,7 +303,20 @@ def export(
         "checksum_method": "sha256 over sorted lines '<dataset>/<relative path> <sha256 of file>'",
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    (out / "MODEL_CARD.md").write_text(render_card(card))
+    return record_region_rules(out, list(sources), data.seed, data.val_fraction)
+
+
+def record_region_rules(out: Path, sources: list[Path], seed: int, val_fraction: float) -> dict:
+    """Fit each population's region rule on its validation boxes (:func:`fit_region_rules`), write it into the card
+    and render the card; a population without boxes keeps none. Returns the card."""
+    card = json.loads((Path(out) / CARD_FILE).read_text())
+    rules = fit_region_rules(Predictor.load(out), sources, seed, val_fraction)
+    for population, entry in card_populations(card).items():
+        entry.pop("regions", None)
+        if population in rules:
+            entry["regions"] = rules[population]
+    (Path(out) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    (Path(out) / "MODEL_CARD.md").write_text(render_card(card))
     return card
 
 

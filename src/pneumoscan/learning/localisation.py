@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pneumoscan.errors import LabelsFileError
 from pneumoscan.learning.data import Record, labels_file_of
+from pneumoscan.running.regions import DEFAULT_GRID, Region, RegionRule, find_regions, scored_groups, select
 
 BOXES_FILE = "boxes.csv"
 BOX_COLUMNS = ("path", "x", "y", "width", "height")
@@ -226,4 +227,155 @@ def localisation_table(figures: dict) -> str:
                          f"{cell(entry['mass_inside'])} | {cell(entry['mass_inside_fixed_map'])} | {entry['box_area_share']:.3f} | "
                          f"{cell(entry.get('iou'))} | {cell(entry.get('iou_fixed_region'))} | {cell(entry.get('dice'))} | "
                          f"{cell(entry.get('dice_fixed_region'))} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# --- regions: RSNA's challenge metric, the fixed boxes, and the rule fitted on validation ----------------------------
+
+#: The IoU thresholds of the RSNA 2018 challenge's metric.
+RSNA_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.40, 0.751, 0.05))
+
+
+def box_iou(a: Box | Region, b: Box | Region) -> float:
+    """Intersection over union of two boxes given as x, y (top-left), width, height."""
+    width = min(a.x + a.width, b.x + b.width) - max(a.x, b.x)
+    height = min(a.y + a.height, b.y + b.height) - max(a.y, b.y)
+    inter = max(width, 0.0) * max(height, 0.0)
+    union = a.width * a.height + b.width * b.height - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def image_precision(predicted: Sequence[Region], truth: Sequence[Box], thresholds: Sequence[float] = RSNA_THRESHOLDS) -> float | None:
+    """One image's score in the RSNA 2018 challenge: the mean over IoU thresholds of TP / (TP + FP + FN).
+
+    Predictions are matched in the order of their scores, each to the unmatched box it overlaps most
+    above the threshold. An image with neither boxes nor predictions is left out (None); a prediction
+    on an image without boxes scores it 0, as a box without a prediction does.
+    """
+    if not predicted and not truth:
+        return None
+    if not predicted or not truth:
+        return 0.0
+    ordered = sorted(predicted, key=lambda region: -region.score)
+    ious = np.asarray([[box_iou(p, t) for t in truth] for p in ordered])
+    precisions = []
+    for threshold in thresholds:
+        matched: set[int] = set()
+        for row in ious:
+            candidates = [j for j in np.argsort(-row) if row[j] > threshold and j not in matched]
+            if candidates:
+                matched.add(int(candidates[0]))
+        tp = len(matched)
+        precisions.append(tp / (tp + (len(ordered) - tp) + (len(truth) - tp)))
+    return float(np.mean(precisions))
+
+
+def mean_average_precision(predicted: Sequence[Sequence[Region]], truth: Sequence[Sequence[Box]]) -> tuple[float, list[int]]:
+    """The challenge's metric over images (the mean of :func:`image_precision`), and which images it counted."""
+    scores = [image_precision(p, t) for p, t in zip(predicted, truth, strict=True)]
+    counted = [i for i, s in enumerate(scores) if s is not None]
+    return (float(np.mean([scores[i] for i in counted])) if counted else 0.0), counted
+
+
+@dataclass(frozen=True)
+class FixedBoxes:
+    """The baseline of regions: on each side of the film, the median training box (as shares of the film's size).
+
+    Scored by how often a training box lies on that side, so the commoner side comes first; placed on
+    the films the model flags, it keeps the model's decisions and drops what the film shows.
+    """
+
+    boxes: tuple[tuple[float, float, float, float, float], ...]  # x, y, width, height as shares of the film; share of boxes
+
+    @classmethod
+    def learn(cls, training: Sequence[tuple[Sequence[Box], tuple[int, int]]]) -> FixedBoxes:
+        relative = np.asarray([(b.x / w, b.y / h, b.width / w, b.height / h) for found, (w, h) in training for b in found])
+        if not len(relative):
+            raise LabelsFileError("no training image has boxes: the fixed boxes cannot be learnt")
+        left = relative[:, 0] + relative[:, 2] / 2 < 0.5
+        sides = [relative[left], relative[~left]]
+        found = [(*np.median(side, axis=0), len(side) / len(relative)) for side in sides if len(side)]
+        return cls(tuple(tuple(float(v) for v in box) for box in sorted(found, key=lambda b: -b[4])))
+
+    def regions(self, image_size: tuple[int, int], most: int = 2) -> list[Region]:
+        width, height = image_size
+        return [Region(x * width, y * height, w * width, h * height, share) for x, y, w, h, share in self.boxes[:most]]
+
+
+@dataclass(frozen=True)
+class Film:
+    """What fitting and measuring regions need of one scored film."""
+
+    patient: str
+    view: str | None
+    size: tuple[int, int]  # width, height of the file
+    truth: tuple[Box, ...]  # the radiologists' boxes; none on a normal film
+    heatmap: np.ndarray
+    probability: float
+    flagged: bool  # above the threshold and let through by the gate: the films that get regions
+    record: Record | None = field(default=None, compare=False)
+
+
+#: What the rule may be (see :mod:`pneumoscan.running.regions`); one of each is chosen on validation.
+RULE_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RULE_MIN_AREAS = (0.0, 0.01, 0.02, 0.05)
+RULE_MAX_REGIONS = (1, 2, 3)
+
+
+def fit_region_rule(films: Sequence[Film]) -> tuple[RegionRule, float]:
+    """The rule with the best RSNA mAP over (validation) films, and that mAP; the first such rule in the order above.
+
+    Normal films count: a region on a flagged normal film is a false positive.
+    """
+    if not any(f.truth for f in films):
+        raise LabelsFileError("no film has radiologists' boxes: a region rule cannot be fitted")
+    best: tuple[float, RegionRule] | None = None
+    for level in RULE_LEVELS:
+        groups = [scored_groups(f.heatmap, f.probability, level, DEFAULT_GRID) if f.flagged else [] for f in films]
+        for min_area in RULE_MIN_AREAS:
+            for most in RULE_MAX_REGIONS:
+                rule = RegionRule(level, min_area, most)
+                value, _ = mean_average_precision([select(g, rule, f.size) for g, f in zip(groups, films)], [f.truth for f in films])
+                if best is None or value > best[0] + 1e-12:
+                    best = (value, rule)
+    assert best is not None
+    return best[1], best[0]
+
+
+def fixed_count(films: Sequence[Film], fixed: FixedBoxes) -> int:
+    """How many fixed boxes (the commoner side's, or both) score best on (validation) films; one on a tie."""
+    scores = [mean_average_precision([fixed.regions(f.size, most) if f.flagged else [] for f in films], [f.truth for f in films])[0]
+              for most in (1, 2)]  # fmt: skip
+    return 1 + int(scores[1] > scores[0])
+
+
+def region_figures(films: Sequence[Film], rule: RegionRule, fixed: FixedBoxes, fixed_most: int = 2,
+                   resamples: int = RESAMPLES) -> dict[str, object]:  # fmt: skip
+    """RSNA mAP of the model's regions and of ``fixed_most`` fixed boxes on the same flagged films, in all and per view."""
+    ours = [find_regions(f.heatmap, f.probability, rule, f.size) if f.flagged else [] for f in films]
+    baseline = [fixed.regions(f.size, fixed_most) if f.flagged else [] for f in films]
+    views = sorted({f.view for f in films if f.view})
+    out: dict[str, object] = {"rule": rule.to_dict(), "fixed_boxes": [list(b) for b in fixed.boxes[:fixed_most]]}
+    groups = {"all": list(range(len(films)))} | {f"view {v}": [i for i, f in enumerate(films) if f.view == v] for v in views}
+    for name, picked in groups.items():
+        truth = [films[i].truth for i in picked]
+        entry: dict[str, object] = {"films": len(picked), "with_boxes": sum(1 for t in truth if t)}
+        for key, predicted in (("map", [ours[i] for i in picked]), ("map_fixed_boxes", [baseline[i] for i in picked])):
+            scores = [image_precision(p, t) for p, t in zip(predicted, truth)]
+            counted = [i for i, s in enumerate(scores) if s is not None]
+            values = np.asarray([scores[i] for i in counted], dtype=float)
+            entry[key] = {"value": float(values.mean()) if len(values) else 0.0, "counted": len(counted),
+                          "ci": list(bootstrap_mean(values, [films[picked[i]].patient for i in counted], resamples))
+                          if len(values) else [0.0, 0.0]}  # fmt: skip
+        out[name] = entry
+    return out
+
+
+def regions_table(figures: dict) -> str:
+    """RSNA mAP of the regions beside the fixed boxes, as Markdown."""
+    lines = ["| films | n (with boxes) | images counted | mAP@[0.40:0.75] | fixed boxes |", "|---|---|---|---|---|"]
+    for name, entry in figures.items():
+        if isinstance(entry, dict) and "map" in entry:
+            cells = [f"{e['value']:.3f} ({e['ci'][0]:.3f}–{e['ci'][1]:.3f})" for e in (entry["map"], entry["map_fixed_boxes"])]
+            lines.append(f"| {name} | {entry['films']} ({entry['with_boxes']}) | {entry['map']['counted']} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)

@@ -40,6 +40,7 @@ from pneumoscan.running.population import (
     PopulationDecision,
     decide_population,
 )
+from pneumoscan.running.regions import Region, RegionRule, find_regions
 
 MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"
@@ -101,6 +102,7 @@ class PopulationSettings:
     gate: OodGate | None = None
     source: str = "validation"  # where the operating point was fitted: "validation", or "site" (pneumoscan calibrate)
     date: str | None = None  # when a site calibration set it
+    regions: RegionRule | None = None  # how its heat maps become regions; None: never fitted (no radiologists' boxes)
 
     @property
     def in_force(self) -> str:
@@ -121,6 +123,7 @@ def population_settings(card: dict, model_dir: Path) -> dict[str, PopulationSett
             float(entry["calibration"]["temperature"]), float(entry["operating_point"]["threshold"]),
             str(entry["operating_point"].get("name", "unfitted")), OodGate.load(model_dir, name if several else None),
             str(entry["operating_point"].get("source", "validation")), entry["operating_point"].get("date"),
+            RegionRule.from_card(entry.get("regions")),
         )
         for name, entry in card_populations(card).items()
         if name in POPULATIONS
@@ -143,6 +146,8 @@ class Prediction:
     population: str | None = None  # child or adult: whose operating point and gate were used
     population_source: str | None = None  # what decided it: the image, the DICOM PatientAge, or the model's only one
     population_note: str | None = None  # the image and the DICOM age disagree
+    regions: list[Region] = field(default_factory=list)  # where the pneumonia is, in pixels of the original image
+    regions_note: str | None = None  # why a pneumonia has no regions, when it is the population's rule that is missing
 
     @property
     def warning(self) -> str | None:
@@ -166,6 +171,8 @@ class Prediction:
             "in_distribution": self.in_distribution,
             "ood_score": self.ood_score,
             "warning": self.warning,
+            "regions": [region.to_dict() for region in self.regions],
+            "regions_note": self.regions_note,
         }
 
 
@@ -309,7 +316,8 @@ class Predictor:
         for chunk in batched(sources, batch_size):
             loaded = [self.read_image(s) for s in chunk]
             tensors = np.stack([self.preprocess(image) for image, _ in loaded])
-            predictions += self.predict_tensors(tensors, heatmap, ages=[age for _, age in loaded])
+            predictions += self.predict_tensors(tensors, heatmap, ages=[age for _, age in loaded],
+                                                sizes=[image.size for image, _ in loaded])
         return predictions[0] if single else predictions
 
     def read_image(self, source: ImageInput) -> tuple[Image.Image, float | None]:
@@ -321,16 +329,26 @@ class Predictor:
 
     def predict_loaded(self, loaded: LoadedImage, heatmap: bool = False) -> Prediction:
         """One image as :func:`~pneumoscan.inputs.imaging.load_xray` read it; its DICOM PatientAge routes it."""
-        return self.predict_tensors(self.preprocess(loaded.image)[None], heatmap, ages=[loaded.age_years])[0]
+        return self.predict_tensors(self.preprocess(loaded.image)[None], heatmap, ages=[loaded.age_years],
+                                    sizes=[loaded.image.size])[0]
+
+    @property
+    def has_regions(self) -> bool:
+        return any(settings.regions is not None for settings in self.populations.values())
 
     def predict_tensors(
-        self, batch: np.ndarray, heatmap: bool = False, ages: Sequence[float | None] | None = None
+        self, batch: np.ndarray, heatmap: bool = False, ages: Sequence[float | None] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[Prediction]:
         """:meth:`predict` for inputs already preprocessed (``N×3×H×W``), e.g. decoded by worker threads.
 
         ``ages`` (years, from DICOM PatientAge; None where unknown) overrule the image's look for the population.
+        ``sizes`` (width, height of each original image) place the regions in its pixels; without them, in the
+        model's input pixels. The heat map is always computed when a population has a region rule (regions come
+        from it) but kept only when asked for.
         """
-        names = ["logit"] + (["heatmap"] if heatmap else []) + (["embedding"] if self.needs_embedding else [])
+        wants_map = heatmap or self.has_regions
+        names = ["logit"] + (["heatmap"] if wants_map else []) + (["embedding"] if self.needs_embedding else [])
         out = self.run(batch, names)
         logits, maps, embeddings = out["logit"].reshape(-1), out.get("heatmap"), out.get("embedding")
         decisions = self.decide_populations(embeddings, len(logits), ages)
@@ -340,20 +358,38 @@ class Predictor:
             settings = self.populations[decision.population]
             score = scores[i]
             probability = float(calibrated_probability(logit, settings.temperature))
+            label = CLASS_NAMES[int(probability >= settings.threshold)]
+            in_distribution = bool(score <= settings.gate.cutoff) if score is not None else None
+            size = tuple(sizes[i]) if sizes is not None else (self.image_size, self.image_size)
+            regions, regions_note = self.regions_of(maps[i] if maps is not None else None, probability, label,
+                                                    in_distribution, decision.population, size)  # fmt: skip
             predictions.append(
                 Prediction(
                     probability=probability,
-                    label=CLASS_NAMES[int(probability >= settings.threshold)],
+                    label=label,
                     threshold=settings.threshold,
                     operating_point=settings.operating_point,
                     operating_point_source=settings.in_force,
                     logit=float(logit),
-                    in_distribution=bool(score <= settings.gate.cutoff) if score is not None else None,
+                    in_distribution=in_distribution,
                     ood_score=score,
-                    heatmap=maps[i] if maps is not None else None,
+                    heatmap=maps[i] if heatmap and maps is not None else None,
                     population=decision.population,
                     population_source=decision.source,
                     population_note=decision.note,
+                    regions=regions,
+                    regions_note=regions_note,
                 )
             )
         return predictions
+
+    def regions_of(self, heatmap: np.ndarray | None, probability: float, label: str, in_distribution: bool | None,
+                   population: str, size: tuple[int, int]) -> tuple[list[Region], str | None]:  # fmt: skip
+        """Regions only for a pneumonia the gate lets through, and only where a rule was fitted on boxes."""
+        if label != CLASS_NAMES[1] or in_distribution is False:
+            return [], None
+        rule = self.populations[population].regions
+        if rule is None or heatmap is None:
+            return [], (f"no regions: where the pneumonia lies was not measured for the {population} population "
+                        "(no radiologists' boxes in its validation part); the heat map is shown for reference")  # fmt: skip
+        return find_regions(heatmap, probability, rule, size), None
