@@ -79,10 +79,10 @@ def test_a_batch_that_fails_is_scored_one_by_one(predictor: Predictor, data_root
     sources = [r.path for r in list_records(data_root, "test")][:4]
     real = Predictor.predict_tensors
 
-    def fails_on_batches(self, batch, heatmap=False, ages=None):  # type: ignore[no-untyped-def]
+    def fails_on_batches(self, batch, heatmap=False, ages=None, sizes=None):  # type: ignore[no-untyped-def]
         if len(batch) > 1:
             raise MemoryError("cannot allocate")
-        return real(self, batch, heatmap, ages)
+        return real(self, batch, heatmap, ages, sizes)
 
     monkeypatch.setattr(Predictor, "predict_tensors", fails_on_batches)
     records = predict_files(predictor, sources, batch_size=4)

@@ -144,7 +144,7 @@ def test_the_audit_schema_is_managed_by_alembic(service) -> None:
     _, settings = service
     engine = create_engine(settings.resolved_database_url)
     with engine.connect() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0005"
+        assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0006"
         assert connection.execute(text("pragma journal_mode")).scalar_one() == "wal"
 
 
@@ -183,7 +183,7 @@ def test_the_audit_log_works_in_a_real_postgresql(shipped_model: Path, tmp_path:
         engine = create_engine(url)
         with engine.connect() as connection:
             assert connection.execute(text("select version()")).scalar_one().startswith("PostgreSQL")
-            assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0005"
+            assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0006"
             row = dict(connection.execute(text("select * from predictions where id = :id"), {"id": body["id"]}).mappings().one())
             assert connection.execute(text("select count(*) from predictions")).scalar_one() == 1  # refusals are not rows
         engine.dispose()

@@ -9,6 +9,7 @@ or a duplicate, keyed by the sha256 of the SOP Instance UID.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     and_,
     create_engine,
     event,
@@ -55,6 +57,8 @@ predictions = Table(
     Column("operating_point", String(128), nullable=True),
     Column("population_note", String(256), nullable=True),  # the image and the DICOM age disagree (the age is not kept)
     Column("operating_point_source", String(64), nullable=True),  # validation, or site calibration of <date> (0003)
+    Column("regions", Text, nullable=True),  # JSON list of {x, y, width, height, score}, the image's pixels (0006)
+    Column("regions_note", String(256), nullable=True),  # why a pneumonia has none: its population has no region rule
 )
 
 dicom_instances = Table(
@@ -206,4 +210,6 @@ def prediction_row(prediction, data: bytes, file_type: str, model: dict) -> dict
         "operating_point": prediction.operating_point,
         "population_note": prediction.population_note,
         "operating_point_source": prediction.operating_point_source,
+        "regions": json.dumps([region.to_dict() for region in prediction.regions], separators=(",", ":")),
+        "regions_note": prediction.regions_note,
     }

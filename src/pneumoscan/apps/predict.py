@@ -47,6 +47,8 @@ class Record:
     warning: str | None = None
     heatmap: str | None = None
     error: str | None = None
+    regions: list[dict[str, float]] | None = None  # where the pneumonia is, in the file's pixels (flagged films only)
+    regions_note: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if v is not None or k in ("path", "error", "in_distribution")}
@@ -110,6 +112,7 @@ class Pending:
     tensor: np.ndarray
     image: Image.Image | None
     age_years: float | None = None  # a DICOM's PatientAge: it routes the image to its population
+    size: tuple[int, int] | None = None  # the file's width and height: regions are given in its pixels
 
 
 def predict_files(predictor: Predictor, paths: list[Path], heatmap_dir: Path | None = None, batch_size: int = 16,
@@ -137,7 +140,8 @@ def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path 
                     records[i].error = failure_message(decoded)
                 else:
                     pending.append(Pending(i, *decoded))
-            scored = score_each(predictor, [p.tensor for p in pending], heatmap_dir is not None, [p.age_years for p in pending])
+            scored = score_each(predictor, [p.tensor for p in pending], heatmap_dir is not None, [p.age_years for p in pending],
+                                [p.size for p in pending])  # fmt: skip
             for item, prediction in zip(pending, scored):
                 record = records[item.index]
                 if isinstance(prediction, BaseException):
@@ -147,7 +151,7 @@ def iter_predictions(predictor: Predictor, paths: list[Path], heatmap_dir: Path 
                 if heatmap_dir is not None and item.image is not None and prediction.heatmap is not None:
                     target = heatmap_dir / f"{item.index:05d}-{Path(record.path).stem}.png"
                     caption = heatmap_caption(prediction)
-                    drawn = guarded(lambda: save_side_by_side(item.image, prediction.heatmap, target, caption))
+                    drawn = guarded(lambda: save_side_by_side(item.image, prediction.heatmap, target, caption, prediction.regions))
                     if isinstance(drawn, BaseException):
                         record.warning = f"the heat map could not be written: {failure_message(drawn)}"
                     else:
@@ -163,22 +167,25 @@ def heatmap_caption(prediction: Prediction) -> str:
     return f"{prediction.label}  p={prediction.probability:.3f}  (threshold {prediction.threshold:.3f}, {prediction.population})"
 
 
-def decode_for_model(predictor: Predictor, path: Path, keep_image: bool) -> tuple[np.ndarray, Image.Image | None, float | None]:
+def decode_for_model(predictor: Predictor, path: Path, keep_image: bool
+                     ) -> tuple[np.ndarray, Image.Image | None, float | None, tuple[int, int]]:  # fmt: skip
     loaded = read_image(path, predictor.limits)
     tensor = preprocess(loaded.image, predictor.image_size, predictor.intensity)
-    return tensor, loaded.image if keep_image else None, loaded.age_years
+    return tensor, loaded.image if keep_image else None, loaded.age_years, loaded.image.size
 
 
-def score_each(predictor: Predictor, tensors: list[np.ndarray], heatmap: bool,
-               ages: list[float | None] | None = None) -> list[Prediction | BaseException]:  # fmt: skip
+def score_each(predictor: Predictor, tensors: list[np.ndarray], heatmap: bool, ages: list[float | None] | None = None,
+               sizes: list[tuple[int, int] | None] | None = None) -> list[Prediction | BaseException]:  # fmt: skip
     """One batched forward pass; if the batch fails, each input alone, so only the input at fault gets an error."""
     if not tensors:
         return []
     ages = ages or [None] * len(tensors)
-    batch = guarded(lambda: predictor.predict_tensors(np.stack(tensors), heatmap=heatmap, ages=ages))
+    sizes = [size or (predictor.image_size, predictor.image_size) for size in (sizes or [None] * len(tensors))]
+    batch = guarded(lambda: predictor.predict_tensors(np.stack(tensors), heatmap=heatmap, ages=ages, sizes=sizes))
     if not isinstance(batch, BaseException):
         return list(batch)
-    alone = [guarded(lambda: predictor.predict_tensors(tensor[None], heatmap=heatmap, ages=[age])) for tensor, age in zip(tensors, ages)]
+    alone = [guarded(lambda: predictor.predict_tensors(tensor[None], heatmap=heatmap, ages=[age], sizes=[size]))
+             for tensor, age, size in zip(tensors, ages, sizes)]  # fmt: skip
     return [outcome if isinstance(outcome, BaseException) else outcome[0] for outcome in alone]
 
 
@@ -189,6 +196,12 @@ def fill(record: Record, prediction: Prediction) -> None:
     record.population, record.population_source = prediction.population, prediction.population_source
     record.population_note = prediction.population_note
     record.in_distribution, record.ood_score, record.warning = prediction.in_distribution, prediction.ood_score, prediction.warning
+    record.regions, record.regions_note = [r.to_dict() for r in prediction.regions], prediction.regions_note
+
+
+def regions_in_words(regions: list[dict[str, float]] | None) -> str:
+    """``region 312,140 220×180`` for each region (pixels of the file), for the table people read."""
+    return ", ".join(f"region {r['x']:.0f},{r['y']:.0f} {r['width']:.0f}×{r['height']:.0f}" for r in regions or [])
 
 
 def format_records(records: list[Record], fmt: str) -> str:
@@ -196,13 +209,16 @@ def format_records(records: list[Record], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([r.to_dict() for r in records], indent=2)
     columns = ["path", "decision", "probability", "label", "threshold", "population", "population_source", "operating_point",
-               "operating_point_source", "in_distribution", "ood_score", "heatmap", "error", "population_note"]
+               "operating_point_source", "in_distribution", "ood_score", "heatmap", "error", "population_note", "regions",
+               "regions_note"]  # fmt: skip
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for r in records:
-            writer.writerow({k: ("" if getattr(r, k) is None else getattr(r, k)) for k in columns})
+            row = {k: ("" if getattr(r, k) is None else getattr(r, k)) for k in columns}
+            row["regions"] = "" if r.regions is None else json.dumps(r.regions, separators=(",", ":"))
+            writer.writerow(row)
         return buffer.getvalue().rstrip("\n")
     width = max([len(r.path) for r in records] + [4])
     lines = [f"{'path':<{width}}  {'decision':<29}  {'probability':>11}  {'threshold':<9}  {'population':<10}  note"]
@@ -213,7 +229,7 @@ def format_records(records: list[Record], fmt: str) -> str:
             note = "; ".join(n for n in (r.warning, r.population_note) if n)
             lines.append(f"{r.path:<{width}}  {NOT_VALIDATED:<29}  {f'({r.probability:.4f})':>11}  {'-':<9}  {r.population or '-':<10}  {note}")
         else:
-            note = r.population_note or ""
+            note = "; ".join(n for n in (regions_in_words(r.regions), r.population_note) if n)
             lines.append(f"{r.path:<{width}}  {r.decision or r.label:<29}  {r.probability:>11.4f}  {r.threshold:<9.4f}  {r.population or '-':<10}  {note}")
     in_force = sorted({(r.population or "-", r.operating_point, r.operating_point_source) for r in records if r.operating_point})
     lines += [f"operating point in force ({population}): {name} [{source}]" for population, name, source in in_force]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ class Row(Protocol):
     threshold: float | None
     population_source: str | None
     population_note: str | None
+    regions: str | None
     error: str | None
     status: str
     study_instance_uid: str | None
@@ -286,6 +288,10 @@ def _table_row(row: Row, threshold: float, thumbnails: Path, embed: bool, folder
                      f' ({html.escape(row.population_source or "")})</span>')
     if row.population_note:
         notes.append(f'<span class="warn">{html.escape(row.population_note)}</span>')
+    if row.regions and (regions := json.loads(row.regions)):
+        notes.append(f'<span class="regions">{len(regions)} region{"s" if len(regions) > 1 else ""} (green on the film): '
+                     + html.escape(", ".join(f"{r['width']:.0f}×{r['height']:.0f} px at {r['x']:.0f},{r['y']:.0f}, "
+                                             f"score {r['score']:.2f}" for r in regions)) + "</span>")  # fmt: skip
     if row.error:
         notes.append(html.escape(row.error))
     if row.study_instance_uid:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -88,6 +89,14 @@ class ModelInfo(BaseModel):
     sha256: str
 
 
+class RegionBody(BaseModel):
+    x: float = Field(description="left edge, in pixels of the uploaded image")
+    y: float = Field(description="top edge, in pixels of the uploaded image")
+    width: float
+    height: float
+    score: float = Field(description="the calibrated probability × the heat map's peak inside the region, in [0, 1]")
+
+
 class PredictionBody(BaseModel):
     id: str
     probability: float
@@ -101,6 +110,11 @@ class PredictionBody(BaseModel):
     validated: bool = Field(True, description="false: not validated for this image (the gate flagged it); show no verdict")
     in_distribution: bool | None
     ood_score: float | None
+    regions: list[RegionBody] = Field(default_factory=list, description=(
+        "where the model sees the pneumonia: boxes from the heat map by the rule fitted on radiologists' boxes of the "
+        "population's validation part (see the model card). Empty below the threshold, for an image not validated, and "
+        "for a population without a rule (regions_note says so)"))
+    regions_note: str | None = Field(None, description="why a pneumonia has no regions, when its population has no rule")
     model: ModelInfo
     created_at: str
     heatmap_url: str
@@ -325,6 +339,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
             "validated": row["in_distribution"] is not False,
             "in_distribution": row["in_distribution"],
             "ood_score": row["ood_score"],
+            "regions": json.loads(row.get("regions") or "[]"),
+            "regions_note": row.get("regions_note"),
             "model": {"name": row["model_name"], "version": row["model_version"], "sha256": row["model_sha256"]},
             "created_at": as_utc(row["created_at"]).isoformat(),
             "heatmap_url": f"{API}/predictions/{row['id']}/heatmap.png",

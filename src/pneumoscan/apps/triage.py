@@ -46,8 +46,9 @@ from pneumoscan.files import write_atomically
 from pneumoscan.inputs.imaging import load_xray
 from pneumoscan.inputs.preprocessing import preprocess
 from pneumoscan.running.drift import Observation, drift_figures
-from pneumoscan.running.explanation import overlay
+from pneumoscan.running.explanation import draw_regions, overlay
 from pneumoscan.running.inference import Predictor, batched
+from pneumoscan.running.regions import Region
 
 WORKLIST_FILE = "worklist.csv"
 REPORT_FILE = "report.html"
@@ -76,6 +77,7 @@ class Row:
     threshold: float | None = None  # that population's threshold
     population_source: str | None = None  # the image, the DICOM PatientAge, or the model's only population
     population_note: str | None = None  # the image and the DICOM age disagree
+    regions: str | None = None  # JSON list of {x, y, width, height, score} in the file's pixels (flagged studies only)
     error: str | None = None
     status: str = SCORED  # scored | skipped (not an image pneumoscan reads) | error (an image that failed)
     format: str | None = None
@@ -128,6 +130,7 @@ class Decoded:
     tensor: np.ndarray | None = None
     image: Image.Image | None = field(default=None, repr=False)
     age_years: float | None = field(default=None, repr=False)  # DICOM PatientAge: routes the study, never written down
+    size: tuple[int, int] | None = None  # the film's width and height: its regions are in these pixels
 
 
 # --------------------------------------------------------------------------- inputs
@@ -179,7 +182,7 @@ def _decode(row: Row, path: Path, image_size: int, predictor: Predictor) -> Deco
     image = loaded.image
     thumbnail = image.copy()
     thumbnail.thumbnail((THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))  # cheap now; the overlay is drawn from this
-    return Decoded(row, preprocess(image, image_size, predictor.intensity), thumbnail, loaded.age_years)
+    return Decoded(row, preprocess(image, image_size, predictor.intensity), thumbnail, loaded.age_years, image.size)
 
 
 def _str_or_none(value: object) -> str | None:
@@ -242,6 +245,7 @@ def _row_from_csv(record: dict[str, str], path: Path, line: int) -> Row:
         threshold=float(record["threshold"]) if record.get("threshold") else None,
         population_source=optional_new("population_source"),
         population_note=optional_new("population_note"),
+        regions=optional_new("regions"),
         error=optional("error"),
         status=from_spreadsheet_safe(record["status"]),
         format=optional("format"),
@@ -374,7 +378,7 @@ def _decode_ahead(pool: ThreadPoolExecutor, files: list[Path], predictor: Predic
 
 
 def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbnails: Path,
-          bar: tqdm | None = None) -> list[tuple[Image.Image, np.ndarray, Path]]:  # fmt: skip
+          bar: tqdm | None = None) -> list[tuple[Image.Image, np.ndarray, Path, list[Region], float]]:  # fmt: skip
     """Batched forward passes for the decodable inputs; fills their rows and returns the thumbnails to draw.
 
     A batch that fails is scored again one input at a time, so only the input at fault gets an error row.
@@ -382,7 +386,8 @@ def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbna
     ready = [item for item in decoded if item.tensor is not None]
     drawings = []
     for chunk in batched(ready, batch_size):
-        outcomes = score_each(predictor, [item.tensor for item in chunk], heatmap=True, ages=[item.age_years for item in chunk])
+        outcomes = score_each(predictor, [item.tensor for item in chunk], heatmap=True, ages=[item.age_years for item in chunk],
+                              sizes=[item.size for item in chunk])  # fmt: skip
         for item, prediction in zip(chunk, outcomes):
             row = item.row
             if isinstance(prediction, BaseException):
@@ -392,18 +397,23 @@ def score(predictor: Predictor, decoded: list[Decoded], batch_size: int, thumbna
             row.in_distribution, row.ood_score = prediction.in_distribution, prediction.ood_score
             row.population, row.threshold = prediction.population, prediction.threshold
             row.population_source, row.population_note = prediction.population_source, prediction.population_note
-            drawings.append((item.image, prediction.heatmap, thumbnails / row.thumbnail_name))
+            row.regions = json.dumps([r.to_dict() for r in prediction.regions], separators=(",", ":"))
+            scale = item.image.width / item.size[0] if item.size else 1.0
+            drawings.append((item.image, prediction.heatmap, thumbnails / row.thumbnail_name, prediction.regions, scale))
         if bar is not None:
             bar.update(len(chunk))
     return drawings
 
 
-def save_thumbnails(image: Image.Image, heatmap: np.ndarray, path: Path) -> None:
-    """The X-ray and its heat-map overlay side by side, small: the report embeds one per study."""
+def save_thumbnails(image: Image.Image, heatmap: np.ndarray, path: Path, regions: Sequence[Region] = (), scale: float = 1.0) -> None:
+    """The X-ray (with its regions) and its heat-map overlay side by side, small: the report embeds one per study.
+
+    ``scale`` maps the regions' pixels (the film's) to ``image``'s.
+    """
     small = image.copy()
     small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     pair = Image.new("RGB", (small.width * 2, small.height))
-    pair.paste(small.convert("RGB"), (0, 0))
+    pair.paste(draw_regions(small.convert("RGB"), regions, scale * small.width / image.width), (0, 0))
     pair.paste(overlay(small, heatmap), (small.width, 0))
     pair.save(path, format="JPEG", quality=80)
 

@@ -7,10 +7,13 @@ The heat map itself is computed inside the ONNX graph (see
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from pneumoscan.running.regions import Region
 
 # The "jet" colour map as piecewise-linear control points (position, r, g, b).
 _JET = np.array(
@@ -57,9 +60,25 @@ def blend_table(alpha: float) -> np.ndarray:
     return blended.round().astype(np.uint8)
 
 
-def side_by_side(image: Image.Image, heatmap: np.ndarray, caption: str = "") -> Image.Image:
-    """Original on the left, overlay on the right, and an optional caption strip."""
-    original = image.convert("RGB")
+#: The colour regions are drawn in: a green that the jet colours of the heat map do not use.
+REGION_COLOUR = (57, 255, 20)
+
+
+def draw_regions(picture: Image.Image, regions: Sequence[Region], scale: float = 1.0) -> Image.Image:
+    """Each region's box and score on ``picture`` (in place); ``scale`` maps the regions' pixels to the picture's."""
+    draw = ImageDraw.Draw(picture)
+    line = max(1, round(min(picture.size) / 200))
+    for region in regions:
+        x0, y0 = region.x * scale, region.y * scale
+        x1, y1 = (region.x + region.width) * scale, (region.y + region.height) * scale
+        draw.rectangle((x0, y0, x1, y1), outline=REGION_COLOUR, width=line)
+        draw.text((x0 + line + 2, y0 + line + 1), f"{region.score:.2f}", fill=REGION_COLOUR)
+    return picture
+
+
+def side_by_side(image: Image.Image, heatmap: np.ndarray, caption: str = "", regions: Sequence[Region] = ()) -> Image.Image:
+    """Original (with the regions) on the left, overlay on the right, and an optional caption strip."""
+    original = draw_regions(image.convert("RGB"), regions)
     blended = overlay(image, heatmap)
     strip = 22 if caption else 0
     canvas = Image.new("RGB", (original.width * 2, original.height + strip), "white")
@@ -70,7 +89,7 @@ def side_by_side(image: Image.Image, heatmap: np.ndarray, caption: str = "") -> 
     return canvas
 
 
-def save_side_by_side(image: Image.Image, heatmap: np.ndarray, path: Path, caption: str = "") -> Path:
+def save_side_by_side(image: Image.Image, heatmap: np.ndarray, path: Path, caption: str = "", regions: Sequence[Region] = ()) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    side_by_side(image, heatmap, caption).save(path)
+    side_by_side(image, heatmap, caption, regions).save(path)
     return path

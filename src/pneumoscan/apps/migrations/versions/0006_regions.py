@@ -1,0 +1,23 @@
+"""Where the pneumonia is: each prediction's regions (JSON, pixels of the image) and why a pneumonia has none.
+
+Revision ID: 0006
+Revises: 0005
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("predictions", sa.Column("regions", sa.Text(), nullable=True))
+    op.add_column("predictions", sa.Column("regions_note", sa.String(256), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("predictions", "regions_note")
+    op.drop_column("predictions", "regions")
