@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
+from PIL import Image
 from test_server import live_server
 
 from pneumoscan.files import sha256_file
 from pneumoscan.config import PROJECT_ROOT
 from pneumoscan.learning.data import list_records
 from pneumoscan.running.inference import Predictor
+from pneumoscan.running.regions import DEFAULT_GRID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_device import (
@@ -93,10 +95,19 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
     if precision == "fp32":
         assert deltas.max() <= 0.01, deltas
         assert correlations.min() >= 0.99, correlations
+        assert any(e.regions for e in expected)  # the sample holds flagged adults: the comparison below is not empty
+        for got, want, path in zip(results, expected, paths):  # the same regions: each edge within one cell of the rule's grid
+            assert len(got["regions"]) == len(want.regions), (got["regions"], want.regions)
+            with Image.open(path) as image:
+                cell = max(image.size) / DEFAULT_GRID + 0.1
+            for region, reference in zip(got["regions"], want.regions):
+                assert all(abs(region[k] - getattr(reference, k)) <= cell for k in ("x", "y", "width", "height"))
+                assert abs(region["score"] - reference.score) <= 0.01
     else:  # int8 kernels round differently in WebAssembly; so do ONNX Runtime's own two int8 paths (native_self_agreement)
         native_correlations, native_deltas = native_self_agreement(shipped_model, paths)
         assert deltas.max() <= max(0.01, 2 * native_deltas.max()), (deltas, native_deltas)
         assert np.mean(correlations >= 0.99) >= np.mean(native_correlations >= 0.99) - 0.2, (correlations, native_correlations)
+        assert [bool(r["regions"]) for r in results] == [bool(e.regions) for e in expected]  # the same films get regions
     engine = create_engine(f"sqlite:///{(tmp_path / 'service' / 'pneumoscan.db').as_posix()}")
     with engine.connect() as connection:
         assert connection.execute(text("select count(*) from predictions")).scalar_one() == 0  # nothing recorded

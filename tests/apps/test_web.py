@@ -162,3 +162,48 @@ def test_the_api_docs_load_from_this_origin_under_the_csp(shipped_model: Path, t
         page.screenshot(path=str(OUTPUT / "web-docs.png"))
         browser.close()
     assert foreign == [] and not [m for m in problems if "Content Security Policy" in m or "Refused" in m], (foreign, problems)
+
+
+def green_pixels(png: bytes) -> int:
+    """Pixels of the regions' green (#39ff14) in a screenshot."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(np.sum((np.abs(rgb - np.array([57, 255, 20])) <= 12).all(axis=-1)))
+
+
+def test_the_page_draws_the_regions_over_the_xray_with_a_switch(shipped_model: Path, adult_root: Path, tmp_path: Path) -> None:
+    """An adult pneumonia that gets regions: the page draws each one where the API puts it; the switch hides them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from pneumoscan.learning.data import records_of
+    from pneumoscan.running.inference import Predictor
+
+    predictor = Predictor.load(shipped_model)
+    film, prediction = next((r.path, p) for r in records_of([adult_root], "test") if r.label == 1
+                            and (p := predictor.predict(r.path)).regions)  # fmt: skip
+    OUTPUT.mkdir(exist_ok=True)
+    with live_server(tmp_path / "service") as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1000, "height": 1100})
+        page.goto(base + "/")
+        page.set_input_files("#file", str(film))
+        expect(page.locator("#decision")).to_contain_text("Pneumonia suspected", timeout=30_000)
+        expect(page.locator("#regions .region")).to_have_count(len(prediction.regions), timeout=30_000)
+        expect(page.locator("#regions-text")).to_contain_text("where the model sees the pneumonia")
+        page.uncheck("#show-heatmap")  # the film and its regions alone
+        width, height = page.evaluate("[document.getElementById('xray').naturalWidth, document.getElementById('xray').naturalHeight]")
+        first = prediction.regions[0]
+        left = page.evaluate("parseFloat(document.querySelector('#regions .region').style.left)")
+        top = page.evaluate("parseFloat(document.querySelector('#regions .region').style.top)")
+        assert abs(left - 100 * first.x / width) < 0.01 and abs(top - 100 * first.y / height) < 0.01
+        expect(page.locator("#regions .region span").first).to_have_text(f"{first.score:.2f}")
+        drawn = page.locator(".stack").screenshot()
+        page.screenshot(path=str(OUTPUT / "web-regions.png"), full_page=True)
+        page.uncheck("#show-regions")
+        hidden = page.locator(".stack").screenshot()
+        browser.close()
+    assert green_pixels(drawn) > 100 and green_pixels(hidden) == 0

@@ -60,6 +60,7 @@ def device_settings(predictor: Predictor) -> dict:
             "threshold": settings.threshold,
             "operating_point": settings.operating_point,
             "operating_point_source": settings.in_force,
+            "regions": None if settings.regions is None else settings.regions.to_dict(),
             "gate": None if gate is None else {
                 "url": f"{MODEL_ROUTE}/gate.{name}.bin?sha256={gate_sha256(card, name)}", "dim": int(np.asarray(gate.mean).size), "two_stage": gate.two_stage,
                 "threshold": float(gate.threshold), "l2_threshold": None if gate.l2_threshold is None else float(gate.l2_threshold),

@@ -75,7 +75,7 @@ async function scoreHere(file) {
     const result = await device.predict(model, file);
     Object.assign(result, await device.pictures(result));
     window.pneumoscanLast = { probability: result.probability, label: result.label, population: result.population,
-                              in_distribution: result.in_distribution, heatmap: Array.from(result.heatmap),
+                              in_distribution: result.in_distribution, heatmap: Array.from(result.heatmap), regions: result.regions,
                               precision: model.precision, seconds: result.seconds, name: file.name,
                               total_seconds: (performance.now() - started) / 1000 };  // file to heat map
     $("status").textContent = "";
@@ -187,6 +187,7 @@ function render(result, file) {
   show(note, Boolean(result.population_note));
   // the previous study's pictures must not stay beside this result while the new ones load
   for (const id of ["xray", "heatmap"]) $(id).removeAttribute("src");
+  showRegions(result.regions || [], result.regions_note);
   if (result.local) {  // drawn on this device: blob: URLs, nothing fetched
     $("xray").src = result.image_url;
     $("heatmap").src = result.heatmap_url;
@@ -196,6 +197,33 @@ function render(result, file) {
   }
   $("where").textContent = result.local ? "Scored on this device: the X-ray did not leave it, and this result is not recorded." : "";
   show($("result"), true);
+}
+
+// Regions come in pixels of the X-ray; they are placed as shares of it once it has loaded (its natural size known).
+let pendingRegions = [];
+
+function showRegions(regions, note) {
+  pendingRegions = regions;
+  $("regions").replaceChildren();
+  const text = regions.length
+    ? `${regions.length} region${regions.length > 1 ? "s" : ""} where the model sees the pneumonia (green, with its score); fitted on radiologists' boxes, see the model card.`
+    : (note || "");
+  $("regions-text").textContent = text;
+}
+
+function drawRegions() {
+  const image = $("xray");
+  if (!image.naturalWidth) return;
+  const w = image.naturalWidth, h = image.naturalHeight, pct = (v, of) => `${(100 * v) / of}%`;
+  $("regions").replaceChildren(...pendingRegions.map((r) => {
+    const box = document.createElement("div");
+    box.className = "region";
+    Object.assign(box.style, { left: pct(r.x, w), top: pct(r.y, h), width: pct(r.width, w), height: pct(r.height, h) });
+    const tag = document.createElement("span");
+    tag.textContent = r.score.toFixed(2);
+    box.append(tag);
+    return box;
+  }));
 }
 
 async function refreshRecent() {
@@ -226,6 +254,8 @@ function init() {
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) upload(e.dataTransfer.files[0]); });
   $("show-heatmap").addEventListener("change", (e) => { $("heatmap").style.visibility = e.target.checked ? "visible" : "hidden"; });
+  $("show-regions").addEventListener("change", (e) => { $("regions").style.visibility = e.target.checked ? "visible" : "hidden"; });
+  $("xray").addEventListener("load", drawRegions);
   $("opacity").addEventListener("input", (e) => { $("heatmap").style.opacity = e.target.value / 100; });
   $("key-form").addEventListener("submit", saveKey);
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", prepareDevice);

@@ -195,13 +195,58 @@ export async function predict(model, blob) {
   const point = settings.populations[who.name];
   const probability = sigmoid(logit / point.temperature);
   const score = point.gate ? gateScore(point.gate, gates[who.name], embedding) : null;
+  const heatmap = Float32Array.from(out.heatmap.data);
+  const inDistribution = score === null ? null : score <= point.gate.cutoff;
+  const flagged = probability >= point.threshold && inDistribution !== false;  // regions only for a validated pneumonia
+  const regions = flagged && point.regions ? findRegions(heatmap, size, probability, point.regions, image.width, image.height) : [];
+  const regionsNote = flagged && !point.regions ? `no regions: where the pneumonia lies was not measured for the ${who.name} population (no radiologists' boxes in its validation part); the heat map is shown for reference` : null;
   return {
     local: true, probability, logit, label: probability >= point.threshold ? "PNEUMONIA" : "NORMAL",
     threshold: point.threshold, operating_point: point.operating_point, operating_point_source: point.operating_point_source,
     population: who.name, population_source: who.source, population_note: null,
-    in_distribution: score === null ? null : score <= point.gate.cutoff, ood_score: score,
-    heatmap: Float32Array.from(out.heatmap.data), size, image, seconds: (performance.now() - started) / 1000,
+    in_distribution: inDistribution, ood_score: score,
+    heatmap, size, image, regions, regions_note: regionsNote, seconds: (performance.now() - started) / 1000,
   };
+}
+
+// --- regions (pneumoscan.running.regions: the same steps, the same numbers) ------------------------------------------
+
+function roundTo(value, digits) { const f = 10 ** digits; return Math.round(value * f) / f; }
+
+export function findRegions(heatmap, size, probability, rule, width, height) {
+  const grid = rule.grid;
+  const cells = new Float32Array(grid * grid);
+  for (let r = 0; r < grid; r++) {
+    for (let c = 0; c < grid; c++) cells[r * grid + c] = heatmap[Math.floor(((r + 0.5) * size) / grid) * size + Math.floor(((c + 0.5) * size) / grid)];
+  }
+  let top = 0;
+  for (const v of cells) top = Math.max(top, v);
+  if (top <= 0) return [];
+  const cut = Math.fround(Math.fround(rule.level) * top);
+  const seen = new Uint8Array(grid * grid);
+  const groups = [];
+  for (let start = 0; start < cells.length; start++) {  // reading order, as np.nonzero
+    if (seen[start] || !(cells[start] >= cut)) continue;
+    seen[start] = 1;
+    const stack = [start];
+    let n = 0, peak = 0, rowMin = grid, rowMax = -1, colMin = grid, colMax = -1;
+    while (stack.length) {
+      const k = stack.pop(), r = Math.floor(k / grid), c = k % grid;
+      n++; peak = Math.max(peak, cells[k]);
+      rowMin = Math.min(rowMin, r); rowMax = Math.max(rowMax, r); colMin = Math.min(colMin, c); colMax = Math.max(colMax, c);
+      for (const [nr, nc] of [[r - 1, c], [r + 1, c], [r, c - 1], [r, c + 1]]) {
+        const j = nr * grid + nc;
+        if (nr >= 0 && nr < grid && nc >= 0 && nc < grid && !seen[j] && cells[j] >= cut) { seen[j] = 1; stack.push(j); }
+      }
+    }
+    groups.push({ score: roundTo(probability * (peak / top), 4), order: groups.length, n, rowMin, rowMax, colMin, colMax });
+  }
+  groups.sort((a, b) => b.score - a.score || a.order - b.order);
+  const cellWidth = width / grid, cellHeight = height / grid;
+  return groups.filter((g) => g.n >= rule.min_area * grid * grid).slice(0, rule.max_regions).map((g) => ({
+    x: roundTo(g.colMin * cellWidth, 1), y: roundTo(g.rowMin * cellHeight, 1),
+    width: roundTo((g.colMax + 1 - g.colMin) * cellWidth, 1), height: roundTo((g.rowMax + 1 - g.rowMin) * cellHeight, 1), score: g.score,
+  }));
 }
 
 // --- pictures (pneumoscan.running.explanation.overlay) ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // pneumoscan's service worker: after one visit the page, the runtime and the model load with the network off.
 // The page and the model's settings are asked of the network first (a new model shows at once); the runtime and the
 // model's files are kept by URL, which carries their sha256, so a new model is a new entry. The API is never kept.
-const CACHE = "pneumoscan-v1";
+const CACHE = "pneumoscan-v2";  // a new name when the page's files change: the old copies are dropped
 // The page itself is kept at install; the runtime and the model (tens of MB) are kept the first time the page asks
 // for them, so a first visit downloads each once.
 const SHELL = [
