@@ -76,6 +76,7 @@ dicom_instances = Table(
     Column("prediction_id", String(32), nullable=True),  # its row in predictions, when scored
     Column("report_uid", String(64), nullable=True),  # the SOP Instance UIDs pneumoscan made for its results
     Column("heatmap_uid", String(64), nullable=True),
+    Column("presentation_uid", String(64), nullable=True),  # the GSPS drawing its regions, when it has any (0006)
     Column("delivered_at", DateTime(timezone=True), nullable=True),  # when the destination stored both results
     Column("delivery_error", String(512), nullable=True),  # the destination refused them (kept in outbox/refused)
 )

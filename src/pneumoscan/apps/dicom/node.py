@@ -286,7 +286,9 @@ class DicomNode:
         reason = f"header values left out of the results: {', '.join(results.dropped)}"[:512] if results.dropped else None
         self.audit.record_instance({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"], "reason": reason,
                                     "report_uid": str(results.report.SOPInstanceUID),
-                                    "heatmap_uid": str(results.heatmap.SOPInstanceUID)}, upload)  # fmt: skip
+                                    "heatmap_uid": str(results.heatmap.SOPInstanceUID),
+                                    "presentation_uid": str(results.presentation.SOPInstanceUID) if results.presentation else None},
+                                   upload)  # fmt: skip
         return SCORED
 
     def load(self, data: bytes):  # type: ignore[no-untyped-def]

@@ -32,7 +32,8 @@ from pneumoscan.files import write_atomically
 
 log = logging.getLogger("pneumoscan.dicom")
 
-ENTRY_FILES = ("report.dcm", "heatmap.dcm")
+#: An entry's files in sending order; the presentation state only when the model marked regions.
+ENTRY_FILES = ("report.dcm", "heatmap.dcm", "presentation.dcm")
 #: Entries sent in one association (C-STORE) or in a row (STOW-RS) before the outbox is looked at again.
 BATCH = 16
 REFUSED_DIR = "refused"
@@ -61,6 +62,7 @@ class CStoreDestination:
         from pynetdicom import AE
         from pynetdicom.sop_class import (
             ComprehensiveSRStorage,
+            GrayscaleSoftcopyPresentationStateStorage,
             SecondaryCaptureImageStorage,
         )
 
@@ -73,6 +75,7 @@ class CStoreDestination:
         )
 
         ae.add_requested_context(ComprehensiveSRStorage)
+        ae.add_requested_context(GrayscaleSoftcopyPresentationStateStorage)
         ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGBaseline8Bit])
         ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         association = ae.associate(self.host, self.port, ae_title=self.ae_title)
@@ -162,7 +165,9 @@ class Outbox:
         staging = self.folder / f".{entry}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for name, dataset in zip(ENTRY_FILES, datasets, strict=True):
+        if not 0 < len(datasets) <= len(ENTRY_FILES):
+            raise ValueError(f"an outbox entry holds 1 to {len(ENTRY_FILES)} results, not {len(datasets)}")
+        for name, dataset in zip(ENTRY_FILES, datasets):
             write_atomically(staging / name, lambda path, d=dataset: d.save_as(path, enforce_file_format=True))
         target = self.folder / entry
         shutil.rmtree(target, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Results as DICOM objects a PACS files next to the study: a TID 1500 Structured Report and a heat-map Secondary Capture.
+"""Results as DICOM objects a PACS files next to the study: a TID 1500 Structured Report, a heat-map Secondary Capture
+and, when the model marks regions, a Grayscale Softcopy Presentation State that draws them.
 
 Why TID 1500 (the Measurement Report, in a Comprehensive SR) and not a free comprehensive
 SR: it is what IHE's AI Results profile and the commercial chest X-ray tools send, so
@@ -9,6 +10,13 @@ gate flags), the calibrated probability and the threshold as numbers, the popula
 and operating point as the algorithm's identification (TID 4019). It references the
 source image, and both objects live in the source's study (same Study Instance UID,
 patient module copied), each in a series of its own.
+
+Each region of the prediction (see :mod:`pneumoscan.running.regions`) is a planar ROI group (TID 1410)
+of the same report: a closed polyline SCOORD on the source image (referenced by its SOP Instance
+UID), with Pneumonia as its finding and the region's score as its measurement. The same boxes,
+with a short label, are the graphic annotations of a GSPS (highdicom) referencing the source, so
+that a PACS viewer draws them over the original film without pneumoscan's overlay. A study
+without regions gets no presentation state.
 
 The Secondary Capture is the X-ray with the heat map overlaid, with a burnt-in banner and
 headers (Series Description, Image Comments) saying it is not for diagnostic use. It is
@@ -48,6 +56,7 @@ MANUFACTURER = "pneumoscan"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+PR_SERIES_NUMBER = 9903
 #: The heat-map picture's longest side: a picture to look at, not pixels to measure on. A 30 M-pixel film drawn whole in
 #: RGB (with its banner, its array and its JPEG) would cost the node ~500 MB; at 2048 px it costs ~40 MB.
 SC_MAX_SIDE = 2048
@@ -63,6 +72,9 @@ POPULATION = Code("population", PRIVATE_SCHEME, "Population whose operating poin
 VALIDATED_IMAGE = Code("in-distribution", PRIVATE_SCHEME, "Image like those the model was validated on")
 POPULATION_CODES = {"child": Code("67822003", "SCT", "Child"), "adult": Code("133936004", "SCT", "Adult")}
 NO_UNITS = Code("1", "UCUM", "no units")
+REGION_SCORE = Code("region-score", PRIVATE_SCHEME, "Score of the region (probability x the heat map's peak in it)")
+#: The regions' colour in a viewer (the page's green, #39ff14, in CIELab).
+REGION_COLOUR_LAB = (88.0, -79.0, 81.0)
 
 
 @dataclass(frozen=True)
@@ -90,9 +102,10 @@ class Results:
     report: Dataset
     heatmap: Dataset
     dropped: tuple[str, ...] = field(default=())
+    presentation: Dataset | None = None  # the regions drawn for a viewer; none when the model marked no region
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter((self.report, self.heatmap))
+        return iter((self.report, self.heatmap) + ((self.presentation,) if self.presentation is not None else ()))
 
 
 def derived_uid(source_uid: str, model: ModelIdentity, what: str, pixels: str = "") -> UID:
@@ -186,8 +199,71 @@ def algorithm_of(model: ModelIdentity, prediction) -> hd.sr.AlgorithmIdentificat
     return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters, manufacturer=MANUFACTURER)
 
 
-def structured_report(source: Dataset, prediction, model: ModelIdentity, pixels: str = "") -> Dataset:  # type: ignore[no-untyped-def]
-    """The TID 1500 Measurement Report of one scored image, in the source's study."""
+def box_outline(region, scale: tuple[float, float]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A region as a closed polyline of (column, row) points in the source image's pixel grid."""
+    sx, sy = scale
+    x0, y0, x1, y1 = region.x * sx, region.y * sy, (region.x + region.width) * sx, (region.y + region.height) * sy
+    return np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+
+def region_groups(source: Dataset, prediction, model: ModelIdentity, pixels: str,  # type: ignore[no-untyped-def]
+                  algorithm: hd.sr.AlgorithmIdentification, scale: tuple[float, float]) -> list:  # fmt: skip
+    """One planar ROI group (TID 1410) per region: its outline on the source image, Pneumonia, and its score."""
+    reference = hd.sr.SourceImageForRegion(str(source.SOPClassUID), str(source.SOPInstanceUID))
+    return [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(source.SOPInstanceUID, model, f"region {i}", pixels),
+                                                         identifier=f"pneumonia region {i}"),
+            referenced_region=hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                                graphic_data=box_outline(region, scale), source_image=reference),
+            finding_type=PNEUMONIA,
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(REGION_SCORE, float(region.score), NO_UNITS, algorithm_id=algorithm)],
+        )
+        for i, region in enumerate(prediction.regions, start=1)
+    ]  # fmt: skip
+
+
+def grid_scale(source: Dataset, image: Image.Image) -> tuple[float, float]:
+    """From the pixels the regions are given in (the image as decoded) to the source's Columns and Rows."""
+    return (float(getattr(source, "Columns", image.width)) / image.width, float(getattr(source, "Rows", image.height)) / image.height)
+
+
+def presentation_state(source: Dataset, image: Image.Image, prediction, model: ModelIdentity, pixels: str = "") -> Dataset | None:  # type: ignore[no-untyped-def]
+    """A GSPS that draws each region's box and a short label over the source image; None without regions."""
+    if not prediction.regions:
+        return None
+    scale = grid_scale(source, image)
+    layer = hd.pr.GraphicLayer(layer_name="PNEUMOSCAN", order=1, description=f"regions marked by {model.name}"[:64],
+                               display_color=hd.color.CIELabColor(*REGION_COLOUR_LAB))  # fmt: skip
+    outlines = [hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=box_outline(r, scale),
+                                    units=hd.pr.AnnotationUnitsValues.PIXEL) for r in prediction.regions]  # fmt: skip
+    labels = [hd.pr.TextObject(text_value=f"pneumoscan: pneumonia {r.score:.2f}", units=hd.pr.AnnotationUnitsValues.PIXEL,
+                               anchor_point=(float(r.x * scale[0]), float(r.y * scale[1])), anchor_point_visible=False,
+                               text_justification=hd.pr.TextJustificationValues.LEFT) for r in prediction.regions]  # fmt: skip
+    annotation = hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer, graphic_objects=outlines, text_objects=labels)
+    state = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=derived_uid(source.SeriesInstanceUID, model, "presentation series"),
+        series_number=PR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, model, "presentation", pixels),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name[:64],
+        software_versions=model.version,
+        device_serial_number=model.sha256[:16],
+        content_label="PNEUMOSCAN",
+        content_description=f"regions where {model.name} sees pneumonia"[:64],
+        graphic_annotations=[annotation],
+        graphic_layers=[layer],
+    )
+    state.BodyPartExamined = "CHEST"  # an unpaired body part: Laterality (Type 2C) stays absent
+    return state
+
+
+def structured_report(source: Dataset, prediction, model: ModelIdentity, pixels: str = "",  # type: ignore[no-untyped-def]
+                      scale: tuple[float, float] = (1.0, 1.0)) -> Dataset:  # fmt: skip
+    """The TID 1500 Measurement Report of one scored image, in the source's study; ``scale`` places its regions."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -216,7 +292,7 @@ def structured_report(source: Dataset, prediction, model: ModelIdentity, pixels:
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *region_groups(source, prediction, model, pixels, algorithm, scale)],
     )
     report = hd.sr.ComprehensiveSR(
         evidence=[source],
@@ -304,11 +380,16 @@ def build_results(source: Dataset, image: Image.Image, prediction, model: ModelI
     pixels = image_digest(image)
     header, dropped = result_header(source, pixels)
     try:
-        return Results(structured_report(header, prediction, model, pixels),
-                       heatmap_capture(header, image, prediction, model, pixels), dropped)  # fmt: skip
+        return results_of(header, image, prediction, model, pixels, dropped)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         log.warning("the results could not copy the source's header (%s): its patient and study values are left empty",
                     str(exc)[:200])  # fmt: skip
         header, dropped = result_header(source, pixels, everything=True)
-        return Results(structured_report(header, prediction, model, pixels),
-                       heatmap_capture(header, image, prediction, model, pixels), dropped)  # fmt: skip
+        return results_of(header, image, prediction, model, pixels, dropped)
+
+
+def results_of(header: Dataset, image: Image.Image, prediction, model: ModelIdentity, pixels: str,  # type: ignore[no-untyped-def]
+               dropped: tuple[str, ...]) -> Results:  # fmt: skip
+    return Results(structured_report(header, prediction, model, pixels, grid_scale(header, image)),
+                   heatmap_capture(header, image, prediction, model, pixels), dropped,
+                   presentation_state(header, image, prediction, model, pixels))  # fmt: skip
