@@ -98,6 +98,7 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
         assert any(e.regions for e in expected)  # the sample holds flagged adults: the comparison below is not empty
         for got, want, path in zip(results, expected, paths):  # the same regions: each edge within one cell of the rule's grid
             assert len(got["regions"]) == len(want.regions), (got["regions"], want.regions)
+            assert got["regions_note"] == want.regions_note
             with Image.open(path) as image:
                 cell = max(image.size) / DEFAULT_GRID + 0.1
             for region, reference in zip(got["regions"], want.regions):

@@ -121,6 +121,40 @@ def test_evaluate_reproduces_the_pointing_game_of_the_shipped_model_on_the_adult
         hits += any(bx <= x + 0.5 < bx + bw and by <= y + 0.5 < by + bh for bx, by, bw, bh in boxes[film.path.relative_to(adult_root).as_posix()])
     assert len(films) == 164
     assert abs(hits / len(films) - measured) <= 0.03, (hits / len(films), measured)
+    # The issue's 0.64 for the fixed point is the best pixel chosen on the test boxes themselves; learnt on the
+    # training part's boxes, as evaluate does, the point scores less (0.604): both measured here
+    cover = np.zeros((256, 256))
+    for film in films:
+        inside = np.zeros((256, 256), dtype=bool)
+        for bx, by, bw, bh in boxes[film.path.relative_to(adult_root).as_posix()]:
+            inside[int(np.ceil(by - 0.5)) : int(np.ceil(by + bh - 0.5)), int(np.ceil(bx - 0.5)) : int(np.ceil(bx + bw - 0.5))] = True
+        cover += inside
+    best_on_test = cover.max() / len(films)
+    assert abs(best_on_test - 0.64) <= 0.03 and figures["all"]["pointing_game_fixed_point"]["value"] <= best_on_test
+
+    regions = figures["regions"]  # by the card's rule, over every adult test film, normals included
+    assert regions["rule_source"] == "the model card" and regions["all"]["films"] == 343
+    assert regions["all"]["map"]["value"] < regions["all"]["map_fixed_boxes"]["value"]  # the regions lose to fixed boxes too
+    from pneumoscan.learning.localisation import Box, mean_average_precision
+    from pneumoscan.running.regions import Region
+
+    tested = [r for r in records_of([adult_root], "test") if r.label == 0 or r.path.relative_to(adult_root).as_posix() in boxes]
+    truth = [[Box(*b) for b in boxes.get(r.path.relative_to(adult_root).as_posix(), [])] if r.label else [] for r in tested]
+    again, _ = mean_average_precision([[Region(**x.to_dict()) for x in p.regions] for p in predictor.predict([r.path for r in tested])],
+                                      truth)  # the regions every answer carries, scored again  # fmt: skip
+    assert again == pytest.approx(regions["all"]["map"]["value"], abs=1e-9)
+
+
+def test_boxes_can_come_from_a_file_named_on_the_command_line(adult_root: Path, tmp_path: Path) -> None:
+    from pneumoscan.errors import ConfigurationError
+    from pneumoscan.learning.evaluation import boxes_of
+
+    lines = (adult_root / "boxes.csv").read_text().splitlines()
+    elsewhere = tmp_path / "theirs.csv"  # another folder: paths written absolute
+    elsewhere.write_text("\n".join([lines[0]] + [f"{(adult_root / l.split(',')[0]).as_posix()},{l.split(',', 1)[1]}" for l in lines[1:]]))
+    assert boxes_of([adult_root], elsewhere) == boxes_of([adult_root]) == read_boxes(adult_root / "boxes.csv")
+    with pytest.raises(ConfigurationError, match="no such file"):
+        boxes_of([adult_root], tmp_path / "missing.csv")
 
 
 # --- regions (item 1's RSNA mAP, the fixed boxes, the rule fitted on validation) ------------------------------------

@@ -250,7 +250,14 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval-<split>)")
     add_operating_point_arguments(p, " (checkpoints only)")
     p.add_argument("--int8", action="store_true", help="score with the exported model's int8 version")
+    add_boxes_argument(p)
     p.set_defaults(handler=run_evaluate)
+
+
+def add_boxes_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--boxes", type=Path, default=None, metavar="FILE",
+                   help="radiologists' boxes, a CSV of path,x,y,width,height (pixels of each file, paths relative to the CSV) "
+                   "(default: a boxes.csv beside each dataset's labels file, if there is one)")  # fmt: skip
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -258,7 +265,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"eval-{args.split}"
     results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
-                       "int8" if args.int8 else "fp32")  # fmt: skip
+                       "int8" if args.int8 else "fp32", args.boxes)  # fmt: skip
     by_population = results.get("populations") or {"": results}
     for population, metrics in by_population.items():
         low, high = metrics["auroc_ci"]
@@ -328,15 +335,17 @@ def run_export(args: argparse.Namespace) -> int:
 def add_fit_regions_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fit-regions",
-        help="fit how heat maps become regions on the validation part's radiologists' boxes, into the model's card",
+        help="fit how heat maps become regions on the validation part's radiologists' boxes; record it in the card",
         description="For each population whose validation part has radiologists' boxes (a boxes.csv beside the labels), "
         "choose the level, minimum area and number of regions with the best RSNA mAP there (normal films included) and "
-        "write that rule into model_card.json and MODEL_CARD.md. export does this itself; this refits a model folder "
-        "exported before regions, or with other data. The test part is not read.",
+        "write that rule into model_card.json and MODEL_CARD.md; then, the rule fixed, measure the heat maps and regions "
+        "on the test part once and record those figures beside it. export does this itself; this refits a model folder "
+        "exported before regions, or with other boxes. Nothing is chosen on the test part.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
     add_data_argument(p)
+    add_boxes_argument(p)
     p.set_defaults(handler=run_fit_regions)
 
 
@@ -350,7 +359,7 @@ def run_fit_regions(args: argparse.Namespace) -> int:
         raise ModelNotFoundError(f"{model.path} is not an exported model folder: export the checkpoint first")
     chosen = data_sources(args.data) if args.data else model.sources
     sources = [chosen] if isinstance(chosen, Path) else list(chosen)
-    card = record_region_rules(model.path, sources, model.seed, model.val_fraction)
+    card = record_region_rules(model.path, sources, model.seed, model.val_fraction, args.boxes)
     for population, entry in card_populations(card).items():
         rule = entry.get("regions")
         if rule is None:

@@ -415,7 +415,7 @@ def save_thumbnails(image: Image.Image, heatmap: np.ndarray, path: Path, regions
     pair = Image.new("RGB", (small.width * 2, small.height))
     pair.paste(draw_regions(small.convert("RGB"), regions, scale * small.width / image.width), (0, 0))
     pair.paste(overlay(small, heatmap), (small.width, 0))
-    pair.save(path, format="JPEG", quality=80)
+    pair.save(path, format="JPEG", quality=80, subsampling=0)  # full-resolution colour: the thin region boxes stay green
 
 
 def predictor_description(predictor: Predictor) -> dict:

@@ -457,6 +457,7 @@ def evaluate(
     policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY,
     precision: str = "fp32",
+    boxes: Path | None = None,
 ) -> dict:
     """Score ``split`` and write the evaluation files into ``out`` (``out/<population>`` for a model of several).
 
@@ -482,14 +483,25 @@ def evaluate(
         raise ConfigurationError(f"no image of {split} belongs to a population the model is validated for ({', '.join(calibrations)})")
     for population, metrics in results.items():
         chosen = [records[i] for i, r in enumerate(records) if (r.population or "child") == population or single]
-        figures = localisation_of(subject, sources, chosen)
+        figures = localisation_of(subject, sources, chosen, boxes)
         if figures is not None:
             metrics["localisation"] = figures
             write_localisation(Path(out) if single else Path(out) / population, figures, split)
     return next(iter(results.values())) if single else {"populations": results}
 
 
-def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[Record]) -> dict | None:
+def boxes_of(sources: list[Path], boxes_file: Path | None = None) -> dict:
+    """Radiologists' boxes by image: from ``boxes_file`` when given, else each dataset's ``boxes.csv`` beside its labels."""
+    from pneumoscan.learning.localisation import boxes_file_of, read_boxes
+
+    if boxes_file is not None:
+        if not Path(boxes_file).is_file():
+            raise ConfigurationError(f"--boxes {boxes_file}: no such file (a CSV of path,x,y,width,height)")
+        return read_boxes(Path(boxes_file))
+    return {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
+
+
+def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[Record], boxes_file: Path | None = None) -> dict | None:
     """The heat maps and regions of the films measured against radiologists' boxes (see :mod:`localisation`).
 
     Heat maps: on the pneumonia films with boxes. Regions: RSNA's mAP on every film of ``records``
@@ -497,17 +509,9 @@ def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[
     validation part. None when no dataset has a ``boxes.csv``, or the model is a checkpoint (what is measured
     is the exported graph's map, the one every answer shows).
     """
-    from pneumoscan.learning.localisation import (
-        FixedBoxes,
-        boxes_file_of,
-        fit_region_rule,
-        fixed_count,
-        localise,
-        read_boxes,
-        region_figures,
-    )
+    from pneumoscan.learning.localisation import FixedBoxes, fit_region_rule, fixed_count, localise, region_figures
 
-    boxes = {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
+    boxes = boxes_of(sources, boxes_file)
     boxed = [r for r in records if r.label == 1 and r.path.resolve() in boxes]
     if not boxed or subject.onnx is None:
         return None
@@ -550,14 +554,15 @@ def films_of(predictor: Predictor, records: list[Record], boxes: dict) -> list:
             for r, p in zip(records, predictions)]
 
 
-def fit_region_rules(predictor: Predictor, sources: list[Path], seed: int, val_fraction: float) -> dict[str, dict]:
+def fit_region_rules(predictor: Predictor, sources: list[Path], seed: int, val_fraction: float,
+                     boxes_file: Path | None = None) -> dict[str, dict]:  # fmt: skip
     """Per population with radiologists' boxes in its validation part, the region rule with the best RSNA mAP there.
 
     A population without boxes gets no rule, and so no regions: where its pneumonias lie was never measured.
     """
-    from pneumoscan.learning.localisation import boxes_file_of, fit_region_rule, read_boxes
+    from pneumoscan.learning.localisation import fit_region_rule
 
-    boxes = {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
+    boxes = boxes_of(sources, boxes_file)
     val = records_of(sources, "val", seed, val_fraction)
     rules = {}
     for population in predictor.populations:

@@ -42,7 +42,9 @@ from pneumoscan.learning.data import (
 from pneumoscan.learning.evaluation import (
     Calibration,
     fit_calibration,
+    ModelUnderTest,
     fit_region_rules,
+    localisation_of,
     run_data_config,
     write_evaluation,
 )
@@ -306,18 +308,44 @@ def export(
     return record_region_rules(out, list(sources), data.seed, data.val_fraction)
 
 
-def record_region_rules(out: Path, sources: list[Path], seed: int, val_fraction: float) -> dict:
-    """Fit each population's region rule on its validation boxes (:func:`fit_region_rules`), write it into the card
-    and render the card; a population without boxes keeps none. Returns the card."""
-    card = json.loads((Path(out) / CARD_FILE).read_text())
-    rules = fit_region_rules(Predictor.load(out), sources, seed, val_fraction)
+def record_region_rules(out: Path, sources: list[Path], seed: int, val_fraction: float, boxes: Path | None = None) -> dict:
+    """Fit each population's region rule on its validation boxes (:func:`fit_region_rules`) and write it into the card;
+    then, the rule fixed, measure the heat maps and regions on the test part once (:func:`localisation_of`) and record
+    those figures too. A population without boxes keeps no rule and no figures. Returns the card."""
+    path = Path(out) / CARD_FILE
+    card = json.loads(path.read_text())
+    rules = fit_region_rules(Predictor.load(out), sources, seed, val_fraction, boxes)
     for population, entry in card_populations(card).items():
         entry.pop("regions", None)
+        entry.pop("localisation", None)
         if population in rules:
             entry["regions"] = rules[population]
-    (Path(out) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    subject = ModelUnderTest(Path(out))  # with the rules just written
+    test = records_of(sources, "test", seed, val_fraction)
+    for population, entry in card_populations(card).items():
+        if population in rules:
+            figures = localisation_of(subject, sources, [r for r in test if r.population == population], boxes)
+            if figures is not None:
+                entry["localisation"] = localisation_summary(figures)
+    path.write_text(json.dumps(card, indent=2) + "\n")
     (Path(out) / "MODEL_CARD.md").write_text(render_card(card))
     return card
+
+
+def localisation_summary(figures: dict) -> dict:
+    """What the card keeps of :func:`localisation_of`'s figures on the test part: the values and intervals, per view."""
+    keys = ("n", "pointing_game", "pointing_game_fixed_point", "mass_inside", "mass_inside_fixed_map", "box_area_share", "iou",
+            "iou_fixed_region", "dice", "dice_fixed_region")  # fmt: skip
+    groups = {name: {k: entry[k] for k in keys if k in entry} for name, entry in figures.items()
+              if isinstance(entry, dict) and "pointing_game" in entry}  # fmt: skip
+    regions = figures["regions"]
+    for name, entry in regions.items():
+        if isinstance(entry, dict) and "map" in entry:
+            groups.setdefault(name, {}).update(films=entry["films"], map=entry["map"], map_fixed_boxes=entry["map_fixed_boxes"])
+    return {"split": "test", "note": "measured once, after the region rule was fitted on validation", "levels": {
+        "iou": figures.get("all", {}).get("level"), "fixed_region": figures.get("all", {}).get("fixed_region_level")},
+        "fixed_boxes": regions["fixed_boxes"], "groups": groups}  # fmt: skip
 
 
 def validation_drift_reference(out: Path, val: list[Record], scored: dict[str, np.ndarray], calibrations: dict[str, Calibration],

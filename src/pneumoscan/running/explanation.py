@@ -67,7 +67,7 @@ REGION_COLOUR = (57, 255, 20)
 def draw_regions(picture: Image.Image, regions: Sequence[Region], scale: float = 1.0) -> Image.Image:
     """Each region's box and score on ``picture`` (in place); ``scale`` maps the regions' pixels to the picture's."""
     draw = ImageDraw.Draw(picture)
-    line = max(1, round(min(picture.size) / 200))
+    line = max(2, round(min(picture.size) / 200))
     for region in regions:
         x0, y0 = region.x * scale, region.y * scale
         x1, y1 = (region.x + region.width) * scale, (region.y + region.height) * scale

@@ -46,6 +46,8 @@ MODEL_FILE = "model.onnx"
 INT8_MODEL_FILE = "model.int8.onnx"
 CARD_FILE = "model_card.json"
 PRECISIONS = {"fp32": MODEL_FILE, "int8": INT8_MODEL_FILE}
+#: Why a flagged film may have no region although its population has a rule.
+NO_REGION_MARKED = "no region marked: no part of the heat map is both hot and large enough under the rule fitted on validation"
 
 ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
 
@@ -392,4 +394,5 @@ class Predictor:
         if rule is None or heatmap is None:
             return [], (f"no regions: where the pneumonia lies was not measured for the {population} population "
                         "(no radiologists' boxes in its validation part); the heat map is shown for reference")  # fmt: skip
-        return find_regions(heatmap, probability, rule, size), None
+        regions = find_regions(heatmap, probability, rule, size)
+        return regions, None if regions else NO_REGION_MARKED

@@ -75,7 +75,7 @@ async function scoreHere(file) {
     const result = await device.predict(model, file);
     Object.assign(result, await device.pictures(result));
     window.pneumoscanLast = { probability: result.probability, label: result.label, population: result.population,
-                              in_distribution: result.in_distribution, heatmap: Array.from(result.heatmap), regions: result.regions,
+                              in_distribution: result.in_distribution, heatmap: Array.from(result.heatmap), regions: result.regions, regions_note: result.regions_note,
                               precision: model.precision, seconds: result.seconds, name: file.name,
                               total_seconds: (performance.now() - started) / 1000 };  // file to heat map
     $("status").textContent = "";

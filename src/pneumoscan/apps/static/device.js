@@ -199,7 +199,9 @@ export async function predict(model, blob) {
   const inDistribution = score === null ? null : score <= point.gate.cutoff;
   const flagged = probability >= point.threshold && inDistribution !== false;  // regions only for a validated pneumonia
   const regions = flagged && point.regions ? findRegions(heatmap, size, probability, point.regions, image.width, image.height) : [];
-  const regionsNote = flagged && !point.regions ? `no regions: where the pneumonia lies was not measured for the ${who.name} population (no radiologists' boxes in its validation part); the heat map is shown for reference` : null;
+  const regionsNote = !flagged || regions.length ? null
+    : !point.regions ? `no regions: where the pneumonia lies was not measured for the ${who.name} population (no radiologists' boxes in its validation part); the heat map is shown for reference`
+      : "no region marked: no part of the heat map is both hot and large enough under the rule fitted on validation";
   return {
     local: true, probability, logit, label: probability >= point.threshold ? "PNEUMONIA" : "NORMAL",
     threshold: point.threshold, operating_point: point.operating_point, operating_point_source: point.operating_point_source,
