@@ -113,6 +113,7 @@ def send_all(paths: list[Path], port: int, associations: int = ASSOCIATIONS, bet
 
 
 def wait_for(orthanc: Orthanc, count: int, timeout: float) -> float:
+    """When Orthanc holds ``count`` instances (the report and overlay of each study; presentation states come on top)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if orthanc.get("/statistics")["CountInstances"] >= count:  # type: ignore[index]
@@ -150,9 +151,10 @@ def check_nothing_lost(paths: list[Path], data_dir: Path, orthanc: Orthanc) -> d
         outcomes[row["outcome"]] = outcomes.get(row["outcome"], 0) + 1
         if row["outcome"] == "scored":
             stored = orthanc.instances_of_study(dataset.StudyInstanceUID)
-            results = [i for i in stored if i["Modality"] in ("SR", "OT")]
-            results_missing += len(results) < 2 or not row["delivered_at"]
-            twice += len(results) > 2
+            results = [i for i in stored if i["Modality"] in ("SR", "OT", "PR")]
+            expected = 2 + bool(row.get("presentation_uid"))  # the presentation state drawing the regions, when it has any
+            results_missing += len(results) < expected or not row["delivered_at"]
+            twice += len(results) > expected
         elif not row["reason"]:
             lost += 1
     return {"sent": len(paths), "outcomes": outcomes, "lost": lost, "results_missing": results_missing, "stored_twice": twice,

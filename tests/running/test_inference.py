@@ -160,7 +160,8 @@ def test_predict_command_exit_code_is_zero_when_all_files_score(data_root: Path)
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.strip().splitlines()
     assert header == ("path,decision,probability,label,threshold,population,population_source,operating_point,"
-                      "operating_point_source,in_distribution,ood_score,heatmap,error,population_note") and row.startswith(str(path))
+                      "operating_point_source,in_distribution,ood_score,heatmap,error,population_note,regions,regions_note")
+    assert row.startswith(str(path))
     assert row.split(",")[8] == "validation"  # the shipped model answers at the operating point fitted on validation
 
 

@@ -168,6 +168,12 @@ def test_the_regions_a_pacs_viewer_draws_are_the_apis(adult_study, predictor, sh
     assert api and len(api) == len(gsps_outlines(state))
     for drawn, outline in zip(gsps_outlines(state), api):
         np.testing.assert_allclose(drawn, outline, atol=1e-3)
+    report = pydicom.dcmread(io.BytesIO(orthanc.instance_file(next(i["OrthancID"] for i in stored if i["Modality"] == "SR"))))
+    scoords = scoord_items(report)  # the report read back from the PACS carries the same regions, on the source image
+    assert [s[1] for s in scoords] == [study.SOPInstanceUID] * len(api)
+    for (points, _, score), outline, region in zip(scoords, api, answer.json()["regions"]):
+        np.testing.assert_allclose(points, outline, atol=1e-3)
+        assert score == pytest.approx(region["score"])
 
 
 def test_pull_mode_stores_the_presentation_state_with_the_results(adult_study, orthanc, shipped_model, tmp_path) -> None:

@@ -206,7 +206,7 @@ function showRegions(regions, note) {
   pendingRegions = regions;
   $("regions").replaceChildren();
   const text = regions.length
-    ? `${regions.length} region${regions.length > 1 ? "s" : ""} where the model sees the pneumonia (green, with its score); fitted on radiologists' boxes, see the model card.`
+    ? `${regions.length} region${regions.length > 1 ? "s" : ""} where the model sees the pneumonia (green, with its score). Measured against radiologists' boxes they are weak (see the model card): read them as where the model looked.`
     : (note || "");
   $("regions-text").textContent = text;
 }
