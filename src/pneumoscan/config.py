@@ -106,6 +106,9 @@ class DataConfig:
     # Exposure and equipment differ between sites and years: gamma, blur, noise and JPEG
     # re-encoding imitate that (see datamodule.PhotometricAugment). Off in v1.
     strong_photometric: bool = False
+    # Probability of blanking a strip along each edge of a training film (markers, stamps, collimation: see
+    # datamodule.BorderErase); 0: off.
+    erase_borders: float = 0.0
     # Intensity normalisation before augmentation and at inference: none, equalize
     # (histogram equalisation), clahe (contrast-limited adaptive histogram equalisation) or
     # morphology (grey closing then opening). The model card records it, so inference repeats it.
@@ -135,6 +138,12 @@ class TrainConfig:
     # Mixup (Zhang et al. 2018): each training batch is blended with a shuffled copy of itself, with a
     # share λ ~ Beta(α, α) drawn per batch, and the loss is blended the same way (0: off).
     mixup_alpha: float = 0.0
+    # Box-guided training: λ of a per-cell loss that pulls the class activation map into the radiologists' boxes of
+    # a dataset's pneumonia films (a boxes.csv beside its labels) and down on its normal films (0: off).
+    box_loss_weight: float = 0.0
+    # What picks the epoch on validation: "auroc" (the mean over populations of the AUROC) or "operating" (the mean
+    # partial AUROC at sensitivity >= 0.95, plus 0.5 × the pointing game on the films with boxes; docs/ablations.md).
+    select_by: str = "auroc"
     schedule: str = "plateau"  # plateau (ReduceLROnPlateau on val loss) or cosine (to 1 % of the rates over the epochs)
     patience: int = 4
     # Stochastic weight averaging of the weights the last swa_epochs epochs start with, trained at swa_lr_factor × the two rates

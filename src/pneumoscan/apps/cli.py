@@ -88,6 +88,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--workers", type=int, default=data.num_workers, help="data-loading processes")
     g.add_argument("--hflip", action="store_true", help="add random horizontal flips (off: chests are not symmetric)")
     g.add_argument("--strong-photometric", action="store_true", help="gamma, blur, noise and JPEG augmentation")
+    g.add_argument("--erase-borders", type=float, default=data.erase_borders, metavar="P",
+                   help="blank a strip along each edge of a training film with probability P (markers, stamps; 0: off)")  # fmt: skip
     g.add_argument("--balance-views", action="store_true",
                    help="sample so that view (AP/PA) is independent of the label in each dataset that records views")  # fmt: skip
     g.add_argument("--intensity", choices=INTENSITY_MODES, default=data.intensity,
@@ -103,6 +105,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--label-smoothing", type=float, default=train.label_smoothing, help="ε: targets ε/2 and 1-ε/2")
     g.add_argument("--mixup-alpha", type=float, default=train.mixup_alpha,
                    help="mixup: blend each batch with a shuffled copy, share ~ Beta(α, α) (0: off)")  # fmt: skip
+    g.add_argument("--box-loss-weight", type=float, default=train.box_loss_weight,
+                   help="λ of the box-guided loss: the heat map pulled into radiologists' boxes (boxes.csv beside a dataset's "
+                   "labels) and down on that dataset's normal films (0: off)")  # fmt: skip
+    g.add_argument("--select-by", choices=("auroc", "operating"), default=train.select_by,
+                   help="what picks the epoch on validation: mean AUROC, or mean partial AUROC at sensitivity >= 0.95 plus "
+                   "0.5 × the pointing game on films with boxes")  # fmt: skip
     g.add_argument("--schedule", choices=("plateau", "cosine"), default=train.schedule, help="learning-rate schedule")
     g.add_argument("--patience", type=int, default=train.patience, help="early-stopping patience on val AUROC")
     g.add_argument("--swa-epochs", type=int, default=train.swa_epochs,
@@ -175,6 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         hflip=args.hflip,
         strong_photometric=args.strong_photometric,
+        erase_borders=args.erase_borders,
         intensity=args.intensity,
         **{name: tuple(getattr(args, name)) if name == "crop_scale" else getattr(args, name)
            for name in ("crop_scale", "rotation_degrees", "brightness", "contrast") if hasattr(args, name)},
@@ -189,6 +198,8 @@ def run_train(args: argparse.Namespace) -> int:
         freeze_epochs=args.freeze_epochs,
         label_smoothing=args.label_smoothing,
         mixup_alpha=args.mixup_alpha,
+        box_loss_weight=args.box_loss_weight,
+        select_by=args.select_by,
         schedule=args.schedule,
         patience=args.patience,
         swa_epochs=args.swa_epochs,

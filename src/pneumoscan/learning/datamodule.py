@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -41,17 +42,61 @@ def train_augmentation(config: DataConfig) -> ImageTransform:
     No horizontal flip unless asked: the heart sits on the left, and a flipped
     chest is not a chest the model will ever see.
     """
+    geometry, photometry = geometric_augmentation(config), photometric_augmentation(config)
+    return lambda image: photometry(geometry(resize_and_normalize_intensity(image, config.image_size, config.intensity)))
+
+
+def geometric_augmentation(config: DataConfig) -> Callable:
+    """Crop, rotation (and flip, if asked): applied alike to an image and its box mask when given both."""
     steps: list[object] = [
-        lambda image: resize_and_normalize_intensity(image, config.image_size, config.intensity),
         v2.RandomResizedCrop(config.image_size, scale=config.crop_scale, ratio=(0.9, 1.1), antialias=True),
         v2.RandomRotation(config.rotation_degrees),
-        v2.ColorJitter(brightness=config.brightness, contrast=config.contrast),
     ]
-    if config.strong_photometric:
-        steps.append(PhotometricAugment())
     if config.hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
+
+
+def photometric_augmentation(config: DataConfig) -> ImageTransform:
+    """Brightness and contrast (and gamma, blur, noise, JPEG if asked): the image only."""
+    steps: list[object] = [v2.ColorJitter(brightness=config.brightness, contrast=config.contrast)]
+    if config.strong_photometric:
+        steps.append(PhotometricAugment())
+    if config.erase_borders:
+        steps.append(BorderErase(config.erase_borders))
+    return v2.Compose(steps)
+
+
+class BorderErase:
+    """Blank a strip along each edge of the film, each with probability ``p``, 2–12 % of the side deep.
+
+    The edges carry what differs between sites and bedsides rather than lungs: side markers, "PORTABLE"
+    stamps, collimation, the table. A model that must do without them now and then cannot lean on them.
+    The strip takes a grey drawn between black and the film's median, as collimated edges and burnt-in
+    labels do not share one colour. The lungs, and so the radiologists' boxes, lie inside the strips' reach.
+    """
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        array = np.array(image)
+        height, width = array.shape
+        grey = float(np.median(array))
+        for edge in range(4):
+            if torch.rand(()) >= self.p:
+                continue
+            depth = int((0.02 + 0.10 * float(torch.rand(()))) * (height if edge < 2 else width))
+            fill = int(grey * float(torch.rand(())))
+            if edge == 0:
+                array[:depth] = fill
+            elif edge == 1:
+                array[height - depth :] = fill
+            elif edge == 2:
+                array[:, :depth] = fill
+            else:
+                array[:, width - depth :] = fill
+        return Image.fromarray(array)
 
 
 class PhotometricAugment:
@@ -96,20 +141,71 @@ def population_index(record: Record) -> int:
 
 
 class XrayDataset(Dataset):
-    """Records -> (``3×H×W`` float tensor, float label, population index) triples."""
+    """Records -> (``3×H×W`` float tensor, float label, population index, ``H×W`` box mask, guided) tuples.
 
-    def __init__(self, records: list[Record], transform: ImageTransform):
+    ``guided`` is 1 for a film whose dataset has radiologists' boxes (a pneumonia with its boxes, or a normal:
+    no box anywhere) and 0 for the others, whose mask is empty and means nothing (children's films).
+    With ``boxes``, the mask is made at the file's size, then resized, cropped and rotated with the image.
+    """
+
+    def __init__(self, records: list[Record], transform: ImageTransform, boxes: dict | None = None, guided_roots: set | None = None,
+                 config: DataConfig | None = None, train: bool = False):  # fmt: skip
         self.records = records
         self.transform = transform
+        self.boxes = boxes or {}
+        self.guided_roots = guided_roots or set()
+        self.config = config
+        self.train = train
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def guided(self, record: Record) -> bool:
+        if record.label == 1:
+            return record.path.resolve() in self.boxes
+        return record.root is not None and Path(record.root).resolve() in self.guided_roots
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         record = self.records[index]
-        image = self.transform(load_grayscale(record.path))
+        original = load_grayscale(record.path)
+        guided = self.guided(record) and self.config is not None
+        if guided:
+            image, mask = self.with_mask(original, self.boxes.get(record.path.resolve(), []) if record.label == 1 else [])
+        else:
+            image = self.transform(original)
+            mask = torch.zeros(image.size[1], image.size[0])
         array = normalize(image)
-        return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(float(record.label)), torch.tensor(population_index(record))
+        return (torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(float(record.label)), torch.tensor(population_index(record)),
+                mask, torch.tensor(float(guided)))  # fmt: skip
+
+    def with_mask(self, original: Image.Image, boxes: list) -> tuple[Image.Image, torch.Tensor]:
+        """The image and its boxes' mask through the same resize (and, in training, the same crop and rotation)."""
+        from PIL import ImageDraw
+        from torchvision import tv_tensors
+
+        config = self.config
+        drawn = Image.new("L", original.size, 0)
+        for box in boxes:
+            ImageDraw.Draw(drawn).rectangle((box.x, box.y, box.x + box.width - 1, box.y + box.height - 1), fill=255)
+        image = resize_and_normalize_intensity(original, config.image_size, config.intensity)
+        mask = tv_tensors.Mask(torch.from_numpy(np.array(drawn.resize(image.size, Image.Resampling.NEAREST))).float()[None] / 255)
+        if self.train:
+            image, mask = geometric_augmentation(config)(image, mask)
+            image = photometric_augmentation(config)(image)
+        return image, mask.as_subclass(torch.Tensor)[0]
+
+
+def radiologists_boxes(sources: list) -> tuple[dict, set]:
+    """Every dataset's ``boxes.csv`` (beside its labels), by image; and the datasets that have one (resolved roots)."""
+    from pneumoscan.learning.localisation import boxes_file_of, read_boxes
+
+    boxes, roots = {}, set()
+    for source in sources:
+        file = boxes_file_of(Path(source))
+        if file is not None:
+            boxes |= read_boxes(file)
+            roots.add(Path(source).resolve() if Path(source).is_dir() else Path(source).resolve().parent)
+    return boxes, roots
 
 
 class XrayDataModule(L.LightningDataModule):
@@ -120,6 +216,8 @@ class XrayDataModule(L.LightningDataModule):
         self.config = config
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
+        self.boxes: dict = {}
+        self.guided_roots: set = set()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_records:
@@ -127,6 +225,7 @@ class XrayDataModule(L.LightningDataModule):
         sources, seed, fraction = self.config.sources, self.config.seed, self.config.val_fraction
         self.train_records = records_of(sources, "train", seed, fraction)
         self.val_records = records_of(sources, "val", seed, fraction)
+        self.boxes, self.guided_roots = radiologists_boxes(sources)
         log.info("train %s, validation %s", class_counts(self.train_records), class_counts(self.val_records))
 
     @property
@@ -135,7 +234,7 @@ class XrayDataModule(L.LightningDataModule):
         return class_weights(self.train_records)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = XrayDataset(self.train_records, train_augmentation(self.config))
+        dataset = XrayDataset(self.train_records, train_augmentation(self.config), self.boxes, self.guided_roots, self.config, train=True)
         if self.config.balance_views:
             weights = view_balancing_weights(self.train_records)
             generator = torch.Generator().manual_seed(self.config.seed)
@@ -144,7 +243,8 @@ class XrayDataModule(L.LightningDataModule):
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(XrayDataset(self.val_records, eval_transform(self.config)), shuffle=False)
+        return self._loader(XrayDataset(self.val_records, eval_transform(self.config), self.boxes, self.guided_roots, self.config),
+                            shuffle=False)  # fmt: skip
 
     def _loader(self, dataset: XrayDataset, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         workers = self.config.num_workers

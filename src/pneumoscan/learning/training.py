@@ -52,6 +52,13 @@ LAST_CHECKPOINT = "last.ckpt"  # Lightning's own, written every epoch: what --re
 #: What picks the best epoch: the mean over populations of the validation AUROC, so a
 #: population with fewer images counts as much as the larger one.
 SELECTION_METRIC = "val_auroc_mean"
+#: The other rule (``select_by = "operating"``, docs/ablations.md): where the operating point lives, and where the map points.
+OPERATING_SELECTION_METRIC = "val_selection"
+SELECTION_METRICS = {"auroc": SELECTION_METRIC, "operating": OPERATING_SELECTION_METRIC}
+#: Weight of the adult validation pointing game in ``val_selection``.
+POINTING_WEIGHT = 0.5
+#: Sensitivity from which the partial AUROC of ``val_selection`` is taken.
+PARTIAL_AUROC_SENSITIVITY = 0.95
 
 
 class PneumoniaClassifier(L.LightningModule):
@@ -75,15 +82,21 @@ class PneumoniaClassifier(L.LightningModule):
         schedule: str = "plateau",
         epochs: int = 10,
         mixup_alpha: float = 0.0,
+        box_loss_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(arch, pretrained=pretrained)
+        if box_loss_weight > 0 and not isinstance(getattr(self.model, "get_classifier", lambda: None)(), nn.Linear):
+            raise ConfigurationError(f"box_loss_weight needs a model that ends in global pooling and one linear layer ({arch} does not)")
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
         self.train_auroc = BinaryAUROC()
         self.val_auroc = BinaryAUROC()
         self.val_auroc_by_population = nn.ModuleList(BinaryAUROC() for _ in POPULATIONS)
+        # partial AUROC where sensitivity >= 0.95: the labels and scores flipped, so that torchmetrics' max_fpr bounds 1 - sensitivity
+        self.val_partial_auroc_by_population = nn.ModuleList(BinaryAUROC(max_fpr=1 - PARTIAL_AUROC_SENSITIVITY) for _ in POPULATIONS)
         self._val_seen = [False] * len(POPULATIONS)
+        self._pointing = [0, 0]  # validation films with boxes whose map peaks inside one, and all of them
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -105,34 +118,72 @@ class PneumoniaClassifier(L.LightningModule):
         losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         return (weights * losses).sum() / weights.sum()
 
+    def logits_and_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(N,)`` and the class activation map's logits ``(N, h, w)`` on the last feature map.
+
+        The head is global average pooling then one linear layer, so the logit is the mean of the map's
+        cells (dropout aside): the map is the one the exported graph shows, before its ReLU and upsampling.
+        """
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.model.forward_features(x)
+        logits = self.model.forward_head(features).squeeze(1)
+        classifier = self.model.get_classifier()
+        cam = nn.functional.conv2d(features, classifier.weight[:, :, None, None], classifier.bias)[:, 0]
+        return logits, cam
+
     def _step(self, batch: tuple[torch.Tensor, ...], split: str) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        logits = self(images)
+        guided = len(batch) > 4 and (self.hparams.get("box_loss_weight", 0.0) > 0 or split == "val")
+        if guided:
+            logits, cam = self.logits_and_cam(images)
+        else:
+            logits, cam = self(images), None
         loss = self.weighted_loss(logits, labels)
+        if cam is not None and self.hparams.get("box_loss_weight", 0.0) > 0:
+            box = box_guided_loss(cam, batch[3], batch[4])
+            self.log(f"{split}_box_loss", box, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+            loss = loss + self.hparams.box_loss_weight * box
         self._log_step(split, loss, logits, labels)
         if split == "val" and len(batch) > 2:
             self._update_population_auroc(logits, labels, batch[2])
+        if split == "val" and cam is not None:
+            hits, films = pointing_hits(cam, batch[3], labels * batch[4])
+            self._pointing[0] += hits
+            self._pointing[1] += films
         return loss
 
     def _update_population_auroc(self, logits: torch.Tensor, labels: torch.Tensor, populations: torch.Tensor) -> None:
-        for index, metric in enumerate(self.val_auroc_by_population):
+        for index, (metric, partial) in enumerate(zip(self.val_auroc_by_population, self.val_partial_auroc_by_population)):
             mask = populations == index
             if mask.any():
                 metric.update(logits.detach()[mask].sigmoid(), labels[mask].long())
+                partial.update(1 - logits.detach()[mask].sigmoid(), 1 - labels[mask].long())
                 self._val_seen[index] = True
 
     def on_validation_epoch_end(self) -> None:
-        """Per-population validation AUROC, and their mean, which chooses the epoch (``SELECTION_METRIC``)."""
-        values = []
-        for index, metric in enumerate(self.val_auroc_by_population):
+        """Per-population validation AUROC and partial AUROC (sensitivity >= 0.95), the pointing game on the films
+        with boxes, and the two selection metrics (``SELECTION_METRICS``)."""
+        values, partials = [], []
+        for index, (metric, partial) in enumerate(zip(self.val_auroc_by_population, self.val_partial_auroc_by_population)):
             if self._val_seen[index]:
-                value = metric.compute()
+                value, part = metric.compute(), partial.compute()
                 self.log(f"val_auroc_{POPULATIONS[index]}", value)
+                self.log(f"val_partial_auroc_{POPULATIONS[index]}", part)
                 values.append(value)
+                partials.append(part)
             metric.reset()
+            partial.reset()
         self._val_seen = [False] * len(POPULATIONS)
         mean = torch.stack(values).mean() if values else self.val_auroc.compute()
         self.log(SELECTION_METRIC, mean, prog_bar=True)
+        hits, films = self._pointing
+        self._pointing = [0, 0]
+        pointing = hits / films if films else 0.0
+        if films:
+            self.log("val_pointing_game", float(pointing), prog_bar=True)
+        partial_mean = torch.stack(partials).mean() if partials else mean
+        self.log(OPERATING_SELECTION_METRIC, partial_mean + POINTING_WEIGHT * pointing)
 
     def _log_step(self, split: str, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         auroc = self.train_auroc if split == "train" else self.val_auroc
@@ -197,6 +248,34 @@ class PneumoniaClassifier(L.LightningModule):
             optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+
+
+def box_guided_loss(cam: torch.Tensor, masks: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
+    """Per-cell BCE of the class activation map's logits against the share of each cell inside a radiologist's box.
+
+    On a pneumonia film with boxes, the cells inside the boxes are pushed up and the others down; on a
+    normal film of a dataset with boxes (its mask is empty), every cell is pushed down; films without
+    boxes (``guided`` 0, the children's) add nothing. Zero when the batch holds no guided film.
+    """
+    chosen = guided > 0
+    if not chosen.any():
+        return cam.sum() * 0.0
+    targets = nn.functional.adaptive_avg_pool2d(masks[chosen][:, None].float(), cam.shape[-2:])[:, 0]
+    return nn.functional.binary_cross_entropy_with_logits(cam[chosen], targets)
+
+
+def pointing_hits(cam: torch.Tensor, masks: torch.Tensor, boxed: torch.Tensor) -> tuple[int, int]:
+    """Among the films with boxes (``boxed`` 1), how many have the map's maximum in a cell whose centre is inside a box."""
+    chosen = boxed > 0
+    if not chosen.any():
+        return 0, 0
+    maps, inside = cam[chosen].detach(), masks[chosen]
+    h, w = maps.shape[-2:]
+    rows = ((torch.arange(h) + 0.5) * inside.shape[-2] / h).long()
+    columns = ((torch.arange(w) + 0.5) * inside.shape[-1] / w).long()
+    centres = inside[:, rows][:, :, columns] > 0.5
+    peak = maps.flatten(1).argmax(dim=1)
+    return int(centres.flatten(1).gather(1, peak[:, None]).sum()), int(chosen.sum())
 
 
 class EpochTimer(Callback):
@@ -265,8 +344,15 @@ def run_record(data_config: DataConfig, train_config: TrainConfig, datamodule: X
             "val_patients": len({r.patient for r in datamodule.val_records}),
         },
         "class_weights": datamodule.class_weights,
-        "selection_metric": SELECTION_METRIC,
+        "selection_metric": selection_metric(train_config),
     }
+
+
+def selection_metric(config: TrainConfig) -> str:
+    """The validation metric that picks the epoch: ``val_auroc_mean`` or ``val_selection`` (see docs/ablations.md)."""
+    if config.select_by not in SELECTION_METRICS:
+        raise ConfigurationError(f"select_by must be one of {', '.join(SELECTION_METRICS)}, not {config.select_by!r}")
+    return SELECTION_METRICS[config.select_by]
 
 
 def resume_configs(run_dir: Path) -> tuple[DataConfig, TrainConfig]:
@@ -358,7 +444,7 @@ def stopping_or_averaging(config: TrainConfig) -> list[Callback]:
     validates them, so the last row of the history is the averaged model's.
     """
     if not config.swa_epochs:
-        return [EarlyStopping(monitor=SELECTION_METRIC, mode="max", patience=config.patience)]
+        return [EarlyStopping(monitor=selection_metric(config), mode="max", patience=config.patience)]
     if not 0 < config.swa_epochs < config.epochs:
         raise ConfigurationError(f"swa_epochs must lie between 1 and epochs - 1 ({config.epochs - 1}), not {config.swa_epochs}")
     rates = [config.swa_lr_factor * config.backbone_lr, config.swa_lr_factor * config.lr]  # optimiser groups: backbone, head
@@ -369,7 +455,7 @@ def stopping_or_averaging(config: TrainConfig) -> list[Callback]:
 
 
 def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None = None, resume: bool = False) -> Path:
-    """Train a model and return the path of its best checkpoint (by ``SELECTION_METRIC``).
+    """Train a model and return the path of its best checkpoint (by :func:`selection_metric`).
 
     With ``resume``, continue the run in ``train_config.out`` from its ``last.ckpt``
     (Lightning restores weights, optimiser, scheduler, callbacks and epoch); the
@@ -400,9 +486,11 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         schedule=train_config.schedule,
         epochs=train_config.epochs,
         mixup_alpha=train_config.mixup_alpha,
+        box_loss_weight=train_config.box_loss_weight,
     )
+    monitor = selection_metric(train_config)
     checkpoint = ModelCheckpoint(
-        dirpath=out, filename="best", monitor=SELECTION_METRIC, mode="max", save_last=False, auto_insert_metric_name=False,
+        dirpath=out, filename="best", monitor=monitor, mode="max", save_last=False, auto_insert_metric_name=False,
         enable_version_counter=False,
     )
     # Lightning's save_last writes last.ckpt only when the monitored checkpoint is saved (an improving epoch): a second
