@@ -114,3 +114,19 @@ def test_a_box_guided_run_logs_its_loss_the_pointing_game_and_selects_where_the_
     module.setup()
     tested = {r.path for r in records_of([boxed_adults], "test")}
     assert tested and not tested & {r.path for r in module.train_records + module.val_records}  # the test part chose nothing
+
+
+def test_the_partial_auroc_of_training_is_the_one_evaluation_reports() -> None:
+    """Training selects by torchmetrics' figure (labels and scores flipped), evaluation reports scikit-learn's: the same."""
+    from torchmetrics.classification import BinaryAUROC
+
+    from pneumoscan.learning.evaluation import partial_auroc_at_sensitivity
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 600)
+    scores = 1 / (1 + np.exp(-(1.5 * labels + rng.normal(0, 1, 600))))
+    metric = BinaryAUROC(max_fpr=0.05)
+    metric.update(1 - torch.tensor(scores, dtype=torch.float32), 1 - torch.tensor(labels))
+    assert partial_auroc_at_sensitivity(labels, scores) == pytest.approx(float(metric.compute()), abs=1e-5)
+    assert partial_auroc_at_sensitivity(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert partial_auroc_at_sensitivity(np.array([1, 1]), np.array([0.1, 0.2])) is None

@@ -185,6 +185,18 @@ def sensitivity_by_subtype(records: list[Record], predicted: np.ndarray) -> dict
     return out
 
 
+def partial_auroc_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.95) -> float | None:
+    """The standardised partial AUROC over the sensitivities ≥ ``sensitivity``: where the operating point lives.
+
+    scikit-learn bounds the false-positive rate (McClish's standardisation: 0.5 is chance, 1 perfect); with the
+    labels and scores flipped, its false-positive rate is 1 − sensitivity. None when a class is missing.
+    """
+    labels = np.asarray(labels)
+    if labels.min() == labels.max():
+        return None
+    return float(roc_auc_score(1 - labels, -np.asarray(scores, dtype=float), max_fpr=1 - sensitivity))
+
+
 def compute_metrics(
     records: list[Record], logits: np.ndarray, calibration: Calibration, split: str, resamples: int = BOOTSTRAP_RESAMPLES
 ) -> dict[str, object]:
@@ -204,6 +216,7 @@ def compute_metrics(
         "auroc_ci": list(bootstrap_auroc_ci(labels, probabilities, [r.patient for r in records], resamples)),
         "auroc_ci_method": f"percentile bootstrap over patients, {resamples} resamples, 95%",
         "average_precision": float(average_precision_score(labels, probabilities)),
+        "partial_auroc_sensitivity_095": partial_auroc_at_sensitivity(labels, probabilities),
         "threshold": op.threshold,
         "operating_point": op.name,
         "operating_point_policy": op.policy,

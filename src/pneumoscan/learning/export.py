@@ -198,7 +198,7 @@ def export_onnx(modules: list[PneumoniaClassifier], path: Path, image_size: int,
 
 def summary(metrics: dict) -> dict:
     """The headline figures of a split for the card (plots stay in the evaluation folder)."""
-    keys = ("n", "n_pneumonia", "n_normal", "auroc", "auroc_ci", "average_precision", "sensitivity", "specificity",
+    keys = ("n", "n_pneumonia", "n_normal", "auroc", "auroc_ci", "average_precision", "partial_auroc_sensitivity_095", "sensitivity", "specificity",
             "precision", "f1", "accuracy", "confusion_matrix", "ece", "sensitivity_by_subtype", "threshold_transfer", "by_view")  # fmt: skip
     return {k: metrics[k] for k in keys}
 
