@@ -18,6 +18,12 @@ not localise. Intervals resample patients (95 %, percentile bootstrap).
 
 Everything is computed on the heat map's own grid (the model's input size): the boxes are
 scaled from the file's size to it, as the image itself is (aspect not kept).
+
+The **regions** every answer carries (:mod:`pneumoscan.running.regions`) are measured by RSNA 2018's
+challenge metric (:func:`image_precision`, :func:`mean_average_precision`) on every film, normals
+included, beside the **fixed boxes** of the training part (:class:`FixedBoxes`) placed on the films
+the model flags; the rule that makes them is fitted on validation by the same metric
+(:func:`fit_region_rule`). Those are in the file's pixels, as the regions are.
 """
 
 from __future__ import annotations
