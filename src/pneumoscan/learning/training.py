@@ -87,7 +87,9 @@ class PneumoniaClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(arch, pretrained=pretrained)
-        if box_loss_weight > 0 and not isinstance(getattr(self.model, "get_classifier", lambda: None)(), nn.Linear):
+        # a class activation map needs global pooling and one linear layer (timm's EfficientNets; not simple_cnn)
+        self.has_cam = isinstance(getattr(self.model, "get_classifier", lambda: None)(), nn.Linear)
+        if box_loss_weight > 0 and not self.has_cam:
             raise ConfigurationError(f"box_loss_weight needs a model that ends in global pooling and one linear layer ({arch} does not)")
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
         self.train_auroc = BinaryAUROC()
@@ -134,7 +136,7 @@ class PneumoniaClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[torch.Tensor, ...], split: str) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        guided = len(batch) > 4 and (self.hparams.get("box_loss_weight", 0.0) > 0 or split == "val")
+        guided = self.has_cam and len(batch) > 4 and (self.hparams.get("box_loss_weight", 0.0) > 0 or split == "val")
         if guided:
             logits, cam = self.logits_and_cam(images)
         else:
