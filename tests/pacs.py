@@ -127,3 +127,11 @@ class Orthanc:
 
     def count(self) -> int:
         return len(self.get("/instances"))  # type: ignore[arg-type]
+
+
+def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
+    """The "Error" lines dicom3tools' dciodvfy prints for a DICOM object (none: valid)."""
+    path = tmp_path / "object.dcm"
+    path.write_bytes(data)
+    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (output.stdout + output.stderr).splitlines() if line.startswith("Error")]

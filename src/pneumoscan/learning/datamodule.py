@@ -197,15 +197,10 @@ class XrayDataset(Dataset):
 
 def radiologists_boxes(sources: list) -> tuple[dict, set]:
     """Every dataset's ``boxes.csv`` (beside its labels), by image; and the datasets that have one (resolved roots)."""
-    from pneumoscan.learning.localisation import boxes_file_of, read_boxes
+    from pneumoscan.learning.localisation import boxes_by_dataset
 
-    boxes, roots = {}, set()
-    for source in sources:
-        file = boxes_file_of(Path(source))
-        if file is not None:
-            boxes |= read_boxes(file)
-            roots.add(Path(source).resolve() if Path(source).is_dir() else Path(source).resolve().parent)
-    return boxes, roots
+    datasets = boxes_by_dataset(sources)
+    return {path: found for boxes in datasets.values() for path, found in boxes.items()}, set(datasets)
 
 
 class XrayDataModule(L.LightningDataModule):

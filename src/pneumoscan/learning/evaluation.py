@@ -505,13 +505,13 @@ def evaluate(
 
 def boxes_of(sources: list[Path], boxes_file: Path | None = None) -> dict:
     """Radiologists' boxes by image: from ``boxes_file`` when given, else each dataset's ``boxes.csv`` beside its labels."""
-    from pneumoscan.learning.localisation import boxes_file_of, read_boxes
+    from pneumoscan.learning.localisation import boxes_by_dataset, read_boxes
 
     if boxes_file is not None:
         if not Path(boxes_file).is_file():
             raise ConfigurationError(f"--boxes {boxes_file}: no such file (a CSV of path,x,y,width,height)")
         return read_boxes(Path(boxes_file))
-    return {path: found for source in sources if (file := boxes_file_of(source)) for path, found in read_boxes(file).items()}
+    return {path: found for dataset in boxes_by_dataset(sources).values() for path, found in dataset.items()}
 
 
 def localisation_of(subject: ModelUnderTest, sources: list[Path], records: list[Record], boxes_file: Path | None = None) -> dict | None:

@@ -60,6 +60,16 @@ def boxes_file_of(source: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def boxes_by_dataset(sources: Sequence[Path]) -> dict[Path, dict[Path, list[Box]]]:
+    """Each dataset with a ``boxes.csv`` beside its labels (keyed by its resolved folder), with its boxes by image."""
+    found = {}
+    for source in map(Path, sources):
+        file = boxes_file_of(source)
+        if file is not None:
+            found[source.resolve() if source.is_dir() else source.resolve().parent] = read_boxes(file)
+    return found
+
+
 def read_boxes(path: Path) -> dict[Path, list[Box]]:
     """Each image's boxes, keyed by the image's resolved path; a bad row is refused with its line."""
     path = Path(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_factory import radiograph_dataset
-from pacs import INSTALL_HINT, Orthanc, available, free_port
+from pacs import INSTALL_HINT, Orthanc, available, dciodvfy_errors, free_port
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 
@@ -103,13 +103,6 @@ def sr_values(report: Dataset) -> dict[str, object]:
 
     walk(report.ContentSequence)
     return values
-
-
-def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
-    path = tmp_path / "object.dcm"
-    path.write_bytes(data)
-    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (output.stdout + output.stderr).splitlines() if line.startswith("Error")]
 
 
 # --------------------------------------------------------------------------- result objects

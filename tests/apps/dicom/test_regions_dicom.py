@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from dicom_factory import radiograph_dataset
 from fastapi.testclient import TestClient
-from pacs import INSTALL_HINT, Orthanc, available
+from pacs import INSTALL_HINT, Orthanc, available, dciodvfy_errors
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 
@@ -61,13 +61,6 @@ def film_pixels(path: Path, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(path).convert("L").resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
-def dciodvfy_errors(data: bytes, tmp_path: Path) -> list[str]:
-    path = tmp_path / "object.dcm"
-    path.write_bytes(data)
-    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (output.stdout + output.stderr).splitlines() if line.startswith("Error")]
 
 
 def scoord_items(report: Dataset) -> list[tuple[np.ndarray, str, float]]:
