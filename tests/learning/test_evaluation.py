@@ -85,6 +85,8 @@ def test_onnx_export_matches_the_checkpoint_and_reproduces_its_card(
     assert card["operating_point"]["policy"] == "sensitivity" and 0 < card["calibration"]["temperature"]
     gate = card["ood_gate"]
     assert (tmp_path / "model" / gate["file"]).is_file() and gate["kept_validation_share"] >= 0.99
+    # one stage: its threshold keeps `keep` of the validation films and their two shifted copies, taken together
+    assert (gate["kept_validation_share"] + 2 * gate["kept_shifted_validation_share"]) / 3 >= gate["keep"] - 1e-9
     assert gate["non_xray_n"] >= 30 and 0.0 <= gate["non_xray_rejected_share"] <= 1.0
     card_text = (tmp_path / "model" / "model_card.json").read_text()
     from pneumoscan.config import PROJECT_ROOT

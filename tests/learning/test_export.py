@@ -53,3 +53,17 @@ def test_members_of_different_splits_or_int8_ensembles_are_refused(smoke_checkpo
     with pytest.raises(ConfigurationError, match="--int8 quantises single models only"):
         export([smoke_checkpoint], tmp_path / "m", small_data_root, int8=True, tta_zoom=0.9)
     assert not (tmp_path / "m").exists()
+
+
+def test_the_gates_shifted_copies_are_seeded_and_really_shifted(data_root: Path) -> None:
+    from pneumoscan.inputs.imaging import load_xray
+    from pneumoscan.learning.export import shifted_copies
+
+    records = list_records(data_root, "train")[::400][:6]
+    first, again = shifted_copies(records, copies=2, seed=3), shifted_copies(records, copies=2, seed=3)
+    assert len(first) == 2 * len(records)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again)), "the same seed gives the same films"
+    originals = [np.asarray(load_xray(r.path).image) for r in records for _ in range(2)]
+    changed = [not np.array_equal(np.asarray(s), o) for s, o in zip(first, originals)]
+    assert sum(changed) >= len(changed) // 2, "most copies differ from their film"
+    assert all(s.size == load_xray(r.path).image.size for s, r in zip(first[::2], records))

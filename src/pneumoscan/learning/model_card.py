@@ -24,7 +24,9 @@ def _gate_text(gate: dict | None) -> str:
         return "none"
     return (
         f"{gate['method']} (threshold {gate['threshold']:.1f}, `{gate['file']}`). Kept: "
-        f"{gate['kept_validation_share']:.1%} of validation and {gate['kept_test_share']:.1%} of test images. "
+        f"{gate['kept_validation_share']:.1%} of validation"
+        + (f" ({gate['kept_shifted_validation_share']:.1%} of its shifted copies)" if "kept_shifted_validation_share" in gate else "")
+        + f" and {gate['kept_test_share']:.1%} of test images. "
         f"Rejected: {gate['non_xray_rejected_share']:.1%} of {gate['non_xray_n']} images that are not chest X-rays "
         f"(scikit-image's sample photos, CT/MR/US images from pydicom's test files, blank and noise images)"
         + (f"; not rejected: {', '.join(gate['non_xray_kept'])}." if gate["non_xray_kept"] else ".")
