@@ -70,7 +70,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_RELATIVE = Path("..") / "shared" / "data" / "chest_xray"
 MODELS_DIR = PROJECT_ROOT / "models"
 #: The model every command uses unless ``--model`` names another.
-DEFAULT_MODEL_DIR = MODELS_DIR / "pneumoscan-v2"
+DEFAULT_MODEL_DIR = MODELS_DIR / "pneumoscan-v3"
 
 
 def default_data_root() -> Path:

@@ -46,7 +46,7 @@ def test_upload_an_xray_and_read_it_back(service, data_root: Path) -> None:
     assert body["label"] in ("NORMAL", "PNEUMONIA") and 0 <= body["probability"] <= 1
     assert body["label"] == ("PNEUMONIA" if body["probability"] >= body["threshold"] else "NORMAL")
     assert body["operating_point"] == "98% sensitivity on validation"
-    assert isinstance(body["in_distribution"], bool) and body["model"]["name"] == "pneumoscan-v2"
+    assert isinstance(body["in_distribution"], bool) and body["model"]["name"] == "pneumoscan-v3"
     row = audit_row(settings, body["id"])
     assert row["probability"] == body["probability"] and row["label"] == body["label"]
     assert row["threshold"] == body["threshold"] and row["file_type"] == "jpeg"
@@ -105,7 +105,7 @@ def test_health_and_readiness(service) -> None:
     client, _ = service
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["model"]["name"] == "pneumoscan-v2"
+    assert ready.status_code == 200 and ready.json()["model"]["name"] == "pneumoscan-v3"
     assert client.get("/openapi.json").status_code == 200
 
 

@@ -94,8 +94,8 @@ def test_a_bad_boxes_file_is_refused_with_its_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_evaluate_reproduces_the_pointing_game_of_the_shipped_model_on_the_adult_test_part(shipped_model: Path, adult_root: Path,
                                                                                             tmp_path: Path) -> None:  # fmt: skip
-    """The issue measured 0.35 for v2; here the same figure, computed again independently: the heat map resized to the
-    file's own pixels (Pillow), its maximum tested against the boxes as the CSV gives them."""
+    """v2 scored 0.35 and v3, taught by the boxes, 0.72 (its card); here the same figure, computed again independently:
+    the heat map resized to the file's own pixels (Pillow), its maximum tested against the boxes as the CSV gives them."""
     from pneumoscan.learning.evaluation import evaluate
     from pneumoscan.running.inference import Predictor
 
@@ -103,8 +103,8 @@ def test_evaluate_reproduces_the_pointing_game_of_the_shipped_model_on_the_adult
     figures = results["populations"]["adult"]["localisation"]
     assert figures["all"]["n"] == 164 and (tmp_path / "eval" / "adult" / "localisation.md").is_file()
     measured = figures["all"]["pointing_game"]["value"]
-    assert 0.32 <= measured <= 0.38, measured
-    assert figures["all"]["pointing_game_fixed_point"]["value"] > measured + 0.15  # the map loses to a constant guess
+    assert 0.69 <= measured <= 0.75, measured
+    assert measured > figures["all"]["pointing_game_fixed_point"]["value"] + 0.05  # the map beats a constant guess (v2 lost)
     assert figures["validation_films"] > 50 and 0 < figures["all"]["level"] < 1 and 0 <= figures["all"]["iou"]["value"] <= 1
 
     rows = [line.split(",") for line in (adult_root / "boxes.csv").read_text().splitlines()[1:]]
@@ -134,7 +134,7 @@ def test_evaluate_reproduces_the_pointing_game_of_the_shipped_model_on_the_adult
 
     regions = figures["regions"]  # by the card's rule, over every adult test film, normals included
     assert regions["rule_source"] == "the model card" and regions["all"]["films"] == 343
-    assert regions["all"]["map"]["value"] < regions["all"]["map_fixed_boxes"]["value"]  # the regions lose to fixed boxes too
+    assert regions["all"]["map"]["value"] > regions["all"]["map_fixed_boxes"]["value"] + 0.05  # v3's regions beat fixed boxes (v2's lost)
     from pneumoscan.learning.localisation import Box, mean_average_precision
     from pneumoscan.running.regions import Region
 

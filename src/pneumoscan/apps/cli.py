@@ -31,13 +31,13 @@ from pneumoscan.config import (
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError
 
 EPILOG = """examples:
-  pneumoscan train --config configs/v2.toml --out runs/v2
-  pneumoscan train --resume runs/v2
+  pneumoscan train --config configs/v3-lite1.toml --out runs/v3-lite1
+  pneumoscan train --resume runs/v3-lite1
   pneumoscan train --epochs 1 --limit-train-batches 4 --limit-val-batches 2 --out runs/smoke
   pneumoscan train --accelerator gpu --devices 4 --strategy ddp --out runs/ddp
-  pneumoscan export runs/v2/best.ckpt --out models/pneumoscan-v2 --int8
-  pneumoscan evaluate --model models/pneumoscan-v2 --split test --out runs/eval-test
-  pneumoscan calibrate --data site-labels.csv --out models/pneumoscan-v2-mysite
+  pneumoscan export runs/v3-lite1/best.ckpt --out models/pneumoscan-v3 --int8
+  pneumoscan evaluate --model models/pneumoscan-v3 --split test --out runs/eval-test
+  pneumoscan calibrate --data site-labels.csv --out models/pneumoscan-v3-mysite
   pneumoscan site-protocol --data ../shared/data/chest_xray --population child --out runs/site-protocol/child.json
   pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
   pneumoscan triage studies/ --out triage/today --int8
@@ -314,7 +314,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, nargs="+",
                    help="training checkpoint (best.ckpt of a run); several make one ensemble graph")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v2")
+    p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v3")
     add_data_argument(p)
     p.add_argument("--name", default=None, help="model name (default: the folder name)")
     add_operating_point_arguments(p, "")
@@ -398,7 +398,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
                    "age,view]) or a folder with labels.csv, or any dataset --data of train takes; repeat for several")  # fmt: skip
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                    help="which part of the data: all of it, or one part of a dataset with parts")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="the new model folder, e.g. models/pneumoscan-v2-mysite")
+    p.add_argument("--out", type=Path, required=True, help="the new model folder, e.g. models/pneumoscan-v3-mysite")
     p.add_argument("--population", choices=POPULATIONS, default=None,
                    help="calibrate this population only (default: every population the site set has)")  # fmt: skip
     p.add_argument("--name", default=None, help="model name (default: the folder name)")

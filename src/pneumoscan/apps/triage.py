@@ -55,6 +55,7 @@ REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_SIZE = 128
+PROBABILITY_DECIMALS = 6  # as the worklist keeps it; ranks compare it so
 #: Inputs decoded per step (the next step decodes while this one is scored): bounds memory.
 CHUNK = 128
 #: The worklist is rewritten at least this often during a run: an interruption loses at most this much work.
@@ -256,8 +257,13 @@ def _row_from_csv(record: dict[str, str], path: Path, line: int) -> Row:
 
 
 def rank(rows: Iterable[Row]) -> list[Row]:
-    """Highest probability first; inputs that could not be scored follow, by path. Ranks count from 1."""
-    ordered = sorted(rows, key=lambda r: (r.probability is None, -(r.probability or 0.0), r.path))
+    """Highest probability first; inputs that could not be scored follow, by path. Ranks count from 1.
+
+    The probability is compared as the worklist writes it (``PROBABILITY_DECIMALS``), so that a run ranked in
+    memory and the same rows read back from worklists (``merge``, a resumed run) rank alike: a confident model
+    gives many films 1.000000, and those are ordered by path.
+    """
+    ordered = sorted(rows, key=lambda r: (r.probability is None, -round(r.probability or 0.0, PROBABILITY_DECIMALS), r.path))
     for position, row in enumerate(ordered, start=1):
         row.rank = position
     return ordered
@@ -271,7 +277,7 @@ def write_worklist(folder: Path, rows: list[Row]) -> Path:
     writer.writeheader()
     for row in rows:
         values = asdict(row)
-        values["probability"] = None if row.probability is None else f"{row.probability:.6f}"
+        values["probability"] = None if row.probability is None else f"{row.probability:.{PROBABILITY_DECIMALS}f}"
         values["ood_score"] = None if row.ood_score is None else f"{row.ood_score:.2f}"
         for name in TEXT_COLUMNS:
             values[name] = None if values[name] is None else spreadsheet_safe(str(values[name]))
