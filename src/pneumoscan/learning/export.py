@@ -533,8 +533,6 @@ def fit_and_report_gate(
     }
 
 
-
-
 def fit_and_report_population_classifier(out: Path, parts: dict[str, list[Record]], scored: dict[str, dict], populations: list[str]) -> dict:
     """Child or adult from the embedding, fitted on the training parts; right how often on validation and test."""
     from pneumoscan.running.population import POPULATION_FILE, fit_population_classifier
