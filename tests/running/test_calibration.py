@@ -21,13 +21,45 @@ def test_sensitivity_policy_picks_the_highest_threshold_that_meets_the_target() 
     negatives = np.array([0.05, 0.15, 0.35, 0.95])
     scores = np.concatenate([positives, negatives])
     labels = np.concatenate([np.ones(10), np.zeros(4)])
-    assert threshold_for_sensitivity(scores, labels, 0.8) == pytest.approx(0.3)  # keeps 8 of 10
-    assert threshold_for_sensitivity(scores, labels, 0.81) == pytest.approx(0.2)  # 9 of 10 needed
-    assert threshold_for_sensitivity(scores, labels, 1.0) == pytest.approx(0.1)
+    assert threshold_for_sensitivity(scores, labels, 0.8, "order-statistic") == pytest.approx(0.3)  # keeps 8 of 10
+    assert threshold_for_sensitivity(scores, labels, 0.81, "order-statistic") == pytest.approx(0.2)  # 9 of 10 needed
+    assert threshold_for_sensitivity(scores, labels, 1.0, "order-statistic") == pytest.approx(0.1)
     for target in (0.5, 0.8, 0.9, 0.98):
-        t = threshold_for_sensitivity(scores, labels, target)
+        t = threshold_for_sensitivity(scores, labels, target, "order-statistic")
         assert np.mean(positives >= t) >= target
         assert np.mean(positives >= t + 1e-9) < target  # any higher threshold misses the target
+
+
+def test_the_harrell_davis_point_moves_less_between_samples_than_the_order_statistic() -> None:
+    # 72 pneumonias, as in the adult validation part; their logits normal, so the true 2 % quantile is known
+    rng = np.random.default_rng(0)
+    true_quantile = 1.0 + 1.5 * -2.053749  # N(1, 1.5) at 0.02
+    points = {"order-statistic": [], "harrell-davis": []}
+    for _ in range(300):
+        logits = rng.normal(1.0, 1.5, 72)
+        probabilities = 1 / (1 + np.exp(-logits))
+        for estimator, found in points.items():
+            p = threshold_for_sensitivity(probabilities, np.ones(72), 0.98, estimator)
+            found.append(np.log(p / (1 - p)))
+    smooth, order = np.asarray(points["harrell-davis"]), np.asarray(points["order-statistic"])
+    assert np.std(smooth) < np.std(order)
+    # and it sits nearer the true quantile: the second least certain of 72 lies above it, so delivers < 98 %
+    assert abs(smooth.mean() - true_quantile) < abs(order.mean() - true_quantile)
+    assert np.sqrt(np.mean((smooth - true_quantile) ** 2)) < np.sqrt(np.mean((order - true_quantile) ** 2))
+
+
+def test_the_harrell_davis_point_lies_among_the_least_certain_pneumonias() -> None:
+    positives = np.linspace(0.05, 0.95, 100)
+    scores = np.concatenate([positives, [0.01, 0.5, 0.99]])
+    labels = np.concatenate([np.ones(100), np.zeros(3)])
+    t = threshold_for_sensitivity(scores, labels, 0.98)
+    assert positives[0] < t < positives[5]  # near the 2nd-3rd least certain, not set by any one of them
+    assert threshold_for_sensitivity(scores, labels, 1.0) == pytest.approx(positives[0])  # all must be found
+    assert threshold_for_sensitivity(scores, labels, 0.5) > threshold_for_sensitivity(scores, labels, 0.98)
+    point = choose_operating_point(scores, labels)
+    assert point.estimator == "harrell-davis" and point.to_dict()["estimator"] == "harrell-davis"
+    with pytest.raises(ConfigurationError, match="estimator"):
+        threshold_for_sensitivity(scores, labels, 0.98, "median")
 
 
 def test_youden_policy_maximises_sensitivity_plus_specificity() -> None:

@@ -238,13 +238,18 @@ def data_sources(values: list[Path] | Path | None) -> tuple[Path, ...] | Path:
 
 def add_operating_point_arguments(p: argparse.ArgumentParser, note: str) -> None:
     from pneumoscan.running.calibration import (
+        DEFAULT_ESTIMATOR,
         DEFAULT_POLICY,
         DEFAULT_TARGET_SENSITIVITY,
+        ESTIMATORS,
         POLICIES,
     )
 
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help=f"how the threshold is chosen on validation{note}")
     p.add_argument("--target", type=float, default=DEFAULT_TARGET_SENSITIVITY, help=f"target validation sensitivity{note}")
+    p.add_argument("--estimator", choices=ESTIMATORS, default=DEFAULT_ESTIMATOR,
+                   help="how the sensitivity policy reads the pneumonias' (1 − target) quantile: harrell-davis moves less "
+                   "between samples than the order statistic (docs/ablations.md, rule 6)")  # fmt: skip
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -276,7 +281,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"eval-{args.split}"
     results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
-                       "int8" if args.int8 else "fp32", args.boxes)  # fmt: skip
+                       "int8" if args.int8 else "fp32", args.boxes, args.estimator)  # fmt: skip
     by_population = results.get("populations") or {"": results}
     for population, metrics in by_population.items():
         low, high = metrics["auroc_ci"]
@@ -330,7 +335,7 @@ def run_export(args: argparse.Namespace) -> int:
     for checkpoint in args.checkpoint:
         if not checkpoint.is_file():
             raise ModelNotFoundError(f"no checkpoint at {checkpoint}: train one with 'pneumoscan train --out DIR'")
-    card = export(args.checkpoint, args.out, args.data, args.name, args.policy, args.target, args.int8, args.tta_zoom)
+    card = export(args.checkpoint, args.out, args.data, args.name, args.policy, args.target, args.int8, args.tta_zoom, args.estimator)
     from pneumoscan.running.inference import card_populations
 
     for population, entry in card_populations(card).items():
@@ -382,6 +387,41 @@ def run_fit_regions(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_fit_operating_points_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fit-operating-points",
+        help="re-choose an exported model's temperatures and thresholds on its validation parts; measure again",
+        description="Fit each population's temperature and threshold on its validation part with the exported graph, as "
+        "export does (e.g. with another --estimator), and measure again everything measured at them: the validation and "
+        "test parts (fp32 and int8), the point's bootstrap spread, the region rule and its test figures. The ONNX files, "
+        "gates and population classifier are kept. Nothing is chosen on the test part.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
+    add_data_argument(p)
+    add_operating_point_arguments(p, "")
+    p.set_defaults(handler=run_fit_operating_points)
+
+
+def run_fit_operating_points(args: argparse.Namespace) -> int:
+    from pneumoscan.learning.evaluation import ModelUnderTest
+    from pneumoscan.learning.export import refit_operating_points
+    from pneumoscan.running.inference import card_populations
+
+    model = ModelUnderTest(args.model or DEFAULT_MODEL_DIR)
+    if model.onnx is None:
+        raise ModelNotFoundError(f"{model.path} is not an exported model folder: export the checkpoint first")
+    chosen = data_sources(args.data) if args.data else model.sources
+    sources = [chosen] if isinstance(chosen, Path) else list(chosen)
+    card = refit_operating_points(model.path, sources, model.seed, model.val_fraction, args.policy, args.target, args.estimator)
+    for population, entry in card_populations(card).items():
+        test, op = entry["test"]["metrics"], entry["operating_point"]
+        print(f"[{population}] threshold {op['threshold']:.4f} ({op['name']}, {op.get('estimator') or op['policy']}), "
+              f"temperature {entry['calibration']['temperature']:.3f}; test sensitivity {test['sensitivity']:.4f}, "
+              f"specificity {test['specificity']:.4f}")  # fmt: skip
+    return 0
+
+
 def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate",
@@ -411,7 +451,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pneumoscan.running.inference import card_populations
 
     card = calibrate(args.model or DEFAULT_MODEL_DIR, args.data, args.out, split=args.split, policy=args.policy,
-                     target=args.target, population=args.population, name=args.name, command=args.command_line)  # fmt: skip
+                     target=args.target, population=args.population, name=args.name, command=args.command_line,
+                     estimator=args.estimator)  # fmt: skip
     for population, entry in card_populations(card).items():
         op, site = entry["operating_point"], entry.get("site")
         if op.get("source") != "site":
@@ -451,7 +492,7 @@ def run_site_protocol(args: argparse.Namespace) -> int:
     from pneumoscan.learning.site_calibration import halves_protocol
 
     result = halves_protocol(args.model or DEFAULT_MODEL_DIR, args.data, split=args.split, population=args.population,
-                             policy=args.policy, target=args.target, seed=args.seed)  # fmt: skip
+                             policy=args.policy, target=args.target, seed=args.seed, estimator=args.estimator)  # fmt: skip
     result["command"] = args.command_line
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -718,6 +759,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_export_parser(subparsers)
     add_calibrate_parser(subparsers)
     add_fit_regions_parser(subparsers)
+    add_fit_operating_points_parser(subparsers)
     add_site_protocol_parser(subparsers)
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)

@@ -37,6 +37,7 @@ from pneumoscan.learning.plots import (
     plot_roc,
 )
 from pneumoscan.running.calibration import (
+    DEFAULT_ESTIMATOR,
     DEFAULT_POLICY,
     DEFAULT_TARGET_SENSITIVITY,
     OperatingPoint,
@@ -74,12 +75,13 @@ def split_records(root: Path | list[Path], split: str, seed: int, val_fraction: 
 
 
 def fit_calibration(
-    val_logits: np.ndarray, val_labels: np.ndarray, policy: str = DEFAULT_POLICY, target: float = DEFAULT_TARGET_SENSITIVITY
+    val_logits: np.ndarray, val_labels: np.ndarray, policy: str = DEFAULT_POLICY, target: float = DEFAULT_TARGET_SENSITIVITY,
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> Calibration:
     """Temperature first, then the threshold on the calibrated validation probabilities."""
     temperature = fit_temperature(val_logits, val_labels)
     probabilities = calibrated_probability(val_logits, temperature)
-    return Calibration(temperature, choose_operating_point(probabilities, val_labels, policy, target))
+    return Calibration(temperature, choose_operating_point(probabilities, val_labels, policy, target, estimator))
 
 
 def patient_bootstrap_ci(
@@ -140,6 +142,47 @@ def rates_with_intervals(
     }
 
 
+def operating_point_spread(
+    labels: np.ndarray, probabilities: np.ndarray, patients: list[str], target: float, estimator: str = DEFAULT_ESTIMATOR,
+    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+) -> dict[str, object]:
+    """How far a sensitivity point would move, and what it would deliver, had validation drawn other patients.
+
+    Each patient-bootstrap resample re-chooses the threshold on its own films and is
+    measured on the patients it left out, so the figures describe the rule applied to
+    a validation part of this size, not this one threshold: the point's interval, and
+    the sensitivity and specificity it keeps on films it never saw.
+    """
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
+    _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
+    n_patients = patient_index.max() + 1
+    rng = np.random.default_rng(seed)
+    thresholds, found, positives, cleared, negatives, per_resample = [], 0, 0, 0, 0, []
+    for _ in range(resamples):
+        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)[patient_index]
+        bag_pneumonias = np.repeat(probabilities[labels == 1], drawn[labels == 1])
+        left_out = drawn == 0
+        if bag_pneumonias.size == 0 or not (left_out & (labels == 1)).any():
+            continue
+        threshold = threshold_for_sensitivity(bag_pneumonias, np.ones(bag_pneumonias.size), target, estimator)
+        thresholds.append(threshold)
+        hit = probabilities[left_out] >= threshold
+        left_labels = labels[left_out]
+        found, positives = found + int(hit[left_labels == 1].sum()), positives + int((left_labels == 1).sum())
+        cleared, negatives = cleared + int((~hit[left_labels == 0]).sum()), negatives + int((left_labels == 0).sum())
+        per_resample.append(hit[left_labels == 1].mean())
+    logits = np.log(np.clip(thresholds, 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(thresholds, 1e-12, 1 - 1e-12))
+    return {
+        "method": f"patient bootstrap, {len(thresholds)} resamples (seed {seed}): the threshold re-chosen on each resample "
+                  "and measured on the patients it left out",
+        "threshold_interval": [float(v) for v in np.quantile(thresholds, [0.025, 0.975])],
+        "threshold_sd_logit": float(np.std(logits)),
+        "out_of_bag_sensitivity": found / positives,
+        "out_of_bag_sensitivity_p05": float(np.quantile(per_resample, 0.05)),
+        "out_of_bag_specificity": cleared / negatives if negatives else None,
+    }
+
+
 def metrics_at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, object]:
     """Decision metrics when ``probability >= threshold`` means pneumonia."""
     predicted = (probabilities >= threshold).astype(int)
@@ -164,7 +207,7 @@ def threshold_transfer(labels: np.ndarray, probabilities: np.ndarray, operating_
     """
     if operating_point.policy != "sensitivity" or operating_point.target is None or not labels.any():
         return None
-    own = threshold_for_sensitivity(probabilities, labels, operating_point.target)
+    own = threshold_for_sensitivity(probabilities, labels, operating_point.target, operating_point.estimator or "order-statistic")
     at_own = metrics_at_threshold(labels, probabilities, own)
     return {
         "target_sensitivity": operating_point.target,
@@ -441,7 +484,7 @@ class ModelUnderTest:
             return self.onnx.logits(paths, progress=True)
         return checkpoint_logits(self.path, paths)
 
-    def calibrations(self, sources: list[Path], policy: str, target: float) -> dict[str, Calibration]:
+    def calibrations(self, sources: list[Path], policy: str, target: float, estimator: str = DEFAULT_ESTIMATOR) -> dict[str, Calibration]:
         """Per population: an exported model's own; for a checkpoint, fitted now on each population's validation part."""
         if self.onnx is not None:
             from pneumoscan.running.inference import card_populations
@@ -450,7 +493,7 @@ class ModelUnderTest:
             return {
                 population: Calibration(entry["calibration"]["temperature"], OperatingPoint(
                     entry["operating_point"]["threshold"], entry["operating_point"]["policy"],
-                    entry["operating_point"]["target"], entry["operating_point"]["name"]))
+                    entry["operating_point"]["target"], entry["operating_point"]["name"], entry["operating_point"].get("estimator")))
                 for population, entry in entries.items()
             }
         val = split_records(sources, "val", self.seed, self.val_fraction)
@@ -458,7 +501,7 @@ class ModelUnderTest:
         out = {}
         for population in sorted({r.population or "child" for r in val}):
             pick = [i for i, r in enumerate(val) if (r.population or "child") == population]
-            out[population] = fit_calibration(logits[pick], np.asarray([val[i].label for i in pick]), policy, target)
+            out[population] = fit_calibration(logits[pick], np.asarray([val[i].label for i in pick]), policy, target, estimator)
         return out
 
 
@@ -471,6 +514,7 @@ def evaluate(
     target: float = DEFAULT_TARGET_SENSITIVITY,
     precision: str = "fp32",
     boxes: Path | None = None,
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> dict:
     """Score ``split`` and write the evaluation files into ``out`` (``out/<population>`` for a model of several).
 
@@ -480,7 +524,7 @@ def evaluate(
     """
     subject = ModelUnderTest(model, precision)
     sources = subject.sources if root is None else (list(root) if isinstance(root, (list, tuple)) else [Path(root)])
-    calibrations = subject.calibrations(sources, policy, target)
+    calibrations = subject.calibrations(sources, policy, target, estimator)
     records = split_records(sources, split, subject.seed, subject.val_fraction)
     logits = subject.logits([r.path for r in records])
     single = len(calibrations) == 1

@@ -45,12 +45,14 @@ from pneumoscan.learning.evaluation import (
     ModelUnderTest,
     fit_region_rules,
     localisation_of,
+    operating_point_spread,
     run_data_config,
     write_evaluation,
 )
 from pneumoscan.learning.model_card import render_card
 from pneumoscan.learning.training import PneumoniaClassifier
 from pneumoscan.running.calibration import (
+    DEFAULT_ESTIMATOR,
     DEFAULT_POLICY,
     DEFAULT_TARGET_SENSITIVITY,
     calibrated_probability,
@@ -215,6 +217,7 @@ def export(
     target: float = DEFAULT_TARGET_SENSITIVITY,
     int8: bool = False,
     tta_zoom: float | None = None,
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> dict:
     """Export ``checkpoint`` into the model folder ``out`` and return its card.
 
@@ -269,23 +272,16 @@ def export(
         val = [parts["val"][i] for i in pick["val"]]
         test = [parts["test"][i] for i in pick["test"]]
         val_logits, test_logits = (scored[s]["logit"].reshape(-1)[pick[s]] for s in ("val", "test"))
-        calibration = fit_calibration(val_logits, np.asarray([r.label for r in val]), policy, target)
-        calibrations[population] = calibration
         label = card["name"] if single else f"{card['name']} ({population})"
-        val_metrics = write_evaluation(folder / "val", val, val_logits, calibration, "val", None, label)
-        test_metrics = write_evaluation(folder / "test", test, test_logits, calibration, "test", None, label)
+        calibration, measured = fit_and_measure_point(folder, val, test, val_logits, test_logits, label, policy, target, estimator)
+        calibrations[population] = calibration
         gate = fit_and_report_gate(
             out, None if single else population, scored["train"]["embedding"][pick["train"]],
             scored["val"]["embedding"][pick["val"]], shifted[population], scored["test"]["embedding"][pick["test"]], probes,
             probe_embeddings, len(pick["train"]),
         )
         entries[population] = {
-            "calibration": {"method": "temperature scaling fitted on this population's validation part (NLL)",
-                            "temperature": calibration.temperature},
-            "operating_point": calibration.operating_point.to_dict(),
-            "validation": {"metrics": summary(val_metrics)},
-            "test": {"metrics": summary(test_metrics),
-                     "note": "reported once, after temperature, threshold and gate were fixed on validation"},
+            **measured,
             "ood_gate": gate,
             "invariance": equalisation_invariance(onnx_model, evenly(test, INVARIANCE_IMAGES), calibration.temperature),
         }
@@ -295,6 +291,8 @@ def export(
         card["calibration"], card["operating_point"] = entry["calibration"], entry["operating_point"]
         card["validation"]["metrics"], card["test"] = entry["validation"]["metrics"], entry["test"]
         card["ood_gate"], card["invariance"] = entry["ood_gate"], entry["invariance"]
+        if "operating_point_spread" in entry:
+            card["operating_point_spread"] = entry["operating_point_spread"]
     else:
         del card["calibration"], card["operating_point"]
         card["intended_use"], card["limitations"] = INTENDED_USE_BOTH, LIMITATIONS_BOTH
@@ -311,6 +309,61 @@ def export(
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     return record_region_rules(out, list(sources), data.seed, data.val_fraction)
+
+
+def fit_and_measure_point(folder: Path, val: list[Record], test: list[Record], val_logits: np.ndarray, test_logits: np.ndarray,
+                          label: str, policy: str, target: float, estimator: str) -> tuple[Calibration, dict]:  # fmt: skip
+    """One population's temperature and threshold fitted on its validation part, the point's bootstrap spread there,
+    and both parts measured at it (evaluation files in ``folder``): the card entries that depend on the threshold."""
+    val_labels = np.asarray([r.label for r in val])
+    calibration = fit_calibration(val_logits, val_labels, policy, target, estimator)
+    val_metrics = write_evaluation(folder / "val", val, val_logits, calibration, "val", None, label)
+    test_metrics = write_evaluation(folder / "test", test, test_logits, calibration, "test", None, label)
+    measured = {
+        "calibration": {"method": "temperature scaling fitted on this population's validation part (NLL)",
+                        "temperature": calibration.temperature},
+        "operating_point": calibration.operating_point.to_dict(),
+        "validation": {"metrics": summary(val_metrics)},
+        "test": {"metrics": summary(test_metrics),
+                 "note": "reported once, after temperature, threshold and gate were fixed on validation"},
+    }  # fmt: skip
+    if policy == "sensitivity":
+        probabilities = calibrated_probability(val_logits, calibration.temperature)
+        measured["operating_point_spread"] = operating_point_spread(val_labels, probabilities, [r.patient for r in val], target, estimator)
+    return calibration, measured
+
+
+def refit_operating_points(out: Path, sources: list[Path], seed: int, val_fraction: float, policy: str = DEFAULT_POLICY,
+                           target: float = DEFAULT_TARGET_SENSITIVITY, estimator: str = DEFAULT_ESTIMATOR) -> dict:  # fmt: skip
+    """Re-choose an exported model's temperatures and thresholds on its validation parts, as export does, and measure
+    again everything measured at them: validation and test parts (fp32 and int8), then the region rules and their test
+    figures. The graphs, gates and population classifier stay as they are. Returns the card.
+
+    For a folder whose checkpoint is gone, when the way a point is chosen changes (e.g. ``estimator``).
+    """
+    out = Path(out)
+    path = out / CARD_FILE
+    card = json.loads(path.read_text())
+    single = "populations" not in card
+    model = Predictor.load(out)
+    parts = {split: records_of(sources, split, seed, val_fraction) for split in ("val", "test")}
+    logits = {split: model.logits([r.path for r in parts[split]], progress=True) for split in parts}
+    calibrations: dict[str, Calibration] = {}
+    entries = card_populations(card)
+    for population, entry in entries.items():
+        folder = out / "evaluation" if single else out / "evaluation" / population
+        pick = {split: [i for i, r in enumerate(parts[split]) if r.population == population or single] for split in parts}
+        val, test = ([parts[s][i] for i in pick[s]] for s in ("val", "test"))
+        label = card["name"] if single else f"{card['name']} ({population})"
+        calibrations[population], measured = fit_and_measure_point(
+            folder, val, test, logits["val"][pick["val"]], logits["test"][pick["test"]], label, policy, target, estimator)
+        if single:  # a card of one population keeps its validation section's other keys (v1's)
+            entry["validation"]["metrics"] = measured.pop("validation")["metrics"]
+        entry.update(measured)
+    if card.get("int8"):
+        card["int8"] = {**card["int8"], **measure_int8(out, parts, calibrations, card["name"], entries, single)}
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return record_region_rules(out, sources, seed, val_fraction)
 
 
 def record_region_rules(out: Path, sources: list[Path], seed: int, val_fraction: float, boxes: Path | None = None) -> dict:
@@ -565,19 +618,26 @@ def export_int8(out: Path, data: DataConfig, parts: dict[str, list[Record]], cal
 
     sample = calibration_sample(parts["train"])
     quantize_int8(out / MODEL_FILE, out / INT8_MODEL_FILE, sample, data.image_size, data.intensity)
-    int8_model = Predictor.load(out, precision="int8")
-    section: dict = {
+    section = {
         "file": INT8_MODEL_FILE,
         "sha256": sha256_file(out / INT8_MODEL_FILE),
         "method": "ONNX Runtime static QDQ: int8 weights per channel with reduce_range, uint8 activations (MinMax) "
         f"calibrated on {len(sample)} images of the training parts (validation and test patients excluded); the first "
         "convolution, the head convolution, the classifier and the heat-map branch (CAM convolution, upsampling, normalisation) stay float",
     }
+    return {**section, **measure_int8(out, parts, calibrations, name, entries, single)}
+
+
+def measure_int8(out: Path, parts: dict[str, list[Record]], calibrations: dict[str, Calibration], name: str,
+                 entries: dict[str, dict], single: bool) -> dict:  # fmt: skip
+    """Each population's validation and test parts scored by ``model.int8.onnx`` at the fp32 temperature and threshold."""
+    int8_model = Predictor.load(out, precision="int8")
+    section: dict = {}
     for population, calibration in calibrations.items():
         folder = out / "evaluation" if single else out / "evaluation" / population
         figures: dict = {}
         for split in ("val", "test"):
-            records = [r for r in parts[split] if r.population == population]
+            records = [r for r in parts[split] if r.population == population or single]
             metrics = write_evaluation(folder / f"{split}-int8", records, int8_model.logits([r.path for r in records], progress=True),
                                        calibration, split, None, f"{name} ({population}, int8)")  # fmt: skip
             figures["validation" if split == "val" else "test"] = {"metrics": summary(metrics)}

@@ -80,6 +80,25 @@ def _localisation_text(entry: dict) -> str:
         f"regions mAP | fixed boxes mAP |\n|---|---|---|---|---|---|---|---|---|---|\n{rows}")
 
 
+def _estimator_text(op: dict) -> str:
+    names = {"harrell-davis": "Harrell–Davis estimate of the pneumonias' quantile, in logits",
+             "order-statistic": "the pneumonias' order statistic"}
+    return f", {names.get(op['estimator'], op['estimator'])}" if op.get("estimator") else ""
+
+
+def _spread_text(entry: dict) -> str:
+    """How far the point would move with other validation patients, and what it keeps on films it never saw."""
+    spread = entry.get("operating_point_spread")
+    if not spread:
+        return ""
+    low, high = spread["threshold_interval"]
+    specificity = spread["out_of_bag_specificity"]
+    return (f" Had validation drawn other patients ({spread['method']}), the threshold would lie in {low:.4f}–{high:.4f} "
+            f"(sd {spread['threshold_sd_logit']:.3f} in logits) and would find {spread['out_of_bag_sensitivity']:.3f} of the "
+            f"pneumonias it was not set on (5th percentile of the resamples {spread['out_of_bag_sensitivity_p05']:.3f})"
+            + (f", clearing {specificity:.3f} of the normals" if specificity is not None else "") + ".")
+
+
 def _population_section(title: str, entry: dict, int8: dict | None) -> str:
     op, val, test = entry["operating_point"], entry["validation"]["metrics"], entry["test"]["metrics"]
     int8_rows = ""
@@ -98,7 +117,7 @@ def _population_section(title: str, entry: dict, int8: dict | None) -> str:
     return f"""## {title}
 
 Temperature {entry['calibration']['temperature']:.4f}; operating point **{op['name']}**: threshold {op['threshold']:.4f}
-on the calibrated probability (policy `{op['policy']}`, target {op['target']}).{_site_text(entry)}
+on the calibrated probability (policy `{op['policy']}`, target {op['target']}{_estimator_text(op)}).{_spread_text(entry)}{_site_text(entry)}
 
 | split | n | AUROC (95% CI, by patient) | sensitivity | specificity | precision | accuracy | missed pneumonias | false alarms | ECE |
 |---|---|---|---|---|---|---|---|---|---|

@@ -47,6 +47,7 @@ from pneumoscan.learning.evaluation import (
 )
 from pneumoscan.learning.model_card import render_card
 from pneumoscan.running.calibration import (
+    DEFAULT_ESTIMATOR,
     DEFAULT_POLICY,
     DEFAULT_TARGET_SENSITIVITY,
     calibrated_probability,
@@ -124,7 +125,7 @@ def predict_naming_the_file(predictor: Predictor, records: list[Record]) -> list
 
 
 def fit_population(studies: list[SiteStudy], population: str, policy: str, target: float, on: str,
-                   resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[Calibration, dict]:  # fmt: skip
+                   resamples: int = BOOTSTRAP_RESAMPLES, estimator: str = DEFAULT_ESTIMATOR) -> tuple[Calibration, dict]:  # fmt: skip
     """Temperature and threshold of one population on its site studies, and the site figures with intervals.
 
     Studies the gate flags are left out: they get no verdict when served either.
@@ -147,7 +148,7 @@ def fit_population(studies: list[SiteStudy], population: str, policy: str, targe
     logits = np.asarray([s.logit for s in used])
     labels = np.asarray([s.record.label for s in used])
     patients = [s.record.patient for s in used]
-    fitted = fit_calibration(logits, labels, policy, target)
+    fitted = fit_calibration(logits, labels, policy, target, estimator)
     calibration = Calibration(fitted.temperature, dataclasses.replace(fitted.operating_point, name=site_point_name(fitted.operating_point.name, on)))
     probabilities = calibrated_probability(logits, calibration.temperature)
     figures = {**figures_at(labels, probabilities, patients, calibration.operating_point.threshold, resamples),
@@ -180,7 +181,7 @@ def site_point_name(validation_name: str, on: str) -> str:
 
 def calibrated_card(
     card: dict, studies: list[SiteStudy], populations: list[str], policy: str, target: float, today: str,
-    provenance: dict, resamples: int = BOOTSTRAP_RESAMPLES,
+    provenance: dict, resamples: int = BOOTSTRAP_RESAMPLES, estimator: str = DEFAULT_ESTIMATOR,
 ) -> tuple[dict, dict[str, Calibration]]:
     """A copy of ``card`` whose ``populations`` use the site's temperature and threshold, with where they came from."""
     card = copy.deepcopy(card)
@@ -188,7 +189,7 @@ def calibrated_card(
     on = f"the site set of {today}"
     calibrations: dict[str, Calibration] = {}
     for population in populations:
-        calibration, figures = fit_population(studies, population, policy, target, on, resamples)
+        calibration, figures = fit_population(studies, population, policy, target, on, resamples, estimator)
         calibrations[population] = calibration
         entry = entries[population]
         entry.setdefault("validation_operating_point", {  # the first calibration's is kept through later ones
@@ -209,7 +210,8 @@ def calibrated_card(
         if population not in populations and population in (previous.get("populations") or {}):
             reference["populations"][population] = previous["populations"][population]
     card["drift_reference"] = reference
-    card["site_calibration"] = {**provenance, "date": today, "populations": populations, "policy": policy, "target": target}
+    card["site_calibration"] = {**provenance, "date": today, "populations": populations, "policy": policy, "target": target,
+                                "estimator": estimator}
     return card, calibrations
 
 
@@ -233,6 +235,7 @@ def calibrate(
     model_dir: Path, sources: list[Path], out: Path, *, split: str = "all", policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY, population: str | None = None, name: str | None = None,
     command: str | None = None, today: str | None = None, resamples: int = BOOTSTRAP_RESAMPLES, progress: bool = True,
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> dict:
     """Fit the site's operating point and write the model folder ``out``; return its card.
 
@@ -252,7 +255,7 @@ def calibrate(
     provenance = site_provenance(list(sources), split, records, studies)
     provenance["command"] = command
     provenance["base_model"] = {"name": predictor.card["name"], "folder": model_dir.name, "onnx_sha256": predictor.model_sha256}
-    card, calibrations = calibrated_card(predictor.card, studies, populations, policy, target, today, provenance, resamples)
+    card, calibrations = calibrated_card(predictor.card, studies, populations, policy, target, today, provenance, resamples, estimator)
     card["name"] = name or out.name
     copy_model_files(model_dir, out)
     for population_name, calibration in calibrations.items():
@@ -334,7 +337,7 @@ def write_card(out: Path, card: dict) -> None:
 def halves_protocol(
     model_dir: Path, sources: list[Path], *, split: str = "test", population: str, policy: str = DEFAULT_POLICY,
     target: float = DEFAULT_TARGET_SENSITIVITY, seed: int = PROTOCOL_SEED, resamples: int = BOOTSTRAP_RESAMPLES,
-    progress: bool = True,
+    progress: bool = True, estimator: str = DEFAULT_ESTIMATOR,
 ) -> dict:
     """Calibrate on one half of the patients, measure on the other, and the other way round; both are returned.
 
@@ -349,7 +352,7 @@ def halves_protocol(
     directions = []
     for name, (fit_half, measure_half) in (("A → B", halves), ("B → A", halves[::-1])):
         fit_studies, measured = [by_path[r.path] for r in fit_half], [by_path[r.path] for r in measure_half]
-        calibration, fit_figures = fit_population(fit_studies, population, policy, target, "half", resamples)
+        calibration, fit_figures = fit_population(fit_studies, population, policy, target, "half", resamples, estimator)
         logits = np.asarray([s.logit for s in measured])
         labels = np.asarray([s.record.label for s in measured])
         patients = [s.record.patient for s in measured]
@@ -371,7 +374,7 @@ def halves_protocol(
         "kinds": [dataset_kind(Path(s).expanduser().resolve()) for s in sources],
         "halves": {"seed": seed, "by": "patient, stratified by whether a patient has any pneumonia image",
                    "patients": [len({r.patient for r in h}) for h in halves], "images": [len(h) for h in halves]},
-        "policy": policy, "target": target, "directions": directions,
+        "policy": policy, "target": target, "estimator": estimator, "directions": directions,
     }
 
 
