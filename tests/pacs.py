@@ -8,9 +8,11 @@ through Orthanc's REST API.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,14 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 FORWARD_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "forward-to-pneumoscan.lua"
 INSTALL_HINT = "apt-get install orthanc orthanc-dicomweb (as .ci/run does)"
+
+
+def dcmtk(tool: str) -> str | None:
+    """A dcmtk program (storescu, echoscu), not pynetdicom's script of the same name that an activated venv puts
+    first on PATH."""
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != venv_bin)
+    return shutil.which(tool, path=path)
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_factory import radiograph_dataset
-from pacs import INSTALL_HINT, Orthanc, available, dciodvfy_errors, free_port
+from pacs import INSTALL_HINT, Orthanc, available, dcmtk, dciodvfy_errors, free_port
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 
@@ -36,7 +36,7 @@ PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 @pytest.fixture(scope="module", autouse=True)
 def pacs_tools() -> None:
-    if not available() or not shutil.which("storescu") or not shutil.which("dciodvfy"):
+    if not available() or not dcmtk("storescu") or not shutil.which("dciodvfy"):
         pytest.fail(f"Orthanc, dcmtk and dicom3tools are needed: {INSTALL_HINT}, apt-get install dcmtk dicom3tools")
 
 
@@ -165,12 +165,12 @@ def test_the_command_line_node_sends_results_to_orthanc_under_the_right_study(or
     try:
         first = node.stdout.readline()
         assert first.startswith("pneumoscan DICOM node PNEUMOSCAN@127.0.0.1:"), first
-        echo = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)], capture_output=True, timeout=30)
+        echo = subprocess.run([dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)], capture_output=True, timeout=30)
         assert echo.returncode == 0, echo.stderr
         study = radiograph_dataset(films[0], size=1024, age_years=8)
         path = tmp_path / "study.dcm"
         study.save_as(path, enforce_file_format=True)
-        sent = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(path)],
+        sent = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(path)],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         deadline = time.monotonic() + 60
@@ -181,7 +181,7 @@ def test_the_command_line_node_sends_results_to_orthanc_under_the_right_study(or
         report = pydicom.dcmread(io.BytesIO(orthanc.instance_file(next(i["OrthancID"] for i in stored if i["Modality"] == "SR"))))
         assert report.StudyInstanceUID == study.StudyInstanceUID
         assert sr_values(report)["Population whose operating point decided"] == "Child"
-        refused = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(path)],
+        refused = subprocess.run([dcmtk("storescu"), "-aet", "INTRUDER", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(path)],
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
         assert refused.returncode != 0  # a calling AE title that is not listed: association rejected
     finally:
@@ -202,7 +202,7 @@ def test_a_pacs_that_routes_x_rays_to_the_node_gets_results_next_to_the_study(fi
         study = radiograph_dataset(films[9], size=512)
         path = tmp_path / "from-the-modality.dcm"
         study.save_as(path, enforce_file_format=True)
-        sent = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(pacs.dicom_port), str(path)],
+        sent = subprocess.run([dcmtk("storescu"), "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(pacs.dicom_port), str(path)],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         deadline = time.monotonic() + 60

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_factory import JPEG_2000_LOSSLESS, large_dicom, radiograph_dataset, write_huge_dicom
-from pacs import free_port
+from pacs import dcmtk, free_port
 from pynetdicom import AE, StoragePresentationContexts, _config
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
@@ -113,7 +113,7 @@ def test_a_400_mb_instance_is_refused_with_a_failure_status_and_costs_the_node_n
         refused_growth = peak_mb(node.pid) - before
         assert refused_growth < 100, f"+{refused_growth:.0f} MB for a refused 400 MB instance"
         assert list((tmp_path / "node" / "dicom" / "receiving").iterdir()) == []  # nothing of it kept on disk
-        sent = subprocess.run(["storescu", "-xv", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(honest)],
+        sent = subprocess.run([dcmtk("storescu"), "-xv", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port), str(honest)],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         audit = AuditLog(connect(f"sqlite:///{tmp_path / 'node' / 'pneumoscan.db'}"))
