@@ -141,6 +141,9 @@ class TrainConfig:
     # Box-guided training: λ of a per-cell loss that pulls the class activation map into the radiologists' boxes of
     # a dataset's pneumonia films (a boxes.csv beside its labels) and down on its normal films (0: off).
     box_loss_weight: float = 0.0
+    # The class activation map (and so the heat map, regions and box-guided loss) at stride 16, 14×14 cells at 224 px,
+    # instead of the last feature map's 7×7 (learning.model.FineCam).
+    fine_cam: bool = False
     # What picks the epoch on validation: "auroc" (the mean over populations of the AUROC) or "operating" (the mean
     # partial AUROC at sensitivity >= 0.95, plus 0.5 × the pointing game on the films with boxes; docs/ablations.md).
     select_by: str = "auroc"

@@ -130,3 +130,55 @@ def test_the_partial_auroc_of_training_is_the_one_evaluation_reports() -> None:
     assert partial_auroc_at_sensitivity(labels, scores) == pytest.approx(float(metric.compute()), abs=1e-5)
     assert partial_auroc_at_sensitivity(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
     assert partial_auroc_at_sensitivity(np.array([1, 1]), np.array([0.1, 0.2])) is None
+
+
+def test_the_finer_map_starts_as_the_pretrained_model_and_its_mean_is_the_logit() -> None:
+    from pneumoscan.learning.model import FineCam, SimpleCNN, head_parameters
+
+    torch.manual_seed(0)
+    coarse = PneumoniaClassifier(arch="efficientnet_lite0", pretrained=False, channels_last=False).eval()
+    fine = PneumoniaClassifier(arch="efficientnet_lite0", pretrained=False, channels_last=False, fine_cam=True).eval()
+    fine.model.backbone.load_state_dict(coarse.model.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        coarse_logits, coarse_cam = coarse.logits_and_cam(x)
+        logits, cam = fine.logits_and_cam(x)
+        assert torch.allclose(fine(x), coarse(x), atol=1e-5)  # the refinement starts at zero
+        assert coarse_cam.shape[-2:] == (7, 7) and cam.shape[-2:] == (14, 14)
+        assert torch.allclose(cam, coarse_cam.repeat_interleave(2, 1).repeat_interleave(2, 2), atol=1e-5)
+        fine.model.refine.weight.normal_(0, 0.05)  # once it has learnt, a cell of 16 px can differ from its neighbour
+        logits, cam = fine.logits_and_cam(x)
+        assert torch.allclose(cam.mean(dim=(1, 2)), logits, atol=1e-5)  # still the class activation map of the logit
+        assert torch.allclose(fine(x), logits, atol=1e-5)
+        assert not torch.allclose(cam[:, 0::2, 0::2], cam[:, 1::2, 0::2])
+    assert any(p is fine.model.refine.weight for p in head_parameters(fine.model))  # trained at the head's rate
+    with pytest.raises(ConfigurationError, match="EfficientNet"):
+        FineCam(SimpleCNN())
+
+
+def test_a_fine_map_run_exports_its_map_and_quantises(boxed_adults: Path, tmp_path: Path) -> None:
+    """Box-guided on the 14×14 map, exported: the graph's heat map is that map (ReLU, upsampled, normalised) and
+    int8 keeps the refinement in float."""
+    from pneumoscan.learning.export import export
+    from pneumoscan.learning.quantization import float_nodes
+    from pneumoscan.running.inference import Predictor
+
+    data = DataConfig(root=boxed_adults, batch_size=8, num_workers=0)
+    train = TrainConfig(epochs=1, limit_train_batches=3, limit_val_batches=1.0, out=tmp_path / "run", box_loss_weight=1.0,
+                        fine_cam=True)  # fmt: skip
+    checkpoint = fit(data, train, command="test")
+    card = export(checkpoint, tmp_path / "model", boxed_adults, int8=True)
+    assert card["int8"]["file"]
+    module = PneumoniaClassifier.load_from_checkpoint(checkpoint, map_location="cpu", pretrained=False).eval()
+    film = next((boxed_adults / "images").iterdir())
+    predictor = Predictor.load(tmp_path / "model")
+    outputs = predictor.outputs([film], ["logit", "heatmap"])
+    with torch.no_grad():
+        logit, cam = module.logits_and_cam(torch.from_numpy(predictor.preprocess(film))[None])
+    assert cam.shape[-2:] == (14, 14)
+    expected = torch.nn.functional.interpolate(cam.relu()[:, None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+    expected = (expected - expected.min()) / (expected.max() - expected.min() + 1e-7)
+    assert np.abs(outputs["heatmap"][0] - expected.numpy()).max() < 1e-3
+    assert abs(float(outputs["logit"].reshape(-1)[0]) - float(logit[0])) < 1e-3
+    refinement = [n for n in float_nodes(tmp_path / "model" / "model.onnx") if "refine" in n]
+    assert refinement, "the refinement convolution stays float in int8"

@@ -108,6 +108,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--box-loss-weight", type=float, default=train.box_loss_weight,
                    help="λ of the box-guided loss: the heat map pulled into radiologists' boxes (boxes.csv beside a dataset's "
                    "labels) and down on that dataset's normal films (0: off)")  # fmt: skip
+    g.add_argument("--fine-cam", action=argparse.BooleanOptionalAction, default=train.fine_cam,
+                   help="the heat map at stride 16 (14×14 cells at 224 px) instead of the last feature map's 7×7")  # fmt: skip
     g.add_argument("--select-by", choices=("auroc", "operating"), default=train.select_by,
                    help="what picks the epoch on validation: mean AUROC, or mean partial AUROC at sensitivity >= 0.95 plus "
                    "0.5 × the pointing game on films with boxes")  # fmt: skip
@@ -199,6 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         mixup_alpha=args.mixup_alpha,
         box_loss_weight=args.box_loss_weight,
+        fine_cam=args.fine_cam,
         select_by=args.select_by,
         schedule=args.schedule,
         patience=args.patience,

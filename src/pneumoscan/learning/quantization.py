@@ -77,11 +77,14 @@ def float_nodes(model_path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(model_path)).graph
+    out_channels = {init.name: init.dims[0] for init in graph.initializer if len(init.dims) == 4}
     convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    # a finer map's refinement (learning.model.FineCam): a 1×1 convolution to one channel, read by logit and map alike
+    to_one_channel = [n.name for n in graph.node if n.op_type == "Conv" and out_channels.get(n.input[1]) == 1]
     heatmap_only = only_feeding(graph, "heatmap")
     classifier = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
-    head = [name for name in convs if name not in heatmap_only][-1]
-    return [convs[0], head, *classifier, *(n.name for n in graph.node if n.name in heatmap_only)]
+    head = [name for name in convs if name not in heatmap_only and name not in to_one_channel][-1]
+    return [convs[0], head, *classifier, *to_one_channel, *(n.name for n in graph.node if n.name in heatmap_only)]
 
 
 def only_feeding(graph, output: str) -> set[str]:

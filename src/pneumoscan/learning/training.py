@@ -41,7 +41,7 @@ from pneumoscan.config import (
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.learning.data import class_counts, dataset_summary, file_list_checksum
 from pneumoscan.learning.datamodule import XrayDataModule
-from pneumoscan.learning.model import backbone_parameters, create_model, head_parameters
+from pneumoscan.learning.model import FineCam, backbone_parameters, create_model, head_parameters
 from pneumoscan.learning.plots import plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,13 @@ class PneumoniaClassifier(L.LightningModule):
         epochs: int = 10,
         mixup_alpha: float = 0.0,
         box_loss_weight: float = 0.0,
+        fine_cam: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(arch, pretrained=pretrained)
+        if fine_cam:
+            self.model = FineCam(self.model)
         # a class activation map needs global pooling and one linear layer (timm's EfficientNets; not simple_cnn)
         self.has_cam = isinstance(getattr(self.model, "get_classifier", lambda: None)(), nn.Linear)
         if box_loss_weight > 0 and not self.has_cam:
@@ -128,6 +131,9 @@ class PneumoniaClassifier(L.LightningModule):
         """
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if isinstance(self.model, FineCam):
+            logits, cam = self.model.logit_and_cam(*self.model.features(x))
+            return logits.squeeze(1), cam[:, 0]
         features = self.model.forward_features(x)
         logits = self.model.forward_head(features).squeeze(1)
         classifier = self.model.get_classifier()
@@ -489,6 +495,7 @@ def fit(data_config: DataConfig, train_config: TrainConfig, command: str | None 
         epochs=train_config.epochs,
         mixup_alpha=train_config.mixup_alpha,
         box_loss_weight=train_config.box_loss_weight,
+        fine_cam=train_config.fine_cam,
     )
     monitor = selection_metric(train_config)
     checkpoint = ModelCheckpoint(
