@@ -223,11 +223,11 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_argument(p: argparse.ArgumentParser) -> None:
+def add_data_argument(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--data", type=Path, action="append", default=None,
                    help="a dataset: a {train,test}/{NORMAL,PNEUMONIA} folder, a folder with labels.csv, a labels CSV "
                    "(path,label[,patient_id,split,age,sex,view]) or NIH's Data_Entry_2017*.csv; repeat for several "
-                   f"(default: {default_data_root()})")  # fmt: skip
+                   f"(default: {default or default_data_root()})")  # fmt: skip
 
 
 def data_sources(values: list[Path] | Path | None) -> tuple[Path, ...] | Path:
@@ -264,7 +264,7 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"checkpoint (.ckpt) or exported folder (default: {DEFAULT_MODEL_DIR})")
-    add_data_argument(p)
+    add_data_argument(p, "the model's own datasets, from its card")
     p.add_argument("--split", choices=("val", "test"), default="val", help="val: the by-patient hold-out of train/")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/eval-<split>)")
     add_operating_point_arguments(p, " (checkpoints only)")
@@ -323,7 +323,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, nargs="+",
                    help="training checkpoint (best.ckpt of a run); several make one ensemble graph")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="model folder, e.g. models/pneumoscan-v3")
-    add_data_argument(p)
+    add_data_argument(p, "the run's own datasets")
     p.add_argument("--name", default=None, help="model name (default: the folder name)")
     add_operating_point_arguments(p, "")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static, per-channel) and measure it")
@@ -363,21 +363,27 @@ def add_fit_regions_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
-    add_data_argument(p)
+    add_data_argument(p, "the model's own datasets, from its card")
     add_boxes_argument(p)
     p.set_defaults(handler=run_fit_regions)
 
 
-def run_fit_regions(args: argparse.Namespace) -> int:
+def exported_model_and_sources(args: argparse.Namespace) -> tuple:
+    """The exported model folder a refitting command works on (a ModelUnderTest) and its datasets (``--data`` or its own)."""
     from pneumoscan.learning.evaluation import ModelUnderTest
-    from pneumoscan.learning.export import record_region_rules
-    from pneumoscan.running.inference import card_populations
 
     model = ModelUnderTest(args.model or DEFAULT_MODEL_DIR)
     if model.onnx is None:
         raise ModelNotFoundError(f"{model.path} is not an exported model folder: export the checkpoint first")
     chosen = data_sources(args.data) if args.data else model.sources
-    sources = [chosen] if isinstance(chosen, Path) else list(chosen)
+    return model, [chosen] if isinstance(chosen, Path) else list(chosen)
+
+
+def run_fit_regions(args: argparse.Namespace) -> int:
+    from pneumoscan.learning.export import record_region_rules
+    from pneumoscan.running.inference import card_populations
+
+    model, sources = exported_model_and_sources(args)
     card = record_region_rules(model.path, sources, model.seed, model.val_fraction, args.boxes)
     for population, entry in card_populations(card).items():
         rule = entry.get("regions")
@@ -401,21 +407,16 @@ def add_fit_operating_points_parser(subparsers: argparse._SubParsersAction) -> N
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
-    add_data_argument(p)
+    add_data_argument(p, "the model's own datasets, from its card")
     add_operating_point_arguments(p, "")
     p.set_defaults(handler=run_fit_operating_points)
 
 
 def run_fit_operating_points(args: argparse.Namespace) -> int:
-    from pneumoscan.learning.evaluation import ModelUnderTest
     from pneumoscan.learning.export import refit_operating_points
     from pneumoscan.running.inference import card_populations
 
-    model = ModelUnderTest(args.model or DEFAULT_MODEL_DIR)
-    if model.onnx is None:
-        raise ModelNotFoundError(f"{model.path} is not an exported model folder: export the checkpoint first")
-    chosen = data_sources(args.data) if args.data else model.sources
-    sources = [chosen] if isinstance(chosen, Path) else list(chosen)
+    model, sources = exported_model_and_sources(args)
     card = refit_operating_points(model.path, sources, model.seed, model.val_fraction, args.policy, args.target, args.estimator)
     for population, entry in card_populations(card).items():
         test, op = entry["test"]["metrics"], entry["operating_point"]
