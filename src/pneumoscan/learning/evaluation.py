@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +46,7 @@ from pneumoscan.running.calibration import (
     choose_operating_point,
     expected_calibration_error,
     fit_temperature,
+    logit,
     reliability_curve,
     threshold_for_sensitivity,
 )
@@ -84,6 +85,15 @@ def fit_calibration(
     return Calibration(temperature, choose_operating_point(probabilities, val_labels, policy, target, estimator))
 
 
+def patient_resamples(patients: list[str], resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Per resample, how often each image is drawn: patients drawn with replacement, each image as often as its patient."""
+    _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
+    n_patients = patient_index.max() + 1
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)[patient_index]
+
+
 def patient_bootstrap_ci(
     statistic: Callable[[np.ndarray, np.ndarray, np.ndarray], float], labels: np.ndarray, scores: np.ndarray,
     patients: list[str], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = 0.95,
@@ -95,13 +105,8 @@ def patient_bootstrap_ci(
     drawn; resamples without both classes are skipped.
     """
     labels, scores = np.asarray(labels), np.asarray(scores)
-    _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
-    n_patients = patient_index.max() + 1
-    rng = np.random.default_rng(seed)
     values = []
-    for _ in range(resamples):
-        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)
-        weights = drawn[patient_index]
+    for weights in patient_resamples(patients, resamples, seed):
         chosen = weights > 0
         if len(np.unique(labels[chosen])) < 2:
             continue
@@ -154,12 +159,8 @@ def operating_point_spread(
     the sensitivity and specificity it keeps on films it never saw.
     """
     labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
-    _, patient_index = np.unique(np.asarray(patients), return_inverse=True)
-    n_patients = patient_index.max() + 1
-    rng = np.random.default_rng(seed)
     thresholds, found, positives, cleared, negatives, per_resample = [], 0, 0, 0, 0, []
-    for _ in range(resamples):
-        drawn = np.bincount(rng.integers(0, n_patients, n_patients), minlength=n_patients)[patient_index]
+    for drawn in patient_resamples(patients, resamples, seed):
         bag_pneumonias = np.repeat(probabilities[labels == 1], drawn[labels == 1])
         left_out = drawn == 0
         if bag_pneumonias.size == 0 or not (left_out & (labels == 1)).any():
@@ -171,12 +172,11 @@ def operating_point_spread(
         found, positives = found + int(hit[left_labels == 1].sum()), positives + int((left_labels == 1).sum())
         cleared, negatives = cleared + int((~hit[left_labels == 0]).sum()), negatives + int((left_labels == 0).sum())
         per_resample.append(hit[left_labels == 1].mean())
-    logits = np.log(np.clip(thresholds, 1e-12, 1 - 1e-12)) - np.log1p(-np.clip(thresholds, 1e-12, 1 - 1e-12))
     return {
         "method": f"patient bootstrap, {len(thresholds)} resamples (seed {seed}): the threshold re-chosen on each resample "
                   "and measured on the patients it left out",
         "threshold_interval": [float(v) for v in np.quantile(thresholds, [0.025, 0.975])],
-        "threshold_sd_logit": float(np.std(logits)),
+        "threshold_sd_logit": float(np.std(logit(np.asarray(thresholds)))),
         "out_of_bag_sensitivity": found / positives,
         "out_of_bag_sensitivity_p05": float(np.quantile(per_resample, 0.05)),
         "out_of_bag_specificity": cleared / negatives if negatives else None,

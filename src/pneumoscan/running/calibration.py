@@ -33,6 +33,12 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free logistic
 
 
+def logit(probabilities: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`sigmoid`, finite for probabilities of exactly 0 or 1 (clipped at 1e-12)."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
 def calibrated_probability(logits: np.ndarray, temperature: float) -> np.ndarray:
     """The probability pneumoscan shows: ``sigmoid(logit / T)``."""
     return sigmoid(np.asarray(logits, dtype=np.float64) / temperature)
@@ -128,9 +134,7 @@ def harrell_davis_threshold(positive_probabilities: np.ndarray, target: float) -
     (where temperature scaling is linear) and returned as a probability."""
     from scipy.stats.mstats import hdquantiles  # fitting only: inference needs no SciPy
 
-    p = np.clip(np.asarray(positive_probabilities, dtype=np.float64), 1e-12, 1.0 - 1e-12)
-    logits = np.log(p) - np.log1p(-p)
-    quantile = float(np.asarray(hdquantiles(logits, prob=[1.0 - target]))[0])
+    quantile = float(np.asarray(hdquantiles(logit(positive_probabilities), prob=[1.0 - target]))[0])
     return float(sigmoid(np.asarray(quantile)))
 
 
