@@ -26,7 +26,9 @@ from pneumoscan.config import (
     PROJECT_ROOT,
     DataConfig,
     TrainConfig,
+    ValFraction,
     default_data_root,
+    val_fraction_for,
 )
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError
 
@@ -65,6 +67,19 @@ def batches(value: str) -> float | int:
     return int(number) if number.is_integer() and "." not in value else number
 
 
+def val_fraction_arg(value: str) -> ValFraction:
+    """``--val-fraction``: one share (``0.10``) or shares per dataset (``0.10,rsna_adult=0.20``; a bare share is the default)."""
+    shares: dict[str, float] = {}
+    try:
+        for item in value.split(","):
+            name, _, share = item.rpartition("=")
+            shares[name.strip() or "default"] = float(share)
+        checked = {name: val_fraction_for(shares, name) for name in shares}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a share in (0, 1), or NAME=SHARE items separated by commas ({exc})")
+    return checked["default"] if list(checked) == ["default"] else checked
+
+
 def devices(value: str) -> int | str:
     """Lightning's ``devices``: a count, ``auto``, or a list such as ``0,1``."""
     return int(value) if value.isdigit() else value
@@ -81,7 +96,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     g = p.add_argument_group("data")
     add_data_argument(g)
-    g.add_argument("--val-fraction", type=float, default=data.val_fraction, help="share of train/ patients held out")
+    g.add_argument("--val-fraction", type=val_fraction_arg, default=data.val_fraction, metavar="SHARE[,NAME=SHARE]",
+                   help="share of each dataset's training patients held out for validation; NAME=SHARE sets one dataset's "
+                   "(e.g. 0.10,rsna_adult=0.20)")  # fmt: skip
     g.add_argument("--seed", type=int, default=data.seed, help="seed of the split, augmentation and weights")
     g.add_argument("--image-size", type=int, default=data.image_size)
     g.add_argument("--batch-size", type=int, default=data.batch_size)
@@ -160,10 +177,23 @@ def defaults_from_config(path: Path) -> dict[str, object]:
                 raise ConfigurationError(f"{path}: [{table}] has no setting {key!r}; known: {', '.join(sorted(known))}")
             if key == "root":  # one dataset or a list; relative paths are relative to the project root, like configs/
                 value = [PROJECT_ROOT / v for v in ([value] if isinstance(value, str) else value)]
+            if key == "val_fraction":  # one share, or a table of shares per dataset name (``default`` for the others)
+                value = checked_val_fraction(path, value)
             defaults[FLAG_NAMES.get(key, key)] = Path(value) if key == "out" else value
     if settings:
         raise ConfigurationError(f"{path}: unknown table(s) {sorted(settings)}; use [data] and [train]")
     return defaults
+
+
+def checked_val_fraction(path: Path, value: object) -> ValFraction:
+    shares = value if isinstance(value, dict) else {"default": value}
+    try:
+        for name in shares:
+            val_fraction_for(shares, name)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{path}: [data] val_fraction: {exc}; give a share in (0, 1) or a table such as "
+                                 "{default = 0.10, rsna_adult = 0.20}") from None
+    return value
 
 
 def run_train(args: argparse.Namespace) -> int:

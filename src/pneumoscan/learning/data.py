@@ -23,7 +23,9 @@ from pneumoscan.config import (
     IMAGE_SUFFIXES,
     SPLITS,
     TEST_FRACTION,
+    ValFraction,
     portable_path,
+    val_fraction_for,
 )
 from pneumoscan.errors import (
     DatasetNotFoundError,
@@ -421,7 +423,7 @@ def class_folder_records(root: Path) -> list[Record]:
     return records
 
 
-def site_records(sources: list[Path], split: str = "all", seed: int = 42, val_fraction: float = 0.10,
+def site_records(sources: list[Path], split: str = "all", seed: int = 42, val_fraction: ValFraction = 0.10,
                  max_rows: int | None = None) -> list[Record]:  # fmt: skip
     """A site's labelled studies: every image of each source (``split="all"``), or one of its parts.
 
@@ -477,14 +479,25 @@ def _dataset_parts(source: Path, seed: int, val_fraction: float) -> dict[str, tu
     return {split: tuple(records) for split, records in parts.items()}
 
 
-def dataset_split(source: Path, split: str, seed: int = 42, val_fraction: float = 0.10) -> list[Record]:
-    """The ``train``, ``val`` or ``test`` part of one dataset (folder or labels file), each split by patient on its own."""
+def dataset_name(source: Path) -> str:
+    """The name a dataset goes by in cards and in a per-dataset ``val_fraction``: its folder's."""
+    source = Path(source).expanduser().resolve()
+    return source.name if dataset_kind(source) == "folder" else labels_file_of(source).parent.name
+
+
+def dataset_split(source: Path, split: str, seed: int = 42, val_fraction: ValFraction = 0.10) -> list[Record]:
+    """The ``train``, ``val`` or ``test`` part of one dataset (folder or labels file), each split by patient on its own.
+
+    A dataset that has no test part of its own draws its test patients before its validation patients, so a
+    larger validation share changes which patients train, never which ones test.
+    """
     if split not in LABEL_SPLITS:
         raise ValueError(f"split must be one of {LABEL_SPLITS}, not {split!r}")
-    return list(_dataset_parts(Path(source).expanduser().resolve(), seed, val_fraction)[split])
+    source = Path(source).expanduser().resolve()
+    return list(_dataset_parts(source, seed, val_fraction_for(val_fraction, dataset_name(source)))[split])
 
 
-def records_of(sources: list[Path], split: str, seed: int = 42, val_fraction: float = 0.10) -> list[Record]:
+def records_of(sources: list[Path], split: str, seed: int = 42, val_fraction: ValFraction = 0.10) -> list[Record]:
     """One split over several datasets, each split on its own."""
     return [record for source in sources for record in dataset_split(source, split, seed, val_fraction)]
 
@@ -513,13 +526,14 @@ def view_balancing_weights(records: list[Record]) -> list[float]:
     return weights
 
 
-def dataset_summary(source: Path, seed: int, val_fraction: float) -> dict[str, object]:
+def dataset_summary(source: Path, seed: int, val_fraction: ValFraction) -> dict[str, object]:
     """What a run and a card record about one dataset: kind, checksum, counts per class and split, test patients."""
     source = Path(source).expanduser().resolve()
-    kind = dataset_kind(source)
+    kind, name = dataset_kind(source), dataset_name(source)
     parts = {s: dataset_split(source, s, seed, val_fraction) for s in LABEL_SPLITS}
+    val_fraction = val_fraction_for(val_fraction, name)
     summary: dict[str, object] = {
-        "name": source.name if kind == "folder" else labels_file_of(source).parent.name,
+        "name": name,
         "kind": kind,
         "source": portable_path(source),
         "counts": {s: class_counts(r) for s, r in parts.items()},

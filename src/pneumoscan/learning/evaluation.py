@@ -27,7 +27,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pneumoscan.config import CLASS_NAMES, PROJECT_ROOT, DataConfig, default_data_root
+from pneumoscan.config import CLASS_NAMES, PROJECT_ROOT, DataConfig, ValFraction, default_data_root
 from pneumoscan.errors import ConfigurationError, ModelNotFoundError
 from pneumoscan.learning.data import Record, records_of
 from pneumoscan.learning.plots import (
@@ -68,7 +68,7 @@ class Calibration:
     operating_point: OperatingPoint
 
 
-def split_records(root: Path | list[Path], split: str, seed: int, val_fraction: float) -> list[Record]:
+def split_records(root: Path | list[Path], split: str, seed: int, val_fraction: ValFraction) -> list[Record]:
     """The images of ``val`` (each dataset's by-patient validation part) or ``test`` (each one's test part)."""
     if split not in ("val", "test"):
         raise ConfigurationError(f"split must be 'val' or 'test', not {split!r}")
@@ -611,7 +611,7 @@ def films_of(predictor: Predictor, records: list[Record], boxes: dict) -> list:
             for r, p in zip(records, predictions)]
 
 
-def fit_region_rules(predictor: Predictor, sources: list[Path], seed: int, val_fraction: float,
+def fit_region_rules(predictor: Predictor, sources: list[Path], seed: int, val_fraction: ValFraction,
                      boxes_file: Path | None = None) -> dict[str, dict]:  # fmt: skip
     """Per population with radiologists' boxes in its validation part, the region rule with the best RSNA mAP there.
 

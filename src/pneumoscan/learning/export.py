@@ -29,6 +29,7 @@ from pneumoscan.config import (
     POPULATIONS,
     TEST_FRACTION,
     DataConfig,
+    ValFraction,
     portable_path,
 )
 from pneumoscan.errors import ConfigurationError
@@ -341,7 +342,7 @@ def fit_and_measure_point(folder: Path, val: list[Record], test: list[Record], v
     return calibration, measured
 
 
-def refit_operating_points(out: Path, sources: list[Path], seed: int, val_fraction: float, policy: str = DEFAULT_POLICY,
+def refit_operating_points(out: Path, sources: list[Path], seed: int, val_fraction: ValFraction, policy: str = DEFAULT_POLICY,
                            target: float = DEFAULT_TARGET_SENSITIVITY, estimator: str = DEFAULT_ESTIMATOR) -> dict:  # fmt: skip
     """Re-choose an exported model's temperatures and thresholds on its validation parts, as export does, and measure
     again everything measured at them: validation and test parts (fp32 and int8), then the region rules and their test
@@ -374,7 +375,7 @@ def refit_operating_points(out: Path, sources: list[Path], seed: int, val_fracti
     return record_region_rules(out, sources, seed, val_fraction)
 
 
-def record_region_rules(out: Path, sources: list[Path], seed: int, val_fraction: float, boxes: Path | None = None) -> dict:
+def record_region_rules(out: Path, sources: list[Path], seed: int, val_fraction: ValFraction, boxes: Path | None = None) -> dict:
     """Fit each population's region rule on its validation boxes (:func:`fit_region_rules`) and write it into the card;
     then, the rule fixed, measure the heat maps and regions on the test part once (:func:`localisation_of`) and record
     those figures too. A population without boxes keeps no rule and no figures. Returns the card."""
@@ -676,7 +677,8 @@ def common_data_config(checkpoints: list[Path], modules: list[PneumoniaClassifie
     ]
 
     def key(c: DataConfig) -> tuple:
-        return (c.seed, c.val_fraction, c.image_size, c.intensity, tuple(str(p) for p in c.sources))
+        shares = tuple(sorted(c.val_fraction.items())) if isinstance(c.val_fraction, dict) else c.val_fraction
+        return (c.seed, shares, c.image_size, c.intensity, tuple(str(p) for p in c.sources))
 
     if len({key(c) for c in configs}) > 1:
         raise ConfigurationError(
