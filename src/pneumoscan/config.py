@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pneumoscan.errors import ConfigurationError
+
 #: Label names in index order: index 1 is the positive class.
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
 SPLITS: tuple[str, str] = ("train", "test")
@@ -82,11 +84,15 @@ def val_fraction_for(val_fraction: ValFraction, dataset: str) -> float:
     """The validation share of the dataset named ``dataset``; a mapping without that name or ``default`` is an error."""
     if isinstance(val_fraction, dict):
         if dataset not in val_fraction and "default" not in val_fraction:
-            raise ValueError(f"val_fraction names no share for dataset {dataset!r} and has no 'default': {val_fraction}")
+            raise ConfigurationError(f"val_fraction names no share for dataset {dataset!r} and has no 'default' "
+                                     f"({val_fraction}): add default = 0.10 or {dataset} = <share>")
         val_fraction = val_fraction.get(dataset, val_fraction.get("default"))
-    fraction = float(val_fraction)
+    try:
+        fraction = float(val_fraction)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        fraction = float("nan")
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), not {fraction} (dataset {dataset!r})")
+        raise ConfigurationError(f"val_fraction of dataset {dataset!r} must be a share in (0, 1), not {val_fraction!r}")
     return fraction
 
 

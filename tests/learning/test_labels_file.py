@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.errors import LabelsFileError
+from pneumoscan.errors import ConfigurationError, LabelsFileError
 from pneumoscan.learning.data import (
     dataset_kind,
     dataset_split,
@@ -75,6 +75,35 @@ def test_each_dataset_is_split_on_its_own(labelled: Path, small_data_root: Path)
     assert Counter(r.dataset for r in both) == {small_data_root.name: 24, labelled.name: len(dataset_split(labelled, "test", 7))}
     # adding a dataset changes nothing of the other's split
     assert [r.path for r in records_of([labelled], "val", 7)] == [r.path for r in records_of([small_data_root, labelled], "val", 7) if r.dataset == labelled.name]
+
+
+def test_a_dataset_can_have_its_own_validation_share_and_keeps_its_test_patients(labelled: Path, small_data_root: Path) -> None:
+    sources = [small_data_root, labelled]
+    shares = {"default": 0.10, labelled.name: 0.30}
+    val = {r.patient for r in records_of(sources, "val", 7, shares) if r.dataset == labelled.name}
+    old_val = {r.patient for r in records_of(sources, "val", 7, 0.10) if r.dataset == labelled.name}
+    assert 16 <= len(val) <= 20 and old_val < val  # 30 % of 60 patients; the 10 % part is inside the larger one
+    assert [r.path for r in records_of(sources, "test", 7, shares)] == [r.path for r in records_of(sources, "test", 7, 0.10)]
+    assert [r.path for r in records_of([small_data_root], "val", 7, shares)] == [r.path for r in records_of([small_data_root], "val", 7)]
+    with pytest.raises(ConfigurationError, match="no share for dataset"):
+        records_of(sources, "val", 7, {labelled.name: 0.30})
+
+
+@pytest.mark.parametrize(("given", "parsed"), [("0.15", 0.15), ("0.10,rsna_adult=0.20", {"default": 0.10, "rsna_adult": 0.20})])
+def test_the_validation_share_flag_takes_one_share_or_one_per_dataset(given: str, parsed: object) -> None:
+    from pneumoscan.apps.cli import val_fraction_arg
+
+    assert val_fraction_arg(given) == parsed
+
+
+@pytest.mark.parametrize("setting", ["val_fraction = 1.5", "val_fraction = { rsna_adult = 0.2 }", 'val_fraction = "a lot"'])
+def test_a_bad_validation_share_in_a_settings_file_is_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 setting: str) -> None:
+    from pneumoscan.apps.cli import main
+
+    (tmp_path / "run.toml").write_text(f"[data]\n{setting}\n")
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run")]) == 2
+    assert "val_fraction" in capsys.readouterr().err
 
 
 def test_a_split_column_is_obeyed_and_must_keep_patients_whole(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def val_fraction_arg(value: str) -> ValFraction:
             name, _, share = item.rpartition("=")
             shares[name.strip() or "default"] = float(share)
         checked = {name: val_fraction_for(shares, name) for name in shares}
-    except ValueError as exc:
+    except (ValueError, ConfigurationError) as exc:
         raise argparse.ArgumentTypeError(f"{value!r}: give a share in (0, 1), or NAME=SHARE items separated by commas ({exc})")
     return checked["default"] if list(checked) == ["default"] else checked
 
@@ -186,11 +186,14 @@ def defaults_from_config(path: Path) -> dict[str, object]:
 
 
 def checked_val_fraction(path: Path, value: object) -> ValFraction:
+    """A settings file's share, or table of shares, checked now: a table must say what the unnamed datasets get."""
     shares = value if isinstance(value, dict) else {"default": value}
     try:
+        if "default" not in shares:
+            raise ConfigurationError("a table of shares needs a default for the datasets it does not name")
         for name in shares:
             val_fraction_for(shares, name)
-    except (TypeError, ValueError) as exc:
+    except ConfigurationError as exc:
         raise ConfigurationError(f"{path}: [data] val_fraction: {exc}; give a share in (0, 1) or a table such as "
                                  "{default = 0.10, rsna_adult = 0.20}") from None
     return value
