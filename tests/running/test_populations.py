@@ -75,6 +75,34 @@ def test_evaluate_reproduces_the_card_per_population(two_population_model: Path,
         assert (tmp_path / population / "report.md").is_file()
 
 
+def test_evaluate_held_out_by_another_split_scores_only_the_films_both_held_out(two_population_model: Path, tmp_path: Path) -> None:
+    """Two models of different splits compared on the validation films neither trained on, each at its own operating point."""
+    import json
+    import shutil
+
+    from pneumoscan.learning.data import records_of
+    from pneumoscan.learning.evaluation import evaluate
+
+    other = tmp_path / "other-split"
+    shutil.copytree(two_population_model, other)
+    card = json.loads((other / "model_card.json").read_text())
+    split = card["validation"]["split"]
+    split["seed"] += 1
+    (other / "model_card.json").write_text(json.dumps(card))
+    own = evaluate(two_population_model, None, "val", tmp_path / "own")["populations"]
+    shared = evaluate(two_population_model, None, "val", tmp_path / "shared", held_out_by=other)["populations"]
+    sources = [Path(read_card(two_population_model)["data"]["datasets"][i]["source"]) for i in range(2)]
+    from pneumoscan.config import PROJECT_ROOT
+
+    mine = records_of([PROJECT_ROOT / s for s in sources], "val", split["seed"] - 1, split["val_fraction"])
+    theirs = {r.path for r in records_of([PROJECT_ROOT / s for s in sources], "val", split["seed"], split["val_fraction"])}
+    expected = {p: sum(1 for r in mine if r.population == p and r.path in theirs) for p in ("child", "adult")}
+    assert {p for p, n in expected.items() if n} == set(shared) and any(0 < n < own[p]["n"] for p, n in expected.items())
+    for population, metrics in shared.items():
+        assert metrics["n"] == expected[population]
+        assert metrics["threshold"] == own[population]["threshold"]  # the subject's own point
+
+
 def test_test_parts_choose_nothing(two_population_checkpoint: Path, two_population_model: Path, small_adult_root: Path,
                                    tmp_path: Path) -> None:  # fmt: skip
     """Replace every test image of the adult set by noise: temperatures, thresholds, gates and the classifier stay the same."""

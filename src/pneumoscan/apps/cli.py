@@ -303,6 +303,9 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     add_operating_point_arguments(p, " (checkpoints only)")
     p.add_argument("--int8", action="store_true", help="score with the exported model's int8 version")
     add_boxes_argument(p)
+    p.add_argument("--held-out-by", type=Path, default=None, metavar="MODEL",
+                   help="score only the films of --split that MODEL (trained on another split) held out too, to compare the two "
+                   "on films neither trained on; the operating points stay --model's")  # fmt: skip
     p.set_defaults(handler=run_evaluate)
 
 
@@ -317,7 +320,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"eval-{args.split}"
     results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
-                       "int8" if args.int8 else "fp32", args.boxes, args.estimator)  # fmt: skip
+                       "int8" if args.int8 else "fp32", args.boxes, args.estimator, args.held_out_by)  # fmt: skip
     by_population = results.get("populations") or {"": results}
     for population, metrics in by_population.items():
         low, high = metrics["auroc_ci"]

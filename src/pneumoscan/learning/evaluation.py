@@ -515,17 +515,23 @@ def evaluate(
     precision: str = "fp32",
     boxes: Path | None = None,
     estimator: str = DEFAULT_ESTIMATOR,
+    held_out_by: Path | None = None,
 ) -> dict:
     """Score ``split`` and write the evaluation files into ``out`` (``out/<population>`` for a model of several).
 
     Each image is measured at the operating point of the population its dataset
     records; ``root`` defaults to the model's own datasets. Returns the metrics of
     a single-population model, or ``{"populations": {name: metrics}}``.
+    ``held_out_by``, another model: only the films of ``split`` that are in that model's ``split`` too are
+    scored, so two models trained on different splits are compared on films neither trained on (the
+    operating points stay the subject's own).
     """
     subject = ModelUnderTest(model, precision)
     sources = subject.sources if root is None else (list(root) if isinstance(root, (list, tuple)) else [Path(root)])
     calibrations = subject.calibrations(sources, policy, target, estimator)
     records = split_records(sources, split, subject.seed, subject.val_fraction)
+    if held_out_by is not None:
+        records = films_held_out_by(records, ModelUnderTest(held_out_by), sources, split)
     logits = subject.logits([r.path for r in records])
     single = len(calibrations) == 1
     results = {}
@@ -545,6 +551,16 @@ def evaluate(
             metrics["localisation"] = figures
             write_localisation(Path(out) if single else Path(out) / population, figures, split)
     return next(iter(results.values())) if single else {"populations": results}
+
+
+def films_held_out_by(records: list[Record], other: ModelUnderTest, sources: list[Path], split: str) -> list[Record]:
+    """The records that ``other``'s own split puts in ``split`` too; none in common is an error, not an empty report."""
+    theirs = {r.path.resolve() for r in split_records(sources, split, other.seed, other.val_fraction)}
+    common = [r for r in records if r.path.resolve() in theirs]
+    if not common:
+        raise ConfigurationError(f"{other.path} holds none of these {split} films out: its split shares no {split} film "
+                                 "with the model's; compare on the test part instead")
+    return common
 
 
 def boxes_of(sources: list[Path], boxes_file: Path | None = None) -> dict:
