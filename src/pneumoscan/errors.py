@@ -19,6 +19,10 @@ class LabelsFileError(DatasetNotFoundError):
     """A labels file that cannot be used as it is: a missing column, an unknown label, a path that is not there."""
 
 
+class ReadingsFileError(PneumoscanError):
+    """A file of radiologists' readings with a row pneumoscan cannot use: nothing of the file is stored."""
+
+
 class UnknownPatientIdError(PneumoscanError):
     """A file name does not follow any naming scheme the patient split understands."""
 

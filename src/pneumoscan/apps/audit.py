@@ -3,7 +3,9 @@
 No pixels and no patient fields are stored: a hash of the uploaded bytes,
 what the model answered, and which model answered it. The DICOM node adds one
 row per received instance (``dicom_instances``): scored, refused with the reason,
-or a duplicate, keyed by the sha256 of the SOP Instance UID.
+or a duplicate, keyed by the sha256 of the SOP Instance UID. A radiologist's reading of a
+prediction (``readings``) is appended, never changed: a later reading supersedes an earlier
+one, and both are kept.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
+    ForeignKey,
     MetaData,
     String,
     Table,
@@ -79,6 +82,25 @@ dicom_instances = Table(
     Column("presentation_uid", String(64), nullable=True),  # the GSPS drawing its regions, when it has any (0006)
     Column("delivered_at", DateTime(timezone=True), nullable=True),  # when the destination stored both results
     Column("delivery_error", String(512), nullable=True),  # the destination refused them (kept in outbox/refused)
+)
+
+
+#: What a radiologist can find on a study; ``cannot_tell`` is kept but confirms nothing.
+FINDINGS = ("pneumonia", "no_pneumonia", "cannot_tell")
+#: Where a reading came from.
+READING_SOURCES = ("page", "api", "import")
+
+readings = Table(
+    "readings",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("prediction_id", String(32), ForeignKey("predictions.id"), nullable=False, index=True),
+    Column("finding", String(16), nullable=False),  # one of FINDINGS
+    Column("reader", String(64), nullable=False),  # who read it: a reader id of the site, never a patient field
+    Column("read_at", DateTime(timezone=True), nullable=False),  # when the radiologist read the study
+    Column("recorded_at", DateTime(timezone=True), nullable=False, index=True),  # when pneumoscan stored it: the latest wins
+    Column("source", String(16), nullable=False),  # one of READING_SOURCES
+    Column("comment", Text, nullable=True),  # the radiologist's free text: stored here only, never logged (0007)
 )
 
 
@@ -177,6 +199,38 @@ class AuditLog:
             rows = connection.execute(select(predictions).order_by(predictions.c.created_at.desc()).limit(limit)).mappings()
             return [dict(r) for r in rows]
 
+    def record_readings(self, rows: list[dict]) -> None:
+        """Readings appended in one transaction: an import stores every row or none."""
+        if not rows:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(insert(readings), rows)
+
+    def readings_of(self, prediction_id: str) -> list[dict]:
+        """Every reading of a prediction, oldest first: the last one is the one in force."""
+        query = select(readings).where(readings.c.prediction_id == prediction_id).order_by(readings.c.recorded_at, readings.c.id)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def existing_predictions(self, ids: set[str]) -> set[str]:
+        """Which of ``ids`` are predictions of this log."""
+        found: set[str] = set()
+        chunk = sorted(ids)
+        with self.engine.connect() as connection:
+            for start in range(0, len(chunk), 500):
+                query = select(predictions.c.id).where(predictions.c.id.in_(chunk[start:start + 500]))
+                found.update(connection.execute(query).scalars())
+        return found
+
+    def predictions_of_instances(self, sop_instance_sha256s: set[str]) -> dict[str, str]:
+        """The prediction of each DICOM instance (by the sha256 of its SOP Instance UID) the node scored; the latest wins."""
+        query = (select(dicom_instances.c.sop_instance_sha256, dicom_instances.c.prediction_id)
+                 .where(and_(dicom_instances.c.sop_instance_sha256.in_(sorted(sop_instance_sha256s)),
+                             dicom_instances.c.outcome == "scored"))
+                 .order_by(dicom_instances.c.received_at))  # fmt: skip
+        with self.engine.connect() as connection:
+            return {row.sop_instance_sha256: row.prediction_id for row in connection.execute(query)}
+
     def ping(self) -> None:
         """Ready means writable: a database that answers but refuses writes would refuse every prediction."""
         with self.engine.connect() as connection:
@@ -189,6 +243,19 @@ class AuditLog:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def uid_digest(uid: str) -> str:
+    """The sha256 of a UID: how the node keys an instance (duplicates, readings) without keeping the UID itself."""
+    return hashlib.sha256(str(uid).strip().encode()).hexdigest()
+
+
+def reading_row(prediction_id: str, finding: str, reader: str, source: str, read_at: datetime | None = None,
+                comment: str | None = None) -> dict:
+    """The ``readings`` row of one radiologist's reading (values already checked by the caller)."""
+    recorded = now()
+    return {"id": uuid.uuid4().hex, "prediction_id": prediction_id, "finding": finding, "reader": reader,
+            "read_at": read_at or recorded, "recorded_at": recorded, "source": source, "comment": comment or None}
 
 
 def prediction_row(prediction, data: bytes, file_type: str, model: dict) -> dict:  # type: ignore[no-untyped-def]

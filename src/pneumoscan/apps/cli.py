@@ -735,6 +735,43 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_readings_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "readings",
+        help="record radiologists' readings of pneumoscan's predictions (e.g. exported from a RIS)",
+        description="Radiologists' readings, stored against the predictions in the audit log: what feeds the live "
+        "sensitivity and specificity of a site.",
+        formatter_class=HelpFormatter,
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    imported = actions.add_parser(
+        "import",
+        help="import a CSV of readings: every row or none",
+        description="Import readings from a CSV with the columns finding (pneumonia, no_pneumonia, cannot_tell), reader "
+        "(the site's reader id) and prediction_id or sop_instance_uid (a study the DICOM node scored, matched through the "
+        "hash it stored), optionally read_at (ISO 8601) and comment. Every bad row is named with its line and nothing is "
+        "imported until the file is right. PNEUMOSCAN_DATA_DIR / PNEUMOSCAN_DATABASE_URL apply; flags win.",
+        formatter_class=HelpFormatter,
+    )
+    imported.add_argument("file", type=Path, metavar="FILE.csv")
+    imported.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
+    imported.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    imported.set_defaults(handler=run_readings_import)
+
+
+def run_readings_import(args: argparse.Namespace) -> int:
+    from pneumoscan.apps.audit import AuditLog, connect
+    from pneumoscan.apps.readings import import_readings
+    from pneumoscan.apps.settings import ApplicationSettings, settings_from
+
+    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
+    summary = import_readings(args.file, AuditLog(connect(settings.resolved_database_url)))
+    findings = ", ".join(f"{n} {finding.replace('_', ' ')}" for finding, n in summary.by_finding.items())
+    keys = ", ".join(f"{n} by {key.replace('_', ' ')}" for key, n in summary.by_key.items() if n)
+    print(f"imported {summary.rows} reading(s) from {args.file.name}: {findings} ({keys})")
+    return 0
+
+
 def add_dicom_node_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "dicom-node",
@@ -804,6 +841,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)
     add_serve_parser(subparsers)
+    add_readings_parser(subparsers)
     add_dicom_node_parser(subparsers)
     return parser, train
 

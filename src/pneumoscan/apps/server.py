@@ -42,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pneumoscan
+from pneumoscan.apps import readings_api
 from pneumoscan.apps.admission import Admission, UploadGuard
 from pneumoscan.apps.audit import AuditLog, connect, prediction_row
 from pneumoscan.apps.device import MODEL_ROUTE, device_settings, gate_bytes
@@ -284,6 +285,8 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays",
                   docs_url=None, redoc_url=None)  # the docs page is ours: Swagger UI from this origin, under the CSP
     app.state.predictor = predictor
+    app.state.audit = audit
+    app.include_router(readings_api.router(API, documented(*API_ERRORS, 404, 422)))
     @app.get("/static/vendor/onnxruntime-web/{name}", include_in_schema=False)
     async def runtime_file(name: str, request: Request) -> FileResponse:
         """onnxruntime-web's files; the WebAssembly gzipped ahead (vendored so) for browsers that accept it: 14 → 4 MB."""

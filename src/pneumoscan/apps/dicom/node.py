@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row
+from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row, uid_digest
 from pneumoscan.apps.dicom.outbox import (
     Destination,
     Outbox,
@@ -69,11 +69,6 @@ class Counts:
     def add(self, outcome: str) -> None:
         with self.lock:
             setattr(self, outcome, getattr(self, outcome) + 1)
-
-
-def uid_digest(uid: str) -> str:
-    """The sha256 of a UID: finds duplicates without keeping the UID itself."""
-    return hashlib.sha256(str(uid).strip().encode()).hexdigest()
 
 
 def results_entry(sop_digest: str, model_sha256: str) -> str:

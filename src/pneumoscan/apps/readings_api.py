@@ -1,0 +1,87 @@
+"""``/api/v1/predictions/{id}/readings``: a radiologist's reading recorded against a prediction, and read back.
+
+The audit log comes in as a dependency (``request.app.state.audit``), so the router holds no state of its own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from pneumoscan.apps.audit import AuditLog, reading_row
+from pneumoscan.apps.readings import MAX_COMMENT_CHARS, READER_PATTERN
+
+Finding = Literal["pneumonia", "no_pneumonia", "cannot_tell"]
+
+
+class ReadingIn(BaseModel):
+    """What the radiologist found on the study this prediction answered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    finding: Finding = Field(description="pneumonia, no_pneumonia, or cannot_tell (kept, but confirms nothing)")
+    reader: str = Field(pattern=READER_PATTERN, description="who read it: the site's reader id, never a patient field")
+    read_at: datetime | None = Field(None, description="when the study was read (ISO 8601; without a zone: UTC); default now")
+    comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS,
+                                description="free text, stored with the reading only (never logged)")  # fmt: skip
+    source: Literal["api", "page"] = Field("api", description="where the reading was entered")
+
+    @field_validator("read_at")
+    @classmethod
+    def not_in_the_future(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        value = value if value.tzinfo else value.replace(tzinfo=UTC)
+        if value > datetime.now(UTC):
+            raise ValueError("read_at lies in the future")
+        return value
+
+
+class ReadingBody(BaseModel):
+    id: str
+    prediction_id: str
+    finding: Finding
+    reader: str
+    read_at: str
+    recorded_at: str = Field(description="when pneumoscan stored it; the latest reading of a prediction is the one in force")
+    source: str = Field(description="page, api or import")
+    comment: str | None = None
+
+
+def audit_log(request: Request) -> AuditLog:
+    return request.app.state.audit
+
+
+def public_reading(row: dict) -> dict:
+    utc = lambda moment: (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).isoformat()  # noqa: E731 (SQLite drops zones)
+    return {**{k: row[k] for k in ("id", "prediction_id", "finding", "reader", "source", "comment")},
+            "read_at": utc(row["read_at"]), "recorded_at": utc(row["recorded_at"])}
+
+
+def router(prefix: str, errors: dict[int | str, dict]) -> APIRouter:
+    """The readings routes under ``prefix`` (``/api/v1``); ``errors``: the documented refusals every API route shares."""
+    routes = APIRouter(prefix=prefix, tags=["readings"])
+
+    async def known_prediction(prediction_id: str, audit: AuditLog) -> None:
+        if await run_in_threadpool(audit.get, prediction_id) is None:
+            raise HTTPException(404, "no such prediction")
+
+    @routes.post("/predictions/{prediction_id}/readings", status_code=201, response_model=ReadingBody, responses=errors)
+    async def create_reading(prediction_id: str, reading: ReadingIn, audit: AuditLog = Depends(audit_log)) -> dict:
+        """Record what the radiologist found. A later reading supersedes an earlier one; all are kept."""
+        await known_prediction(prediction_id, audit)
+        row = reading_row(prediction_id, reading.finding, reading.reader, reading.source, reading.read_at, reading.comment)
+        await run_in_threadpool(audit.record_readings, [row])
+        return public_reading(row)
+
+    @routes.get("/predictions/{prediction_id}/readings", response_model=list[ReadingBody], responses=errors)
+    async def list_readings(prediction_id: str, audit: AuditLog = Depends(audit_log)) -> list[dict]:
+        """Every reading of the prediction, oldest first: the last is the one in force."""
+        await known_prediction(prediction_id, audit)
+        return [public_reading(r) for r in await run_in_threadpool(audit.readings_of, prediction_id)]
+
+    return routes
