@@ -207,3 +207,47 @@ def test_the_page_draws_the_regions_over_the_xray_with_a_switch(shipped_model: P
         hidden = page.locator(".stack").screenshot()
         browser.close()
     assert green_pixels(drawn) > 100 and green_pixels(hidden) == 0
+
+
+def test_a_reading_is_recorded_on_the_page_with_the_keyboard_and_supersedes(shipped_model: Path, data_root: Path,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    """Under the result, with an API key: the finding, reader id and comment typed and sent with the keyboard only;
+    the API then holds the reading (source page) and a second one is shown as superseding the first."""
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+
+    xray = next(r.path for r in list_records(data_root, "test") if r.label == 1)
+    with live_server(tmp_path / "service", env={"PNEUMOSCAN_API_KEY": "reading-key"}) as (base, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1000, "height": 1300})
+        page.goto(base + "/")
+        expect(page.locator("#key-form")).to_be_visible(timeout=30_000)
+        page.fill("#key", "reading-key")
+        page.keyboard.press("Enter")
+        page.set_input_files("#file", str(xray))
+        expect(page.locator("#decision")).to_contain_text("Pneumonia suspected", timeout=30_000)
+        expect(page.locator("#reading-form")).to_be_visible()
+        page.focus("#reading-form input[value='pneumonia']")  # radios: arrow keys move the choice
+        page.keyboard.press("ArrowRight")  # -> no pneumonia
+        page.keyboard.press("Tab")
+        page.keyboard.type("dr.lee")
+        page.keyboard.press("Tab")
+        page.keyboard.type("left base clear")
+        page.keyboard.press("Tab")
+        page.keyboard.press("Enter")  # the submit button
+        expect(page.locator("#reading-status")).to_contain_text("Recorded. Reading in force: no pneumonia, by dr.lee", timeout=15_000)
+        prediction = httpx.get(f"{base}/api/v1/predictions?limit=1", headers={"X-API-Key": "reading-key"}).json()[0]
+        readings = httpx.get(f"{base}/api/v1/predictions/{prediction['id']}/readings", headers={"X-API-Key": "reading-key"}).json()
+        assert [(r["finding"], r["reader"], r["source"], r["comment"]) for r in readings] == [
+            ("no_pneumonia", "dr.lee", "page", "left base clear")]
+        assert page.input_value("#reader") == "dr.lee"  # kept for the next study (this tab only)
+        page.check("#reading-form input[value='pneumonia']")
+        page.click("#reading-form button")
+        expect(page.locator("#reading-status")).to_contain_text("pneumonia, by dr.lee", timeout=15_000)
+        expect(page.locator("#reading-status")).to_contain_text("supersedes 1 earlier")
+        page.fill("#reader", "Jane Doe")  # not a reader id: the browser refuses before anything is sent
+        page.click("#reading-form button")
+        assert len(httpx.get(f"{base}/api/v1/predictions/{prediction['id']}/readings",
+                             headers={"X-API-Key": "reading-key"}).json()) == 2  # fmt: skip
+        page.screenshot(path=str(OUTPUT / "web-reading.png"), full_page=True)
+        browser.close()

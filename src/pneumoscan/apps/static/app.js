@@ -196,7 +196,60 @@ function render(result, file) {
     showPicture("heatmap", result.heatmap_url);
   }
   $("where").textContent = result.local ? "Scored on this device: the X-ray did not leave it, and this result is not recorded." : "";
+  prepareReading(result.local ? null : result.id);
   show($("result"), true);
+}
+
+// A radiologist's reading, recorded against the prediction shown (server mode only: a device result has no record).
+let readingFor = null;
+const READER = "pneumoscan-reader";
+const FINDING_WORDS = { pneumonia: "pneumonia", no_pneumonia: "no pneumonia", cannot_tell: "cannot tell" };
+
+function describeReading(r, superseded) {
+  const when = r.read_at.replace("T", " ").slice(0, 16);
+  return `Reading in force: ${FINDING_WORDS[r.finding]}, by ${r.reader}, read ${when} UTC` + (superseded ? ` (supersedes ${superseded} earlier)` : "") + ".";
+}
+
+async function prepareReading(id) {
+  readingFor = id;
+  const form = $("reading-form");
+  form.reset();
+  $("reader").value = sessionStorage.getItem(READER) || "";
+  $("reading-status").textContent = "";
+  show(form, Boolean(id));
+  if (id) showReadings(id, "");
+}
+
+// The reading in force (the latest), unless the page has moved on to another study meanwhile.
+async function showReadings(id, prefix) {
+  const response = await fetch(`${api}/${id}/readings`, { headers: apiHeaders() }).catch(() => null);
+  if (!response || !response.ok || readingFor !== id) return;
+  const readings = await response.json();
+  if (readings.length) $("reading-status").textContent = prefix + describeReading(readings[readings.length - 1], readings.length - 1);
+}
+
+async function recordReading(event) {
+  event.preventDefault();
+  const form = $("reading-form"), id = readingFor;
+  if (!id || !form.reportValidity()) return;
+  const finding = form.querySelector('input[name="finding"]:checked').value;
+  const reading = { finding, reader: $("reader").value.trim(), source: "page" };
+  if ($("reading-comment").value.trim()) reading.comment = $("reading-comment").value.trim();
+  $("reading-status").textContent = "Recording …";
+  const response = await fetch(`${api}/${id}/readings`, {
+    method: "POST", body: JSON.stringify(reading), headers: { ...apiHeaders(), "Content-Type": "application/json" },
+  }).catch(() => null);
+  if (!response) { $("reading-status").textContent = "The service cannot be reached: the reading was not recorded. Try again."; return; }
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY);
+    askForKey("This service needs its API key: ask its administrator. The key is kept for this tab only.", () => recordReading(event));
+    return;
+  }
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) { $("reading-status").textContent = `The reading was not recorded: ${body.detail || response.statusText}`; return; }
+  sessionStorage.setItem(READER, reading.reader);
+  $("reading-comment").value = "";
+  showReadings(id, "Recorded. ");
 }
 
 // Regions come in pixels of the X-ray; they are placed as shares of it once it has loaded (its natural size known).
@@ -258,6 +311,7 @@ function init() {
   $("xray").addEventListener("load", drawRegions);
   $("opacity").addEventListener("input", (e) => { $("heatmap").style.opacity = e.target.value / 100; });
   $("key-form").addEventListener("submit", saveKey);
+  $("reading-form").addEventListener("submit", recordReading);
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", prepareDevice);
   $("precision").addEventListener("change", prepareDevice);
   refreshRecent();
