@@ -29,6 +29,7 @@ from sqlalchemy import (
     and_,
     create_engine,
     event,
+    func,
     insert,
     select,
     text,
@@ -209,6 +210,23 @@ class AuditLog:
     def readings_of(self, prediction_id: str) -> list[dict]:
         """Every reading of a prediction, oldest first: the last one is the one in force."""
         query = select(readings).where(readings.c.prediction_id == prediction_id).order_by(readings.c.recorded_at, readings.c.id)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def readings_in_force(self, limit: int, since: datetime | None = None) -> list[dict]:
+        """The latest reading of each prediction with that prediction's answer, the most recently recorded first.
+
+        ``since``: only readings recorded from then on. At most ``limit`` predictions.
+        """
+        ranked = select(readings, func.row_number().over(
+            partition_by=readings.c.prediction_id, order_by=(readings.c.recorded_at.desc(), readings.c.id.desc())).label("rank"))
+        if since is not None:
+            ranked = ranked.where(readings.c.recorded_at >= since)
+        latest = ranked.subquery()
+        query = (select(latest.c.finding, latest.c.recorded_at, predictions.c.population, predictions.c.operating_point,
+                        predictions.c.operating_point_source, predictions.c.label, predictions.c.in_distribution)
+                 .join(predictions, predictions.c.id == latest.c.prediction_id)
+                 .where(latest.c.rank == 1).order_by(latest.c.recorded_at.desc()).limit(limit))  # fmt: skip
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(query).mappings()]
 

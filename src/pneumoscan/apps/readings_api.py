@@ -8,12 +8,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from pneumoscan.apps.audit import AuditLog, reading_row
 from pneumoscan.apps.readings import MAX_COMMENT_CHARS, READER_PATTERN
+from pneumoscan.running.inference import Predictor
+from pneumoscan.running.performance import ReadAnswer, live_performance
 
 Finding = Literal["pneumonia", "no_pneumonia", "cannot_tell"]
 
@@ -52,8 +54,60 @@ class ReadingBody(BaseModel):
     comment: str | None = None
 
 
+class ProportionBody(BaseModel):
+    k: int
+    n: int
+    value: float | None
+    low: float | None = Field(description="Wilson 95 % interval")
+    high: float | None
+
+
+class PerformanceGroupBody(BaseModel):
+    population: str | None
+    operating_point: str
+    operating_point_source: str | None
+    in_force: bool = Field(description="the operating point answering now; only it is checked against its target")
+    n: int = Field(description="read studies with a decision (cannot_tell and not-validated answers apart)")
+    counts: dict[str, int]
+    cannot_tell: int
+    not_validated: int = Field(description="answers 'not validated for this image' that a radiologist read: no decision to judge")
+    sensitivity: ProportionBody
+    specificity: ProportionBody
+    ppv: ProportionBody
+    npv: ProportionBody
+    target_sensitivity: float | None
+    allowed_misses: int | None = Field(description="missed pneumonias a point keeping its target makes in 95 % of windows")
+    warning: bool
+    message: str | None
+
+
+class PerformanceBody(BaseModel):
+    """What the radiologists' readings say of the answers, per population and operating point."""
+
+    window: int = Field(description="at most this many read predictions, the most recently read")
+    since: str | None
+    n: int = Field(description="read predictions in the window")
+    groups: list[PerformanceGroupBody]
+    warning: bool
+    message: str | None
+
+
 def audit_log(request: Request) -> AuditLog:
     return request.app.state.audit
+
+
+def predictor_of(request: Request) -> Predictor:
+    return request.app.state.predictor
+
+
+def performance_figures(audit: AuditLog, predictor: Predictor, window: int, since: datetime | None = None) -> dict:
+    """Live performance over the last ``window`` read predictions (see :mod:`pneumoscan.running.performance`)."""
+    since = (since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)) if since else None
+    rows = audit.readings_in_force(window, since)
+    answers = [ReadAnswer(r["population"], r["operating_point"] or predictor.operating_point, r["operating_point_source"],
+                          r["label"] == "PNEUMONIA", r["in_distribution"] is not False, r["finding"]) for r in rows]  # fmt: skip
+    in_force = {name: (p.operating_point, p.in_force, p.target_sensitivity) for name, p in predictor.populations.items()}
+    return {"window": window, "since": since.isoformat() if since else None, "n": len(rows), **live_performance(answers, in_force)}
 
 
 def public_reading(row: dict) -> dict:
@@ -83,5 +137,16 @@ def router(prefix: str, errors: dict[int | str, dict]) -> APIRouter:
         """Every reading of the prediction, oldest first: the last is the one in force."""
         await known_prediction(prediction_id, audit)
         return [public_reading(r) for r in await run_in_threadpool(audit.readings_of, prediction_id)]
+
+    @routes.get("/performance", response_model=PerformanceBody, responses=errors, tags=["performance"])
+    async def get_performance(request: Request, window: int | None = Query(None, ge=1, le=100_000),
+                              since: datetime | None = Query(None), audit: AuditLog = Depends(audit_log),
+                              predictor: Predictor = Depends(predictor_of)) -> dict:
+        """Sensitivity, specificity, PPV and NPV of the answers radiologists have read, per population and operating point,
+        with Wilson 95 % intervals and counts: the reading in force of each of the last ``window`` read predictions
+        (default: the service's setting) recorded from ``since`` on. ``warning``: the point in force falls short of
+        the sensitivity it promises."""
+        window = window or request.app.state.settings.performance_window
+        return await run_in_threadpool(performance_figures, audit, predictor, window, since)
 
     return routes

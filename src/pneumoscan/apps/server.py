@@ -286,6 +286,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
                   docs_url=None, redoc_url=None)  # the docs page is ours: Swagger UI from this origin, under the CSP
     app.state.predictor = predictor
     app.state.audit = audit
+    app.state.settings = settings
     app.include_router(readings_api.router(API, documented(*API_ERRORS, 404, 422)))
     @app.get("/static/vendor/onnxruntime-web/{name}", include_in_schema=False)
     async def runtime_file(name: str, request: Request) -> FileResponse:
@@ -312,6 +313,12 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
                       ["indicator", "population"], registry=registry)  # fmt: skip
     drift_warning = Gauge("pneumoscan_drift_warning", "1 when an indicator's PSI passes the drift threshold", registry=registry)
     drift_window = Gauge("pneumoscan_drift_window_predictions", "Predictions in the drift window", registry=registry)
+    live = Gauge("pneumoscan_live_performance", "Figures of the operating point in force from radiologists' readings "
+                 "(value and Wilson 95 % bounds)", ["population", "figure", "bound"], registry=registry)  # fmt: skip
+    live_read = Gauge("pneumoscan_live_read_studies", "Read studies with a decision, per population (point in force)",
+                      ["population"], registry=registry)  # fmt: skip
+    live_warning = Gauge("pneumoscan_live_performance_warning", "1 when the point in force falls short of its promised "
+                         "sensitivity by the readings", registry=registry)  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -477,6 +484,14 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
                 drift_psi.labels(indicator["name"], indicator["population"] or "all").set(indicator["psi"])
         drift_warning.set(1 if figures["warning"] else 0)
         drift_window.set(figures["n"])
+        performance = await run_in_threadpool(readings_api.performance_figures, audit, predictor, settings.performance_window)
+        for group in (g for g in performance["groups"] if g["in_force"]):
+            live_read.labels(group["population"] or "all").set(group["n"])
+            for name in ("sensitivity", "specificity", "ppv", "npv"):
+                for bound, key in (("value", "value"), ("low", "low"), ("high", "high")):
+                    if group[name][key] is not None:
+                        live.labels(group["population"] or "all", name, bound).set(group[name][key])
+        live_warning.set(1 if performance["warning"] else 0)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")

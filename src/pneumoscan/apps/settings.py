@@ -61,6 +61,7 @@ class ServiceSettings(ApplicationSettings):
     drift_window: int = Field(DEFAULT_WINDOW, ge=1)  # recent predictions compared with the card's reference (drift)
     drift_threshold: float = Field(DRIFT_THRESHOLD, gt=0)  # PSI at which the page and /api/v1/drift warn
     drift_min_predictions: int = Field(MIN_PREDICTIONS, ge=1)  # per population, before its drift is judged
+    performance_window: int = Field(500, ge=1)  # read predictions (latest first) behind live performance on /metrics and the page
 
     def resolved_api_key(self) -> str | None:
         """The key from ``api_key_file`` or ``api_key``; an empty one is an error, never "no authentication"."""

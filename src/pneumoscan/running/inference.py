@@ -105,6 +105,7 @@ class PopulationSettings:
     source: str = "validation"  # where the operating point was fitted: "validation", or "site" (pneumoscan calibrate)
     date: str | None = None  # when a site calibration set it
     regions: RegionRule | None = None  # how its heat maps become regions; None: never fitted (no radiologists' boxes)
+    target_sensitivity: float | None = None  # what the point promises (sensitivity policy); live performance checks it
 
     @property
     def in_force(self) -> str:
@@ -117,6 +118,11 @@ def card_populations(card: dict) -> dict[str, dict]:
     return card.get("populations") or {card.get("population", "child"): card}
 
 
+def promised_sensitivity(point: dict) -> float | None:
+    """The sensitivity an operating point was set to keep; None for a point of another policy (e.g. Youden)."""
+    return float(point["target"]) if point.get("policy") == "sensitivity" and point.get("target") is not None else None
+
+
 def population_settings(card: dict, model_dir: Path) -> dict[str, PopulationSettings]:
     """Per population from the card; a model of one population keeps its gate in ``ood_gate.npz``."""
     several = "populations" in card
@@ -125,7 +131,7 @@ def population_settings(card: dict, model_dir: Path) -> dict[str, PopulationSett
             float(entry["calibration"]["temperature"]), float(entry["operating_point"]["threshold"]),
             str(entry["operating_point"].get("name", "unfitted")), OodGate.load(model_dir, name if several else None),
             str(entry["operating_point"].get("source", "validation")), entry["operating_point"].get("date"),
-            RegionRule.from_card(entry.get("regions")),
+            RegionRule.from_card(entry.get("regions")), promised_sensitivity(entry["operating_point"]),
         )
         for name, entry in card_populations(card).items()
         if name in POPULATIONS
