@@ -245,6 +245,9 @@ def test_a_reading_is_recorded_on_the_page_with_the_keyboard_and_supersedes(ship
         page.click("#reading-form button")
         expect(page.locator("#reading-status")).to_contain_text("pneumonia, by dr.lee", timeout=15_000)
         expect(page.locator("#reading-status")).to_contain_text("supersedes 1 earlier")
+        expect(page.locator("#performance tr")).to_have_count(1)  # the child point in force, one read study
+        expect(page.locator("#performance tr td").nth(2)).to_have_text("1")
+        expect(page.locator("#performance tr td").nth(3)).to_contain_text("100.0 %")  # read pneumonia, answered pneumonia
         page.fill("#reader", "Jane Doe")  # not a reader id: the browser refuses before anything is sent
         page.click("#reading-form button")
         assert len(httpx.get(f"{base}/api/v1/predictions/{prediction['id']}/readings",

@@ -141,6 +141,28 @@ async function refreshDrift() {
   show($("drift"), Boolean(drift.warning));
 }
 
+// Sensitivity and specificity of the operating points in force, from the readings recorded so far.
+async function refreshPerformance() {
+  const response = await fetch("/api/v1/performance", { headers: apiHeaders() }).catch(() => null);
+  if (!response || !response.ok) return;
+  const figures = await response.json();
+  const groups = figures.groups.filter((g) => g.in_force);
+  const share = (p) => p.value === null ? "–" : `${(100 * p.value).toFixed(1)} % (${(100 * p.low).toFixed(1)}–${(100 * p.high).toFixed(1)}; ${p.k}/${p.n})`;
+  $("performance").replaceChildren(...groups.map((g) => {
+    const tr = document.createElement("tr");
+    const missed = `${g.counts.false_negative}` + (g.allowed_misses === null ? "" : ` (${g.allowed_misses})`);
+    for (const text of [g.population || "–", `${g.operating_point} [${g.operating_point_source}]`, `${g.n}`,
+                        share(g.sensitivity), share(g.specificity), share(g.ppv), share(g.npv), missed]) {
+      const td = document.createElement("td"); td.textContent = text; tr.append(td);
+    }
+    return tr;
+  }));
+  show($("performance-table"), groups.length > 0);
+  show($("performance-empty"), groups.length === 0);
+  $("performance-warning").textContent = figures.warning ? `Below its promise: ${figures.message}.` : "";
+  show($("performance-warning"), Boolean(figures.warning));
+}
+
 function apiHeaders() {
   const key = sessionStorage.getItem(KEY);
   return key ? { "X-API-Key": key } : {};
@@ -250,6 +272,7 @@ async function recordReading(event) {
   sessionStorage.setItem(READER, reading.reader);
   $("reading-comment").value = "";
   showReadings(id, "Recorded. ");
+  refreshPerformance();
 }
 
 // Regions come in pixels of the X-ray; they are placed as shares of it once it has loaded (its natural size known).
@@ -317,6 +340,7 @@ function init() {
   refreshRecent();
   showOperatingPoints();
   refreshDrift();
+  refreshPerformance();
   if ("serviceWorker" in navigator) navigator.serviceWorker.register("/sw.js").catch(() => {});  // offline after one visit
 }
 document.addEventListener("DOMContentLoaded", init);
