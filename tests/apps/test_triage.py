@@ -359,3 +359,37 @@ def test_the_summary_and_report_say_the_operating_point_in_force_and_the_drift(s
     report = (tmp_path / "out" / "report.html").read_text()
     assert 'id="drift"' in report and "Recent studies do not look like those the operating point was set on" in report
     assert "site calibration of 2026-11-20" in report
+
+
+def test_findings_given_with_the_run_give_its_sensitivity_and_specificity(data_root: Path, tmp_path: Path, capsys) -> None:
+    """``triage --readings``: findings matched by the end of each study's path, figures equal to counting by hand,
+    a finding that names no study listed, and a bad findings file refused before anything is scored."""
+    from pneumoscan.apps.cli import main
+
+    folder = tmp_path / "studies"
+    records = [r for r in list_records(data_root, "test") if r.label == 1][:6] + [r for r in list_records(data_root, "test") if r.label == 0][:6]
+    for record in records:
+        (folder / record.class_name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(record.path, folder / record.class_name / record.path.name)
+    findings = tmp_path / "findings.csv"
+    findings.write_text("path,finding\n" + "".join(f"{r.class_name}/{r.path.name},{'pneumonia' if r.label else 'normal'}\n" for r in records)
+                        + "NORMAL/not-there.jpeg,normal\n")  # fmt: skip
+    assert main(["triage", str(folder), "--out", str(tmp_path / "out"), "--readings", str(findings)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    performance = summary["performance"]
+    rows = {Path(r.path).name: r for r in read_worklist(tmp_path / "out")}
+    counted = [(r.label, rows[r.path.name].label == "PNEUMONIA") for r in records
+               if rows[r.path.name].in_distribution is not False]  # fmt: skip
+    tp, fn = sum(t and s for t, s in counted), sum(t and not s for t, s in counted)
+    tn, fp = sum(not t and not s for t, s in counted), sum(not t and s for t, s in counted)
+    totals = {k: sum(g["counts"][k] for g in performance["groups"]) for k in ("true_positive", "false_negative", "true_negative", "false_positive")}
+    assert totals == {"true_positive": tp, "false_negative": fn, "true_negative": tn, "false_positive": fp}
+    assert performance["read"] == 12 and performance["unmatched"] == ["line 14: 'NORMAL/not-there.jpeg' names no study of the run"]
+    assert "against 12 radiologists' findings" in printed and "sensitivity" in printed
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "Against radiologists' findings (12 studies)" in report
+
+    findings.write_text("path,finding\nNORMAL/a.jpeg,maybe\n")
+    assert main(["triage", str(folder), "--out", str(tmp_path / "refused"), "--readings", str(findings)]) == 2
+    assert "line 2: finding 'maybe'" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -628,6 +628,9 @@ def add_triage_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--shard", default=None, metavar="K/N", help="process only the K-th of N disjoint parts of the inputs")
     p.add_argument("--no-report", action="store_true", help="skip report.html (the worklist and summary are still written)")
+    p.add_argument("--readings", type=Path, default=None, metavar="FILE.csv",
+                   help="radiologists' findings (columns path, finding: pneumonia, no_pneumonia, cannot_tell); the summary "
+                   "and report then give the sensitivity, specificity, PPV and NPV they show, with Wilson intervals")  # fmt: skip
     add_predictor_arguments(p)
     p.set_defaults(handler=run_triage)
 
@@ -655,9 +658,14 @@ def run_triage(args: argparse.Namespace) -> int:
     if not inputs and not args.dicomweb:
         raise ConfigurationError("give the studies to triage (files, folders, patterns) or --dicomweb URL --since DATE")
     shard = Shard.parse(args.shard) if args.shard else None
+    findings = None
+    if args.readings is not None:
+        from pneumoscan.apps.readings import read_findings
+
+        findings = read_findings(args.readings)  # a bad file is refused before any study is scored
     predictor = load_predictor(args)
     summary = triage(inputs, args.out, predictor, workers=args.workers, batch_size=args.batch_size, shard=shard,
-                     report=not args.no_report, pull_failures=failures)  # fmt: skip
+                     report=not args.no_report, pull_failures=failures, findings=findings)  # fmt: skip
     print_triage_summary(summary, args.out, not args.no_report)
     if args.store_results:
         from pneumoscan.apps.dicom.pull import store_results
@@ -701,7 +709,22 @@ def print_triage_summary(summary: dict, out: Path, report: bool) -> None:
         f"{summary['skipped']} skipped, {summary['errors']} errors; "
         f"{timing['images_per_second']:.1f} images/s"
     )
+    performance = summary.get("performance")
+    if performance:
+        print_read_performance(performance)
     print(f"worklist: {out / 'worklist.csv'}" + (f"\nreport:   {out / 'report.html'}" if report else ""))
+
+
+def print_read_performance(performance: dict) -> None:
+    share = lambda p: "–" if p["value"] is None else f"{p['value']:.3f} ({p['low']:.3f}–{p['high']:.3f}, {p['k']}/{p['n']})"  # noqa: E731
+    print(f"against {performance['read']} radiologists' findings:")
+    for group in performance["groups"]:
+        print(f"  {group['population'] or 'all'} ({group['operating_point']}): sensitivity {share(group['sensitivity'])}, "
+              f"specificity {share(group['specificity'])}, PPV {share(group['ppv'])}, NPV {share(group['npv'])}")
+    if performance["warning"]:
+        print(f"  warning: {performance['message']}")
+    if performance["unmatched"]:
+        print(f"  {len(performance['unmatched'])} finding(s) matched no study: {'; '.join(performance['unmatched'][:5])}")
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -150,3 +150,48 @@ def key_of(row: dict) -> tuple[str, str]:
     if len(given) != 1:
         raise ValueError("give exactly one of prediction_id and sop_instance_uid")
     return given[0]
+
+
+# --------------------------------------------------------------------------- findings for a triage run
+
+
+def read_findings(path: Path) -> list[tuple[int, str, str]]:
+    """(line, study path, finding) of a CSV with the columns ``path`` and ``finding``, checked before a run starts."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in reader.fieldnames or []]
+            if "path" not in header or "finding" not in header:
+                raise ReadingsFileError(f"{path.name}: the header must name path and finding; it has {', '.join(header) or 'nothing'}")
+            found, problems = [], []
+            for line, raw in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+                try:
+                    if not row.get("path"):
+                        raise ValueError("the path is empty")
+                    found.append((line, row["path"], finding_of(row.get("finding", ""))))
+                except ValueError as exc:
+                    problems.append(f"line {line}: {exc}")
+    except FileNotFoundError:
+        raise ReadingsFileError(f"no readings file at {path}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ReadingsFileError(f"{path.name} is not a readable UTF-8 CSV file ({type(exc).__name__})") from None
+    if problems:
+        raise ReadingsFileError(f"{path.name}: {len(problems)} bad row(s): {'; '.join(problems[:20])}")
+    return found
+
+
+def match_findings(findings: list[tuple[int, str, str]], paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Worklist path → finding, matching a file's path exactly, else by its end (``NORMAL/x.jpeg`` or the file
+    name) when that names one study only; and the lines that match none or several, in words."""
+    by_path = {Path(p).as_posix(): p for p in paths}
+    matched, unmatched = {}, []
+    for line, given, finding in findings:
+        given = Path(given).as_posix()
+        candidates = [by_path[given]] if given in by_path else [p for q, p in by_path.items() if q.endswith("/" + given)]
+        if len(candidates) == 1:
+            matched[candidates[0]] = finding
+        else:
+            unmatched.append(f"line {line}: {given!r} {'names no study of the run' if not candidates else 'names several studies'}")
+    return matched, unmatched

@@ -116,6 +116,7 @@ def render_report(rows: Sequence[Row], summary: dict, thumbnails: Path) -> str:
             '<h2 id="summary">Summary</h2>',
             _cards(summary),
             _drift(summary.get("drift") or {}),
+            _performance(summary.get("performance")),
             '<h2 id="distribution">Probabilities</h2>',
             _histogram(probabilities, threshold),
             '<h2 id="studies">Worklist</h2>',
@@ -161,6 +162,30 @@ def _drift(drift: dict) -> str:
     return (f'<h2 id="drift">Drift</h2>{head}<table aria-label="drift"><thead><tr><th>figure</th><th>population</th><th>studies</th>'
             f"<th>PSI</th><th>judged</th></tr></thead><tbody>{rows}</tbody></table>"
             f'<p class="muted">{html.escape(drift["method"])}.</p>')  # fmt: skip
+
+
+def _share(p: dict) -> str:
+    return "–" if p["value"] is None else f"{100 * p['value']:.1f} % ({100 * p['low']:.1f}–{100 * p['high']:.1f}; {p['k']}/{p['n']})"
+
+
+def _performance(performance: dict | None) -> str:
+    """What the radiologists' findings given with ``--readings`` say of the answers, per population and point."""
+    if not performance:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(g['population'] or 'all')}</td><td>{html.escape(g['operating_point'])}</td><td>{g['n']}</td>"
+        f"<td>{_share(g['sensitivity'])}</td><td>{_share(g['specificity'])}</td><td>{_share(g['ppv'])}</td>"
+        f"<td>{_share(g['npv'])}</td><td>{g['counts']['false_negative']}</td></tr>"
+        for g in performance["groups"]
+    )
+    warning = (f'<p class="disclaimer warn" role="alert">{html.escape(performance["message"])}</p>'
+               if performance.get("warning") else "")  # fmt: skip
+    unmatched = (f'<p class="muted">{len(performance["unmatched"])} finding(s) matched no study of the run.</p>'
+                 if performance.get("unmatched") else "")  # fmt: skip
+    return (f'<h2 id="performance">Against radiologists\' findings ({performance["read"]} studies)</h2>{warning}'
+            '<table aria-label="performance"><thead><tr><th>population</th><th>operating point</th><th>read studies</th>'
+            "<th>sensitivity (95 % CI)</th><th>specificity (95 % CI)</th><th>PPV</th><th>NPV</th><th>missed</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>{unmatched}")
 
 
 def _cards(summary: dict) -> str:

@@ -40,6 +40,7 @@ from pneumoscan.apps.predict import (
     guarded,
     score_each,
 )
+from pneumoscan.apps.readings import match_findings
 from pneumoscan.apps.report import render_report
 from pneumoscan.errors import ConfigurationError, NotARadiograph, UnsupportedFormat
 from pneumoscan.files import write_atomically
@@ -48,6 +49,7 @@ from pneumoscan.inputs.preprocessing import preprocess
 from pneumoscan.running.drift import Observation, drift_figures
 from pneumoscan.running.explanation import draw_regions, overlay
 from pneumoscan.running.inference import Predictor, batched
+from pneumoscan.running.performance import ReadAnswer, live_performance
 from pneumoscan.running.regions import Region
 
 WORKLIST_FILE = "worklist.csv"
@@ -310,8 +312,12 @@ def triage(
     report: bool = True,
     progress: bool = True,
     pull_failures: Sequence = (),  # type: ignore[type-arg]
+    findings: list[tuple[int, str, str]] | None = None,
 ) -> dict:
     """Score every input not already in ``out``'s worklist; write worklist, report and summary; return the summary.
+
+    ``findings`` (:func:`pneumoscan.apps.readings.read_findings`): radiologists' findings of some studies; the
+    summary and report then say the sensitivity and specificity they show.
 
     ``pull_failures`` (pull mode's :class:`~pneumoscan.apps.dicom.pull.Failure` s) become error rows, in place of
     the previous run's: what could not be fetched then and was fetched now is no longer an error.
@@ -347,7 +353,7 @@ def triage(
     ordered = rank(rows.values())
     write_worklist(out, ordered)
     summary = summarise(ordered, predictor_description(predictor), timings, shard=shard,
-                        resumed=len(files) - len(pending), inputs=len(files))  # fmt: skip
+                        resumed=len(files) - len(pending), inputs=len(files), findings=findings)  # fmt: skip
     write_atomically(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if report:
         write_report(out, ordered, summary)
@@ -434,7 +440,8 @@ def predictor_description(predictor: Predictor) -> dict:
         "operating_point": predictor.operating_point,
         "temperature": predictor.temperature,
         "operating_points": {
-            population: {"threshold": s.threshold, "name": s.operating_point, "temperature": s.temperature, "in_force": s.in_force}
+            population: {"threshold": s.threshold, "name": s.operating_point, "temperature": s.temperature, "in_force": s.in_force,
+                         "target_sensitivity": s.target_sensitivity}
             for population, s in predictor.populations.items()
         },
         "drift_reference": predictor.card.get("drift_reference"),
@@ -447,9 +454,23 @@ def run_drift(scored: list[Row], reference: dict | None) -> dict:
     return drift_figures(observations, reference)
 
 
+def read_performance(rows: list[Row], model: dict, findings: list[tuple[int, str, str]]) -> dict:
+    """Sensitivity, specificity, PPV and NPV of the run's answers against radiologists' findings, computed as the
+    service's live performance is (:mod:`pneumoscan.running.performance`); findings matching no study are listed."""
+    matched, unmatched = match_findings(findings, [r.path for r in rows if r.status == SCORED])
+    points = model.get("operating_points") or {}
+    answers = [ReadAnswer(r.population, points.get(r.population or "", {}).get("name", model.get("operating_point", "")),
+                          points.get(r.population or "", {}).get("in_force"), r.label == "PNEUMONIA",
+                          r.in_distribution is not False, matched[r.path])
+               for r in rows if r.status == SCORED and r.path in matched]  # fmt: skip
+    in_force = {p: (v["name"], v.get("in_force"), v.get("target_sensitivity")) for p, v in points.items()}
+    return {"read": len(answers), "unmatched": unmatched, **live_performance(answers, in_force)}
+
+
 def summarise(rows: list[Row], model: dict, timings: Timings, *, shard: Shard | None = None,
-              resumed: int = 0, inputs: int | None = None) -> dict:  # fmt: skip
-    """Counts by outcome, the model and its operating point, drift, timings: what ``summary.json`` holds."""
+              resumed: int = 0, inputs: int | None = None, findings: list[tuple[int, str, str]] | None = None) -> dict:  # fmt: skip
+    """Counts by outcome, the model and its operating point, drift, timings (and, given radiologists' findings by
+    worklist path, the performance they show): what ``summary.json`` holds."""
     reference = model.get("drift_reference")
     scored = [r for r in rows if r.status == SCORED]
     validated = [r for r in scored if r.in_distribution is not False]  # a flagged study is no verdict either way
@@ -470,6 +491,7 @@ def summarise(rows: list[Row], model: dict, timings: Timings, *, shard: Shard | 
         "shard": str(shard) if shard else None,
         "resumed_from_worklist": resumed,
         "drift": run_drift(scored, reference),
+        "performance": read_performance(rows, model, findings) if findings else None,
         "timing": {
             "seconds": round(timings.seconds, 3),
             "scored_this_run": timings.scored,
