@@ -1,9 +1,11 @@
 """The site loop's replay: Kermany's test/ posted to the service, readings for half of the patients imported, and
-/api/v1/performance and /metrics checked against an independent computation on the same half."""
+/api/v1/performance and /metrics checked against an independent computation on the same half; then
+``calibrate --from-audit`` on those readings against ``calibrate`` on the same files."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 from pathlib import Path
 
@@ -23,8 +25,8 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def test_live_performance_equals_an_independent_computation_on_the_read_half(shipped_model: Path, data_root: Path,
-                                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_live_performance_and_calibrate_from_audit_on_the_read_half(shipped_model: Path, data_root: Path, tmp_path: Path,
+                                                                    capsys) -> None:  # fmt: skip
     settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path / "service")
     client = TestClient(create_app(settings))
     records = list_records(data_root, "test")
@@ -59,3 +61,32 @@ def test_live_performance_equals_an_independent_computation_on_the_read_half(shi
     metrics = client.get("/metrics").text
     assert f'pneumoscan_live_performance{{bound="value",figure="specificity",population="child"}} {tn / (tn + fp)}' in metrics
     assert f'pneumoscan_live_read_studies{{population="child"}} {float(tp + fn + tn + fp)}' in metrics
+
+    # calibrate from the readings (no image) and from the same files, routed by the image as the service routes them
+    half = tmp_path / "half"
+    half.mkdir()
+    for record in read:
+        (half / record.path.name).symlink_to(record.path)
+    with open(half / "labels.csv", "w", newline="") as handle:  # no age column: each film routed by its image
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id"])
+        writer.writerows([r.path.name, r.class_name, r.patient] for r in read)
+    audit_out, files_out = tmp_path / "from-audit", tmp_path / "from-files"
+    assert main(["calibrate", "--model", str(shipped_model), "--from-audit", "--data-dir", str(settings.data_dir),
+                 "--out", str(audit_out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    distinct = len({hashlib.sha256(r.path.read_bytes()).digest() for r in read})  # Kermany's test/ has a file twice
+    assert f"{distinct} read answers of pneumoscan-v3" in printed
+    if distinct < len(read):
+        assert f"{len(read) - distinct} the same image answered again" in printed
+    assert main(["calibrate", "--model", str(shipped_model), "--data", str(half / "labels.csv"), "--out", str(files_out)]) == 0
+    import json
+
+    from_audit, from_files = (json.loads((folder / "model_card.json").read_text()) for folder in (audit_out, files_out))
+    assert from_audit["site_calibration"]["populations"] == from_files["site_calibration"]["populations"] == ["child"]
+    assert from_audit["site_calibration"]["counts"] == from_files["site_calibration"]["counts"]
+    child_audit, child_files = from_audit["populations"]["child"], from_files["populations"]["child"]
+    assert child_audit["operating_point"]["threshold"] == pytest.approx(child_files["operating_point"]["threshold"], abs=1e-9)
+    assert child_audit["calibration"]["temperature"] == pytest.approx(child_files["calibration"]["temperature"], abs=1e-6)
+    assert child_audit["site"]["figures"]["specificity"] == child_files["site"]["figures"]["specificity"]
+    assert "adult" in from_audit["site_calibration"]["kept_validation_point"]  # the few routed to adults: too few, kept

@@ -223,8 +223,10 @@ class AuditLog:
         if since is not None:
             ranked = ranked.where(readings.c.recorded_at >= since)
         latest = ranked.subquery()
-        query = (select(latest.c.finding, latest.c.recorded_at, predictions.c.population, predictions.c.operating_point,
-                        predictions.c.operating_point_source, predictions.c.label, predictions.c.in_distribution)
+        query = (select(latest.c.finding, latest.c.recorded_at, predictions.c.id, predictions.c.population,
+                        predictions.c.operating_point, predictions.c.operating_point_source, predictions.c.label,
+                        predictions.c.in_distribution, predictions.c.probability, predictions.c.ood_score,
+                        predictions.c.model_sha256, predictions.c.upload_sha256)
                  .join(predictions, predictions.c.id == latest.c.prediction_id)
                  .where(latest.c.rank == 1).order_by(latest.c.recorded_at.desc()).limit(limit))  # fmt: skip
         with self.engine.connect() as connection:

@@ -473,9 +473,16 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
-    p.add_argument("--data", type=Path, action="append", required=True,
-                   help="the site's labelled studies: a NORMAL/PNEUMONIA folder, a labels CSV (path,label[,patient_id,"
-                   "age,view]) or a folder with labels.csv, or any dataset --data of train takes; repeat for several")  # fmt: skip
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, action="append",
+                        help="the site's labelled studies: a NORMAL/PNEUMONIA folder, a labels CSV (path,label[,patient_id,"
+                        "age,view]) or a folder with labels.csv, or any dataset --data of train takes; repeat for several")  # fmt: skip
+    source.add_argument("--from-audit", action="store_true",
+                        help="the radiologists' readings in the audit log instead (their stored answers: no images needed); "
+                        "PNEUMOSCAN_DATA_DIR / PNEUMOSCAN_DATABASE_URL apply")  # fmt: skip
+    p.add_argument("--since", default=None, metavar="DATE", help="with --from-audit: readings recorded on DATE (YYYY-MM-DD) or later")
+    p.add_argument("--data-dir", type=Path, default=None, help="with --from-audit: where the SQLite audit database lives")
+    p.add_argument("--database-url", default=None, help="with --from-audit: SQLAlchemy URL of the audit database")
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                    help="which part of the data: all of it, or one part of a dataset with parts")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the new model folder, e.g. models/pneumoscan-v3-mysite")
@@ -490,12 +497,21 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pneumoscan.learning.site_calibration import calibrate
     from pneumoscan.running.inference import card_populations
 
-    card = calibrate(args.model or DEFAULT_MODEL_DIR, args.data, args.out, split=args.split, policy=args.policy,
-                     target=args.target, population=args.population, name=args.name, command=args.command_line,
-                     estimator=args.estimator)  # fmt: skip
+    options = dict(policy=args.policy, target=args.target, population=args.population, name=args.name,
+                   command=args.command_line, estimator=args.estimator)
+    if args.from_audit:
+        card = calibrate_from_audit(args, options)
+    else:
+        if args.since:
+            raise ConfigurationError("--since goes with --from-audit")
+        card = calibrate(args.model or DEFAULT_MODEL_DIR, args.data, args.out, split=args.split, **options)
+    kept = card.get("site_calibration", {}).get("kept_validation_point", {})
     for population, entry in card_populations(card).items():
         op, site = entry["operating_point"], entry.get("site")
-        if op.get("source") != "site":
+        if population in kept:
+            print(f"[{population}] kept its validation point ({op['name']}, threshold {op['threshold']:.4f}): {kept[population]}")
+            continue
+        if op.get("source") != "site" or site is None or site["date"] != card["site_calibration"]["date"]:
             print(f"[{population}] unchanged: {op['name']}, threshold {op['threshold']:.4f}")
             continue
         f = site["figures"]
@@ -507,6 +523,26 @@ def run_calibrate(args: argparse.Namespace) -> int:
             print(f"pneumoscan: warning: {warning}", file=sys.stderr)
     print(f"model folder: {args.out} (serve it with: pneumoscan serve --model {args.out})")
     return 0
+
+
+def calibrate_from_audit(args: argparse.Namespace, options: dict) -> dict:
+    """The site point from the readings in the audit log: the answers of this model's graph that radiologists read."""
+    from datetime import UTC, datetime
+
+    from pneumoscan.apps.audit import AuditLog, connect
+    from pneumoscan.apps.dicom.pull import parse_since
+    from pneumoscan.apps.readings import studies_from_readings
+    from pneumoscan.apps.settings import ApplicationSettings, settings_from
+    from pneumoscan.learning.site_calibration import write_site_model
+    from pneumoscan.running.inference import Predictor
+
+    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
+    predictor = Predictor.load(args.model or DEFAULT_MODEL_DIR)
+    since = datetime.combine(parse_since(args.since), datetime.min.time(), UTC) if args.since else None
+    studies, provenance = studies_from_readings(AuditLog(connect(settings.resolved_database_url)), predictor, since)
+    left_out = ", ".join(f"{n} {why}" for why, n in provenance["left_out"].items())
+    print(f"{len(studies)} read answers of {predictor.card['name']} in the audit log" + (f" (left out: {left_out})" if left_out else ""))
+    return write_site_model(predictor, studies, args.out, provenance, **options)
 
 
 def add_site_protocol_parser(subparsers: argparse._SubParsersAction) -> None:

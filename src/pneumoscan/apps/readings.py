@@ -9,7 +9,10 @@ sha256 the node stored (the UID itself is never kept). Free-text comments go to 
 from __future__ import annotations
 
 import csv
+import hashlib
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pneumoscan.apps.audit import FINDINGS, AuditLog, reading_row, uid_digest
 from pneumoscan.errors import DatabaseUnavailableError, ReadingsFileError
+from pneumoscan.running.inference import card_populations
 
 #: A reader id: letters, digits and ``. _ @ -``, as a RIS or a directory names its users.
 READER_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
@@ -195,3 +199,84 @@ def match_findings(findings: list[tuple[int, str, str]], paths: list[str]) -> tu
         else:
             unmatched.append(f"line {line}: {given!r} {'names no study of the run' if not candidates else 'names several studies'}")
     return matched, unmatched
+
+
+# --------------------------------------------------------------------------- a site's operating point from its readings
+
+#: A stored probability of exactly 0 or 1 (a logit past float64's reach) is read back at this logit.
+MAX_LOGIT = 36.0
+
+
+def temperature_in_force(predictor, population: str, source: str | None) -> float | None:  # type: ignore[no-untyped-def]
+    """The temperature that turned a stored answer's logit into its probability: the validation one, or the site
+    calibration's now in force; None for an answer of an earlier site point (its temperature is not kept)."""
+    settings = predictor.populations.get(population)
+    if settings is None:
+        return None
+    if source == settings.in_force:
+        return settings.temperature
+    if source in (None, "validation"):
+        entry = card_populations(predictor.card).get(population, {})
+        return float(entry.get("validation_operating_point", entry).get("calibration", {}).get("temperature", settings.temperature))
+    return None
+
+
+def each_upload_once(rows: list[dict]) -> tuple[list[dict], Counter]:
+    """The same bytes posted twice count once, as ``calibrate`` counts a file listed twice once; read both ways, they
+    have no label and are left out (a site set's file labelled both ways is refused)."""
+    findings: dict[str, set[str]] = {}
+    for row in rows:
+        findings.setdefault(row["upload_sha256"], set()).add(row["finding"])
+    kept, seen, skipped = [], set(), Counter()
+    for row in rows:
+        digest = row["upload_sha256"]
+        if len(findings[digest]) > 1:
+            skipped["the same image read both ways"] += 1
+        elif digest in seen:
+            skipped["the same image answered again"] += 1
+        else:
+            seen.add(digest)
+            kept.append(row)
+    return kept, skipped
+
+
+def studies_from_readings(audit: AuditLog, predictor, since: datetime | None = None) -> tuple[list, dict]:  # type: ignore[no-untyped-def]
+    """The read answers of ``predictor``'s own graph as site studies (logit = temperature × logit of the stored
+    probability; no image needed), and what the card records about them. Each prediction is its own patient: the
+    audit log keeps no patient field."""
+    from pneumoscan.learning.data import Record
+    from pneumoscan.learning.site_calibration import SiteStudy
+
+    skipped: Counter = Counter()
+    mine = []
+    for row in audit.readings_in_force(10**9, since):
+        if row["finding"] == "cannot_tell":
+            skipped["read 'cannot tell'"] += 1
+        elif row["model_sha256"] != predictor.model_sha256:
+            skipped["answered by another model or precision"] += 1
+        else:
+            mine.append(row)
+    rows, repeated = each_upload_once(mine)
+    skipped.update(repeated)
+    studies = []
+    for row in rows:
+        temperature = temperature_in_force(predictor, row["population"] or "", row["operating_point_source"])
+        if temperature is None:
+            skipped["answered at an earlier site point"] += 1
+            continue
+        p = min(max(row["probability"], 1 / (1 + math.exp(MAX_LOGIT))), 1 / (1 + math.exp(-MAX_LOGIT)))
+        label = int(row["finding"] == "pneumonia")
+        record = Record(Path(row["id"]), label, row["id"], "pneumonia" if label else "normal", population=row["population"],
+                        dataset="audit")  # fmt: skip
+        studies.append(SiteStudy(record, temperature * math.log(p / (1 - p)), row["population"], row["in_distribution"],
+                                 row["ood_score"]))  # fmt: skip
+    digest = hashlib.sha256("".join(f"{s.record.patient} {s.record.label}\n" for s in sorted(studies, key=lambda s: s.record.patient)).encode())
+    counts: dict[str, dict[str, int]] = {}
+    for study in studies:
+        counts.setdefault(study.population, {"NORMAL": 0, "PNEUMONIA": 0})[study.record.class_name] += 1
+    provenance = {
+        "data": [{"source": "audit log readings", "since": since.isoformat() if since else None}],
+        "set_sha256": digest.hexdigest(), "checksum_method": "sha256 over sorted lines '<prediction id> <label>'",
+        "counts": counts, "n": len(studies), "left_out": dict(skipped),
+    }  # fmt: skip
+    return studies, provenance

@@ -187,11 +187,14 @@ def _site_calibration_text(card: dict) -> str:
     if not site:
         return ""
     counts = "; ".join(f"{p}: {c['NORMAL']} normal, {c['PNEUMONIA']} pneumonia" for p, c in site["counts"].items())
-    sources = ", ".join(f"`{d['source']}` ({d['split']})" for d in site["data"])
+    sources = ", ".join(f"`{d['source']}` ({d['split'] if 'split' in d else 'readings since ' + str(d.get('since') or 'the start')})"
+                        for d in site["data"])  # fmt: skip
+    kept = "".join(f" {p.capitalize()} kept the validation point: {why}." for p, why in (site.get("kept_validation_point") or {}).items())
+    left_out = ", ".join(f"{n} {why}" for why, n in (site.get("left_out") or {}).items())
     return (f"\n## Site calibration\n\nOperating point set on {sources} on {site['date']} for {', '.join(site['populations'])} "
             f"(`{site.get('command') or 'pneumoscan calibrate'}`), from `{site['base_model']['folder']}` (ONNX sha256 "
             f"`{site['base_model']['onnx_sha256'][:16]}…`, unchanged). Site set: {site['n']} studies ({counts}), sha256 "
-            f"`{site['set_sha256']}` ({site['checksum_method']}).\n")
+            f"`{site['set_sha256']}` ({site['checksum_method']}).{kept}" + (f" Left out: {left_out}." if left_out else "") + "\n")
 
 
 def render_card(card: dict) -> str:

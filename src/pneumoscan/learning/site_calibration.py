@@ -181,15 +181,26 @@ def site_point_name(validation_name: str, on: str) -> str:
 
 def calibrated_card(
     card: dict, studies: list[SiteStudy], populations: list[str], policy: str, target: float, today: str,
-    provenance: dict, resamples: int = BOOTSTRAP_RESAMPLES, estimator: str = DEFAULT_ESTIMATOR,
+    provenance: dict, resamples: int = BOOTSTRAP_RESAMPLES, estimator: str = DEFAULT_ESTIMATOR, required: bool = True,
 ) -> tuple[dict, dict[str, Calibration]]:
-    """A copy of ``card`` whose ``populations`` use the site's temperature and threshold, with where they came from."""
+    """A copy of ``card`` whose ``populations`` use the site's temperature and threshold, with where they came from.
+
+    ``required`` False: a population with too few studies keeps its validation point, and the card says why with
+    the counts (``site_calibration.kept_validation_point``); only none calibrated at all is an error.
+    """
     card = copy.deepcopy(card)
     entries = card_populations(card)
     on = f"the site set of {today}"
     calibrations: dict[str, Calibration] = {}
+    kept: dict[str, str] = {}
     for population in populations:
-        calibration, figures = fit_population(studies, population, policy, target, on, resamples, estimator)
+        try:
+            calibration, figures = fit_population(studies, population, policy, target, on, resamples, estimator)
+        except TooFewSiteCases as exc:
+            if required:
+                raise
+            kept[population] = str(exc)
+            continue
         calibrations[population] = calibration
         entry = entries[population]
         entry.setdefault("validation_operating_point", {  # the first calibration's is kept through later ones
@@ -210,8 +221,10 @@ def calibrated_card(
         if population not in populations and population in (previous.get("populations") or {}):
             reference["populations"][population] = previous["populations"][population]
     card["drift_reference"] = reference
-    card["site_calibration"] = {**provenance, "date": today, "populations": populations, "policy": policy, "target": target,
-                                "estimator": estimator}
+    if not calibrations:
+        raise TooFewSiteCases("no population has enough studies to set a site operating point: " + "; ".join(kept.values()))
+    card["site_calibration"] = {**provenance, "date": today, "populations": list(calibrations), "policy": policy, "target": target,
+                                "estimator": estimator, "kept_validation_point": kept}
     return card, calibrations
 
 
@@ -239,9 +252,9 @@ def calibrate(
 ) -> dict:
     """Fit the site's operating point and write the model folder ``out``; return its card.
 
-    Every population with studies in the site set is calibrated (or only ``population``);
-    one with too few studies is refused with the counts. The ONNX files, gates and
-    population classifier are copied unchanged.
+    Every population with enough studies in the site set is calibrated, the others keep their validation
+    point (the card says so with the counts); ``population`` given: only that one, and too few of its studies
+    is refused with the counts. The ONNX files, gates and population classifier are copied unchanged.
     """
     model_dir, out = Path(model_dir), Path(out)
     check_new_folder(out, model_dir)
@@ -250,12 +263,30 @@ def calibrate(
         raise ConfigurationError(f"{model_dir.name} has no population {population!r} (it has {', '.join(predictor.populations)})")
     records = site_set(predictor, sources, split)
     studies = score_site(predictor, records, progress)
+    provenance = site_provenance(list(sources), split, records, studies)
+    return write_site_model(predictor, studies, out, provenance, policy=policy, target=target, population=population,
+                            name=name, command=command, today=today, resamples=resamples, estimator=estimator)
+
+
+def write_site_model(
+    predictor: Predictor, studies: list[SiteStudy], out: Path, provenance: dict, *, policy: str = DEFAULT_POLICY,
+    target: float = DEFAULT_TARGET_SENSITIVITY, population: str | None = None, name: str | None = None,
+    command: str | None = None, today: str | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+    estimator: str = DEFAULT_ESTIMATOR,
+) -> dict:
+    """The site model folder from already-scored studies (images scored now, or answers read back from the audit log).
+
+    ``population`` given: that one must be calibrated; else every population with enough studies is, and the
+    others keep their validation point.
+    """
+    model_dir, out = Path(predictor.model_dir), Path(out)
+    check_new_folder(out, model_dir)
     populations = [population] if population else sorted({s.population for s in studies}, key=list(predictor.populations).index)
     today = today or Date.today().isoformat()
-    provenance = site_provenance(list(sources), split, records, studies)
-    provenance["command"] = command
-    provenance["base_model"] = {"name": predictor.card["name"], "folder": model_dir.name, "onnx_sha256": predictor.model_sha256}
-    card, calibrations = calibrated_card(predictor.card, studies, populations, policy, target, today, provenance, resamples, estimator)
+    provenance = {**provenance, "command": command,
+                  "base_model": {"name": predictor.card["name"], "folder": model_dir.name, "onnx_sha256": predictor.model_sha256}}
+    card, calibrations = calibrated_card(predictor.card, studies, populations, policy, target, today, provenance, resamples,
+                                         estimator, required=population is not None)  # fmt: skip
     card["name"] = name or out.name
     copy_model_files(model_dir, out)
     for population_name, calibration in calibrations.items():
