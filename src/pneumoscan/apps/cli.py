@@ -40,7 +40,9 @@ EPILOG = """examples:
   pneumoscan export runs/v3-lite1/best.ckpt --out models/pneumoscan-v3 --int8
   pneumoscan evaluate --model models/pneumoscan-v3 --split test --out runs/eval-test
   pneumoscan calibrate --data site-labels.csv --out models/pneumoscan-v3-mysite
+  pneumoscan calibrate --from-audit --since 2026-12-01 --out models/pneumoscan-v3-mysite
   pneumoscan site-protocol --data ../shared/data/chest_xray --population child --out runs/site-protocol/child.json
+  pneumoscan compare --model models/pneumoscan-v2 --candidate models/pneumoscan-v3 --data site-labels.csv --out runs/compare
   pneumoscan predict scan1.jpeg scans/ --heatmaps heatmaps/ --format json
   pneumoscan triage studies/ --out triage/today --int8
   pneumoscan triage --dicomweb http://pacs:8042/dicom-web --since 2026-11-23 --out triage/today --store-results
@@ -587,6 +589,48 @@ def run_site_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="replay a site's labelled studies with the model in service and a candidate: promote it or not",
+        description="Score a site's labelled studies with both models, calibrate each on them at the site's target, "
+        "and compare them per population: both ROC curves, AUROC with patient-bootstrap intervals and their paired "
+        "difference, sensitivity and specificity at each one's site point, McNemar's test on the paired errors, and "
+        "every study whose decision changes. A stated rule (docs/site-calibration.md) says promote or do not promote. "
+        "Writes comparison.json, comparison.html and one ROC figure per population.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"the model in service (default: {DEFAULT_MODEL_DIR})")
+    p.add_argument("--candidate", type=Path, required=True, help="the exported model that would replace it")
+    p.add_argument("--data", type=Path, action="append", required=True, help="the site's labelled studies (as calibrate takes)")
+    p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
+                   help="which part of the data: all of it, or one part of a dataset with parts")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="a new folder for the report")
+    add_operating_point_arguments(p, " on the site's studies, for both models")
+    p.set_defaults(handler=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pneumoscan.learning.comparison import COMPARISON_HTML, compare
+
+    result = compare(args.model or DEFAULT_MODEL_DIR, args.candidate, args.data, args.out, split=args.split, policy=args.policy,
+                     target=args.target, estimator=args.estimator, command=args.command_line)  # fmt: skip
+    for population, entry in result["populations"].items():
+        for side in ("current", "candidate"):
+            f = entry[side]
+            print(f"[{population}] {side} {result[side]['name']}: AUROC {f['auroc']:.4f} ({f['auroc_ci'][0]:.3f}-{f['auroc_ci'][1]:.3f}), "
+                  f"at its site point {f['threshold']:.4f}: sensitivity {f['sensitivity']:.4f}, specificity {f['specificity']:.4f}")  # fmt: skip
+        test = entry["mcnemar"]
+        print(f"[{population}] {entry['decisions_changed']} decisions change; McNemar {test['only_current_right']} vs "
+              f"{test['only_candidate_right']}, p = {test['p_value']:.3g}")  # fmt: skip
+    for population, why in result["not_compared"].items():
+        print(f"[{population}] not compared: {why}")
+    decision = result["decision"]
+    print(f"decision: {decision['decision']}" + "".join(f"\n  - {reason}" for reason in decision["reasons"]))
+    print(f"report: {args.out / COMPARISON_HTML}")
+    return 0
+
+
 def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
     """The exported model and the input limits: the same flags for predict and triage."""
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
@@ -897,6 +941,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_fit_regions_parser(subparsers)
     add_fit_operating_points_parser(subparsers)
     add_site_protocol_parser(subparsers)
+    add_compare_parser(subparsers)
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)
     add_serve_parser(subparsers)

@@ -58,6 +58,24 @@ def plot_roc(labels, probabilities, metrics: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_roc_pair(labels, curves: list[tuple[str, object, dict]], title: str, path: Path) -> Path:
+    """Two (or more) models' ROC curves on the same studies, each with its operating point marked."""
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    for (name, probabilities, figures), colour in zip(curves, ("tab:blue", "tab:orange", "tab:green")):
+        fpr, tpr, _ = roc_curve(labels, probabilities)
+        low, high = figures["auroc_ci"]
+        ax.plot(fpr, tpr, lw=2, color=colour, label=f"{name}: AUROC {figures['auroc']:.3f} ({low:.3f}–{high:.3f})")
+        ax.plot(1 - figures["specificity"], figures["sensitivity"], "o", ms=9, color=colour, markeredgecolor="black",
+                label=f"  site point: threshold {figures['threshold']:.3f}")  # fmt: skip
+    ax.plot([0, 1], [0, 1], ":", color="gray")
+    ax.set(xlabel="1 − specificity (false-alarm rate)", ylabel="sensitivity (recall)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
 def plot_pr(labels, probabilities, metrics: dict, path: Path) -> Path:
     """Precision–recall curve with the operating point marked."""
     from sklearn.metrics import precision_recall_curve
