@@ -144,7 +144,7 @@ def test_the_audit_schema_is_managed_by_alembic(service) -> None:
     _, settings = service
     engine = create_engine(settings.resolved_database_url)
     with engine.connect() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0007"
+        assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0008"
         assert connection.execute(text("pragma journal_mode")).scalar_one() == "wal"
 
 
@@ -186,10 +186,11 @@ def test_the_audit_log_works_in_a_real_postgresql(shipped_model: Path, tmp_path:
         engine = create_engine(url)
         with engine.connect() as connection:
             assert connection.execute(text("select version()")).scalar_one().startswith("PostgreSQL")
-            assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0007"
+            assert connection.execute(text("select version_num from alembic_version")).scalar_one() == "0008"
             row = dict(connection.execute(text("select * from predictions where id = :id"), {"id": body["id"]}).mappings().one())
             assert connection.execute(text("select count(*) from predictions")).scalar_one() == 1  # refusals are not rows
             assert connection.execute(text("select finding from readings")).scalars().all() == ["no_pneumonia"]
+            assert [tuple(r) for r in connection.execute(text("select event, entry_point from model_events"))] == [("started", "serve")]
         engine.dispose()
         assert row["probability"] == pytest.approx(body["probability"]) and row["label"] == body["label"]
         assert row["file_type"] == "jpeg" and row["model_sha256"] == body["model"]["sha256"]

@@ -105,6 +105,23 @@ readings = Table(
 )
 
 
+#: What a model event records: an entry point started answering with a model, or a model was promoted from a report.
+MODEL_EVENTS = ("started", "promoted")
+
+model_events = Table(
+    "model_events",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    Column("event", String(16), nullable=False),  # one of MODEL_EVENTS
+    Column("entry_point", String(32), nullable=False),  # serve, dicom-node, or promote
+    Column("model_name", String(128), nullable=False),
+    Column("model_sha256", String(64), nullable=False),
+    Column("operating_points", Text, nullable=False),  # JSON: per population, the point's name, threshold and source (0008)
+    Column("detail", Text, nullable=True),  # JSON: a promotion's report, decision, the model it replaces and who promoted it
+)
+
+
 #: SQLite's durability: FULL syncs the write-ahead log at every commit, so an answered prediction's row survives a power
 #: loss (NORMAL syncs only at checkpoints: the last commits can vanish). Its cost is in benchmarks/bench_service.py.
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
@@ -232,6 +249,17 @@ class AuditLog:
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(query).mappings()]
 
+    def record_model_event(self, row: dict) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(model_events).values(**row))
+
+    def model_events(self) -> list[dict]:
+        """Every model event, oldest first: which model answered from when, and every promotion."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(model_events).order_by(model_events.c.at, model_events.c.id)).mappings()
+            return [{**r, "operating_points": json.loads(r["operating_points"]), "detail": json.loads(r["detail"] or "null")}
+                    for r in rows]  # fmt: skip
+
     def existing_predictions(self, ids: set[str]) -> set[str]:
         """Which of ``ids`` are predictions of this log."""
         found: set[str] = set()
@@ -276,6 +304,32 @@ def reading_row(prediction_id: str, finding: str, reader: str, source: str, read
     recorded = now()
     return {"id": uuid.uuid4().hex, "prediction_id": prediction_id, "finding": finding, "reader": reader,
             "read_at": read_at or recorded, "recorded_at": recorded, "source": source, "comment": comment or None}
+
+
+def model_event_row(event: str, entry_point: str, name: str, sha256: str, operating_points: dict, detail: dict | None = None) -> dict:
+    """The ``model_events`` row of a start or a promotion."""
+    return {"id": uuid.uuid4().hex, "at": now(), "event": event, "entry_point": entry_point, "model_name": name,
+            "model_sha256": sha256, "operating_points": json.dumps(operating_points, sort_keys=True),
+            "detail": json.dumps(detail, sort_keys=True) if detail is not None else None}  # fmt: skip
+
+
+def started_row(predictor, entry_point: str) -> dict:  # type: ignore[no-untyped-def]
+    """What an entry point answers with from now on: the model and each population's operating point in force."""
+    points = {p: {"name": s.operating_point, "threshold": s.threshold, "source": s.in_force} for p, s in predictor.populations.items()}
+    return model_event_row("started", entry_point, predictor.card["name"], predictor.model_sha256, points)
+
+
+def promotion_row(report: dict, report_sha256: str, by: str, override: str | None = None) -> dict:
+    """A candidate promoted from a ``pneumoscan compare`` report: the candidate at its site points, the model it replaces,
+    the report's decision and checksum, who promoted it, and why against the report when it said do not promote."""
+    candidate, decision = report["candidate"], report["decision"]
+    points = {p: {"name": e["candidate"]["operating_point"], "threshold": e["candidate"]["threshold"],
+                  "temperature": e["candidate"]["temperature"], "source": f"site comparison of {report['date']}"}
+              for p, e in report["populations"].items()}  # fmt: skip
+    detail = {"report_sha256": report_sha256, "report_date": report["date"], "decision": decision["decision"],
+              "reasons": decision["reasons"], "replaces": {k: report["current"][k] for k in ("name", "onnx_sha256")},
+              "candidate_folder": candidate["folder"], "by": by, "override": override}  # fmt: skip
+    return model_event_row("promoted", "promote", candidate["name"], candidate["onnx_sha256"], points, detail)
 
 
 def prediction_row(prediction, data: bytes, file_type: str, model: dict) -> dict:  # type: ignore[no-untyped-def]

@@ -875,6 +875,50 @@ def run_readings_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_promote_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "promote",
+        help="record in the audit log that a candidate replaces the model in service, from its compare report",
+        description="Record a promotion in the audit log (model_events): the candidate of a 'pneumoscan compare' report "
+        "at its site points, the model it replaces, the report's checksum and decision, and who promoted it. A report "
+        "that says 'do not promote' is refused unless --override gives the reason, which is recorded too. Serve the "
+        "candidate at those points with 'pneumoscan calibrate --model CANDIDATE --data SITE --out FOLDER' on the same "
+        "studies. PNEUMOSCAN_DATA_DIR / PNEUMOSCAN_DATABASE_URL apply; flags win.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("report", type=Path, help="the compare report: its folder or its comparison.json")
+    p.add_argument("--by", required=True, help="who promotes it: the site's user id")
+    p.add_argument("--override", default=None, metavar="REASON", help="promote against the report's decision, for this reason")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
+    p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    p.set_defaults(handler=run_promote)
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    import re
+
+    from pneumoscan.apps.audit import AuditLog, connect, promotion_row
+    from pneumoscan.apps.readings import READER_PATTERN
+    from pneumoscan.apps.settings import ApplicationSettings, settings_from
+    from pneumoscan.files import sha256_file
+    from pneumoscan.learning.comparison import read_comparison
+
+    if not re.fullmatch(READER_PATTERN, args.by):
+        raise ConfigurationError(f"--by {args.by!r} is not a user id: letters, digits and . _ @ - (at most 64)")
+    path, report = read_comparison(args.report)
+    decision = report["decision"]
+    if not decision["promote"] and not args.override:
+        raise ConfigurationError(f"{path} says do not promote ({'; '.join(decision['reasons'])}): promote a candidate its "
+                                 "report promotes, or give --override REASON to record why this one goes live anyway")  # fmt: skip
+    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
+    row = promotion_row(report, sha256_file(path), args.by, args.override)
+    AuditLog(connect(settings.resolved_database_url)).record_model_event(row)
+    points = ", ".join(f"{p} threshold {e['candidate']['threshold']:.4f}" for p, e in report["populations"].items())
+    print(f"recorded: {report['candidate']['name']} replaces {report['current']['name']} ({points}), promoted by {args.by}"
+          + (f" against the report's decision: {args.override}" if args.override else ""))  # fmt: skip
+    return 0
+
+
 def add_dicom_node_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "dicom-node",
@@ -942,6 +986,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     add_fit_operating_points_parser(subparsers)
     add_site_protocol_parser(subparsers)
     add_compare_parser(subparsers)
+    add_promote_parser(subparsers)
     add_predict_parser(subparsers)
     add_triage_parser(subparsers)
     add_serve_parser(subparsers)

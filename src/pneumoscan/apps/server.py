@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import pneumoscan
 from pneumoscan.apps import readings_api
 from pneumoscan.apps.admission import Admission, UploadGuard
-from pneumoscan.apps.audit import AuditLog, connect, prediction_row
+from pneumoscan.apps.audit import AuditLog, connect, prediction_row, started_row
 from pneumoscan.apps.device import MODEL_ROUTE, device_settings, gate_bytes
 from pneumoscan.apps.settings import ServiceSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
@@ -269,6 +269,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     limits = Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
     predictor = predictor or Predictor.load(settings.model_dir, settings.precision, settings.threads, limits)
     audit = AuditLog(connect(settings.resolved_database_url))
+    audit.record_model_event(started_row(predictor, "serve"))
     pictures = PictureCache(int(settings.picture_cache_mb * 2**20))
     slots = asyncio.Semaphore(settings.max_concurrent)
     admitted = Admission(settings.max_concurrent + settings.max_queue)  # receiving, waiting or running

@@ -103,6 +103,20 @@ def compare(
     return result
 
 
+def read_comparison(report: Path) -> tuple[Path, dict]:
+    """A compare report by its folder or its comparison.json; a file that is not one is refused with what to give."""
+    path = Path(report) / COMPARISON_JSON if Path(report).is_dir() else Path(report)
+    try:
+        result = json.loads(path.read_text())
+        missing = [key for key in ("date", "current", "candidate", "populations", "decision") if key not in result]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"{path} is not a report of 'pneumoscan compare' ({type(exc).__name__}): give the folder "
+                                 "that compare --out wrote, or its comparison.json") from exc  # fmt: skip
+    return path, result
+
+
 def model_identity(predictor: Predictor, folder: Path) -> dict:
     return {"name": predictor.card["name"], "folder": folder.name, "onnx_sha256": predictor.model_sha256,
             "points_in_force": {p: s.operating_point for p, s in predictor.populations.items()}}  # fmt: skip

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row, uid_digest
+from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row, started_row, uid_digest
 from pneumoscan.apps.dicom.outbox import (
     Destination,
     Outbox,
@@ -110,6 +110,7 @@ class DicomNode:
     def start(self) -> None:
         from pynetdicom import AE, evt
 
+        self.audit.record_model_event(started_row(self.predictor, "dicom-node"))
         receive_chunked_into(self.receipts)
         for leftover in sorted(self.spool.glob("*.dcm")):  # received before a crash or a stop: nothing is lost
             self.jobs.put(leftover)
