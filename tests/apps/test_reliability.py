@@ -103,8 +103,13 @@ def test_database_down_means_503_and_not_ready_then_recovery(shipped_model: Path
             post = lambda: client.post("/api/v1/predictions", files={"file": ("a.jpeg", xray, "image/jpeg")})
             first = post()
             assert first.status_code == 201
+            readings = f"/api/v1/predictions/{first.json()['id']}/readings"
+            read = lambda finding: client.post(readings, json={"finding": finding, "reader": "dr.lee"})
+            assert read("pneumonia").status_code == 201
 
             server.cleanup()  # the database goes away
+            refused_reading = read("no_pneumonia")
+            assert refused_reading.status_code == 503 and refused_reading.json()["error"] == "AuditLogUnavailable"
             down = post()
             assert down.status_code == 503 and down.json()["error"] == "AuditLogUnavailable"
             assert down.headers["retry-after"] == "5" and "probability" not in down.json()  # no answer without a record
@@ -119,6 +124,7 @@ def test_database_down_means_503_and_not_ready_then_recovery(shipped_model: Path
             assert again.status_code == 201
             listed = [row["id"] for row in client.get("/api/v1/predictions").json()]
             assert listed == [again.json()["id"], first.json()["id"]]
+            assert [r["finding"] for r in client.get(readings).json()] == ["pneumonia"]  # kept; the refused one is not half-there
 
             server.psql("alter system set default_transaction_read_only = on; select pg_reload_conf();")
             time.sleep(0.5)  # the reload reaches open sessions asynchronously
@@ -129,6 +135,9 @@ def test_database_down_means_503_and_not_ready_then_recovery(shipped_model: Path
             server.psql("alter system reset default_transaction_read_only; select pg_reload_conf();")
             time.sleep(0.5)
             assert client.get("/readyz").status_code == 200 and post().status_code == 201
+            assert read("no_pneumonia").status_code == 201
+        with TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, database_url=url))) as client:
+            assert [r["finding"] for r in client.get(readings).json()] == ["pneumonia", "no_pneumonia"]  # a restart keeps them
     finally:
         server.cleanup()
 

@@ -183,3 +183,14 @@ def test_the_shipped_card_records_both_directions_of_the_halves_and_renders_them
         assert protocol["model_onnx_sha256"] == card["onnx"]["sha256"] and protocol["split"] == "test"
         assert json.loads((shipped_model / "site-protocol" / f"{population}.json").read_text()) == protocol
     assert (shipped_model / "MODEL_CARD.md").read_text() == render_card(card)
+
+
+def test_calibrate_from_an_audit_log_without_readings_says_what_is_missing(shipped_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "site"
+    assert cli.main(["calibrate", "--model", str(shipped_model), "--from-audit", "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    name = json.loads((shipped_model / "model_card.json").read_text())["name"]
+    assert f"the audit log holds no readings of {name}'s answers: record radiologists' readings first" in capsys.readouterr().err
+    assert not (out / "model_card.json").exists()
+    assert cli.main(["calibrate", "--model", str(shipped_model), "--data", str(tmp_path), "--since", "2026-12-01",
+                     "--out", str(out)]) == 2  # fmt: skip
+    assert "--since goes with --from-audit" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from pneumoscan.config import (
     default_data_root,
     val_fraction_for,
 )
-from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError
+from pneumoscan.errors import ConfigurationError, ModelNotFoundError, PneumoscanError, TooFewSiteCases
 
 EPILOG = """examples:
   pneumoscan train --config configs/v3-lite1.toml --out runs/v3-lite1
@@ -543,6 +543,11 @@ def calibrate_from_audit(args: argparse.Namespace, options: dict) -> dict:
     since = datetime.combine(parse_since(args.since), datetime.min.time(), UTC) if args.since else None
     studies, provenance = studies_from_readings(AuditLog(connect(settings.resolved_database_url)), predictor, since)
     left_out = ", ".join(f"{n} {why}" for why, n in provenance["left_out"].items())
+    if not studies:
+        raise TooFewSiteCases(f"the audit log holds no readings of {predictor.card['name']}'s answers"
+                              + (f" since {args.since}" if args.since else "") + (f" (left out: {left_out})" if left_out else "")
+                              + ": record radiologists' readings first (on the page, POST /api/v1/predictions/{id}/readings "
+                              "or pneumoscan readings import)")  # fmt: skip
     print(f"{len(studies)} read answers of {predictor.card['name']} in the audit log" + (f" (left out: {left_out})" if left_out else ""))
     return write_site_model(predictor, studies, args.out, provenance, **options)
 
