@@ -464,6 +464,21 @@ def run_fit_operating_points(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_audit_database_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
+    """Where the audit log lives: the same two flags for every command that reads or writes it."""
+    p.add_argument("--data-dir", type=Path, default=None, help=f"{note}where the SQLite audit database lives (default ./data)")
+    p.add_argument("--database-url", default=None, help=f"{note}SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+
+
+def open_audit_log(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # an AuditLog; imported lazily
+    """The audit log that --data-dir / --database-url (or PNEUMOSCAN_DATA_DIR / PNEUMOSCAN_DATABASE_URL) name."""
+    from pneumoscan.apps.audit import AuditLog, connect
+    from pneumoscan.apps.settings import ApplicationSettings, settings_from
+
+    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
+    return AuditLog(connect(settings.resolved_database_url))
+
+
 def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate",
@@ -483,8 +498,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the radiologists' readings in the audit log instead (their stored answers: no images needed); "
                         "PNEUMOSCAN_DATA_DIR / PNEUMOSCAN_DATABASE_URL apply")  # fmt: skip
     p.add_argument("--since", default=None, metavar="DATE", help="with --from-audit: readings recorded on DATE (YYYY-MM-DD) or later")
-    p.add_argument("--data-dir", type=Path, default=None, help="with --from-audit: where the SQLite audit database lives")
-    p.add_argument("--database-url", default=None, help="with --from-audit: SQLAlchemy URL of the audit database")
+    add_audit_database_arguments(p, "with --from-audit: ")
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                    help="which part of the data: all of it, or one part of a dataset with parts")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the new model folder, e.g. models/pneumoscan-v3-mysite")
@@ -531,17 +545,14 @@ def calibrate_from_audit(args: argparse.Namespace, options: dict) -> dict:
     """The site point from the readings in the audit log: the answers of this model's graph that radiologists read."""
     from datetime import UTC, datetime
 
-    from pneumoscan.apps.audit import AuditLog, connect
     from pneumoscan.apps.dicom.pull import parse_since
     from pneumoscan.apps.readings import studies_from_readings
-    from pneumoscan.apps.settings import ApplicationSettings, settings_from
     from pneumoscan.learning.site_calibration import write_site_model
     from pneumoscan.running.inference import Predictor
 
-    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
     predictor = Predictor.load(args.model or DEFAULT_MODEL_DIR)
     since = datetime.combine(parse_since(args.since), datetime.min.time(), UTC) if args.since else None
-    studies, provenance = studies_from_readings(AuditLog(connect(settings.resolved_database_url)), predictor, since)
+    studies, provenance = studies_from_readings(open_audit_log(args), predictor, since)
     left_out = ", ".join(f"{n} {why}" for why, n in provenance["left_out"].items())
     if not studies:
         raise TooFewSiteCases(f"the audit log holds no readings of {predictor.card['name']}'s answers"
@@ -825,8 +836,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--model", type=Path, default=None, help=f"exported model folder (default: {DEFAULT_MODEL_DIR})")
     p.add_argument("--int8", action="store_true", help="serve the int8 model")
-    p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
-    p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    add_audit_database_arguments(p)
     p.add_argument("--unsafe-allow-unauthenticated-network-access", action="store_true",
                    help="serve on a non-loopback --host without an API key (only on a closed network: anyone who "
                    "reaches the port can list and download every X-ray)")  # fmt: skip
@@ -862,18 +872,14 @@ def add_readings_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     imported.add_argument("file", type=Path, metavar="FILE.csv")
-    imported.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
-    imported.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    add_audit_database_arguments(imported)
     imported.set_defaults(handler=run_readings_import)
 
 
 def run_readings_import(args: argparse.Namespace) -> int:
-    from pneumoscan.apps.audit import AuditLog, connect
     from pneumoscan.apps.readings import import_readings
-    from pneumoscan.apps.settings import ApplicationSettings, settings_from
 
-    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
-    summary = import_readings(args.file, AuditLog(connect(settings.resolved_database_url)))
+    summary = import_readings(args.file, open_audit_log(args))
     findings = ", ".join(f"{n} {finding.replace('_', ' ')}" for finding, n in summary.by_finding.items())
     keys = ", ".join(f"{n} by {key.replace('_', ' ')}" for key, n in summary.by_key.items() if n)
     print(f"imported {summary.rows} reading(s) from {args.file.name}: {findings} ({keys})")
@@ -894,17 +900,15 @@ def add_promote_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("report", type=Path, help="the compare report: its folder or its comparison.json")
     p.add_argument("--by", required=True, help="who promotes it: the site's user id")
     p.add_argument("--override", default=None, metavar="REASON", help="promote against the report's decision, for this reason")
-    p.add_argument("--data-dir", type=Path, default=None, help="where the SQLite audit database lives (default ./data)")
-    p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
+    add_audit_database_arguments(p)
     p.set_defaults(handler=run_promote)
 
 
 def run_promote(args: argparse.Namespace) -> int:
     import re
 
-    from pneumoscan.apps.audit import AuditLog, connect, promotion_row
+    from pneumoscan.apps.audit import promotion_row
     from pneumoscan.apps.readings import READER_PATTERN
-    from pneumoscan.apps.settings import ApplicationSettings, settings_from
     from pneumoscan.files import sha256_file
     from pneumoscan.learning.comparison import read_comparison
 
@@ -915,9 +919,7 @@ def run_promote(args: argparse.Namespace) -> int:
     if not decision["promote"] and not args.override:
         raise ConfigurationError(f"{path} says do not promote ({'; '.join(decision['reasons'])}): promote a candidate its "
                                  "report promotes, or give --override REASON to record why this one goes live anyway")  # fmt: skip
-    settings = settings_from(ApplicationSettings, data_dir=args.data_dir, database_url=args.database_url)
-    row = promotion_row(report, sha256_file(path), args.by, args.override)
-    AuditLog(connect(settings.resolved_database_url)).record_model_event(row)
+    open_audit_log(args).record_model_event(promotion_row(report, sha256_file(path), args.by, args.override))
     points = ", ".join(f"{p} threshold {e['candidate']['threshold']:.4f}" for p, e in report["populations"].items())
     print(f"recorded: {report['candidate']['name']} replaces {report['current']['name']} ({points}), promoted by {args.by}"
           + (f" against the report's decision: {args.override}" if args.override else ""))  # fmt: skip
