@@ -85,7 +85,8 @@ def test_v1_against_v2_on_the_childrens_half(data_root: Path, tmp_path: Path, ca
         writer.writerow(["path", "label", "patient_id"])
         writer.writerows([r.path.name, r.class_name, r.patient] for r in half)
     out = tmp_path / "v1-v2"
-    assert main(["compare", "--model", str(V1), "--candidate", str(V2), "--data", str(labels), "--out", str(out)]) == 0
+    assert main(["compare", "--model", str(V1), "--candidate", str(V2), "--data", str(labels), "--out", str(out),
+                 "--resamples", "500"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     result = json.loads((out / "comparison.json").read_text())
     assert result["current"]["name"] == "pneumoscan-v1" and result["candidate"]["name"] == "pneumoscan-v2"

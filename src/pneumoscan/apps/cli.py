@@ -622,15 +622,18 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                    help="which part of the data: all of it, or one part of a dataset with parts")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="a new folder for the report")
+    p.add_argument("--resamples", type=int, default=None, help="patient-bootstrap resamples of each interval (default: as evaluate)")
     add_operating_point_arguments(p, " on the site's studies, for both models")
     p.set_defaults(handler=run_compare)
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from pneumoscan.learning.comparison import COMPARISON_HTML, compare
+    from pneumoscan.learning.evaluation import BOOTSTRAP_RESAMPLES
 
     result = compare(args.model or DEFAULT_MODEL_DIR, args.candidate, args.data, args.out, split=args.split, policy=args.policy,
-                     target=args.target, estimator=args.estimator, command=args.command_line)  # fmt: skip
+                     target=args.target, estimator=args.estimator, resamples=args.resamples or BOOTSTRAP_RESAMPLES,
+                     command=args.command_line)  # fmt: skip
     for population, entry in result["populations"].items():
         for side in ("current", "candidate"):
             f = entry[side]
