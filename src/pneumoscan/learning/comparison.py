@@ -15,7 +15,6 @@ import base64
 import html
 import io
 import json
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
-from pneumoscan.config import CLASS_NAMES, portable_path
+from pneumoscan.config import portable_path
 from pneumoscan.errors import ConfigurationError, TooFewSiteCases
 from pneumoscan.learning.data import Record
 from pneumoscan.learning.evaluation import BOOTSTRAP_RESAMPLES, fit_calibration, patient_resamples
@@ -33,8 +32,8 @@ from pneumoscan.learning.site_calibration import (
     SiteStudy,
     check_new_folder,
     figures_at,
-    minimum_cases,
     score_site,
+    short_of_minimum,
     site_set,
     where,
 )
@@ -130,10 +129,9 @@ def paired_studies(current: Predictor, candidate: Predictor, records: list[Recor
 
 
 def check_enough(studies: list[PairedStudy], population: str, policy: str, target: float) -> None:
-    counts = Counter(CLASS_NAMES[s.record.label] for s in studies)
-    short = {c: n for c, n in minimum_cases(policy, target).items() if counts.get(c, 0) < n}
+    short = short_of_minimum([s.record.label for s in studies], policy, target)
     if short:
-        have = ", ".join(f"{counts.get(c, 0)} {c.lower()} of the {n} needed" for c, n in short.items())
+        have = ", ".join(f"{have} {c.lower()} of the {n} needed" for c, (have, n) in short.items())
         raise TooFewSiteCases(f"too few {population} studies to compare at a site point: {have}")
 
 

@@ -87,6 +87,12 @@ def minimum_cases(policy: str, target: float) -> dict[str, int]:
     return {"PNEUMONIA": pneumonia, "NORMAL": MIN_PER_CLASS}
 
 
+def short_of_minimum(labels: list[int], policy: str, target: float) -> dict[str, tuple[int, int]]:
+    """Each class with fewer studies than :func:`minimum_cases` asks: (how many there are, how many are needed)."""
+    counts = Counter(CLASS_NAMES[label] for label in labels)
+    return {c: (counts.get(c, 0), n) for c, n in minimum_cases(policy, target).items() if counts.get(c, 0) < n}
+
+
 @dataclass(frozen=True)
 class SiteStudy:
     """One labelled study of the site as the model saw it."""
@@ -132,9 +138,8 @@ def fit_population(studies: list[SiteStudy], population: str, policy: str, targe
     """
     mine = [s for s in studies if s.population == population]
     used = [s for s in mine if s.in_distribution is not False]
-    counts = Counter(CLASS_NAMES[s.record.label] for s in used)
     needed = minimum_cases(policy, target)
-    short = {c: (counts.get(c, 0), n) for c, n in needed.items() if counts.get(c, 0) < n}
+    short = short_of_minimum([s.record.label for s in used], policy, target)
     if short:
         have = ", ".join(f"{have} {c.lower()} of the {n} needed" for c, (have, n) in short.items())
         raise TooFewSiteCases(
@@ -210,6 +215,8 @@ def calibrated_card(
         entry["operating_point"] = {**calibration.operating_point.to_dict(), "source": "site", "date": today}
         entry["site"] = {"date": today, "set_sha256": provenance["set_sha256"], "figures": figures,
                          "note": "figures on the studies the threshold was set on: see the halves protocol for how it transfers"}  # fmt: skip
+    if not calibrations:
+        raise TooFewSiteCases("no population has enough studies to set a site operating point: " + "; ".join(kept.values()))
     temperatures = {p: e["calibration"]["temperature"] for p, e in entries.items()}
     observations = [
         Observation(s.population, float(calibrated_probability(s.logit, temperatures[s.population])), s.ood_score)
@@ -217,12 +224,10 @@ def calibrated_card(
     ]
     reference = build_reference(observations, f"{on} ({len(observations)} studies)")
     previous = card.get("drift_reference") or {}
-    for population in entries:  # a population the site did not calibrate keeps the reference it was validated on
-        if population not in populations and population in (previous.get("populations") or {}):
+    for population in entries:  # a population the site did not calibrate (too few studies too) keeps its reference
+        if population not in calibrations and population in (previous.get("populations") or {}):
             reference["populations"][population] = previous["populations"][population]
     card["drift_reference"] = reference
-    if not calibrations:
-        raise TooFewSiteCases("no population has enough studies to set a site operating point: " + "; ".join(kept.values()))
     card["site_calibration"] = {**provenance, "date": today, "populations": list(calibrations), "policy": policy, "target": target,
                                 "estimator": estimator, "kept_validation_point": kept}
     return card, calibrations
