@@ -157,7 +157,7 @@ def test_the_finer_map_starts_as_the_pretrained_model_and_its_mean_is_the_logit(
 
 
 def test_a_fine_map_run_exports_its_map_and_quantises(boxed_adults: Path, tmp_path: Path) -> None:
-    """Box-guided on the 14×14 map, exported: the graph's heat map is that map (ReLU, upsampled, normalised) and
+    """Box-guided on the 14×14 map, exported: the graph's heat map is that map (each cell's sigmoid, upsampled, normalised) and
     int8 keeps the refinement in float."""
     from pneumoscan.learning.export import export
     from pneumoscan.learning.quantization import float_nodes
@@ -176,7 +176,7 @@ def test_a_fine_map_run_exports_its_map_and_quantises(boxed_adults: Path, tmp_pa
     with torch.no_grad():
         logit, cam = module.logits_and_cam(torch.from_numpy(predictor.preprocess(film))[None])
     assert cam.shape[-2:] == (14, 14)
-    expected = torch.nn.functional.interpolate(cam.relu()[:, None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
+    expected = torch.nn.functional.interpolate(cam.sigmoid()[:, None], size=(224, 224), mode="bilinear", align_corners=False)[0, 0]
     expected = (expected - expected.min()) / (expected.max() - expected.min() + 1e-7)
     assert np.abs(outputs["heatmap"][0] - expected.numpy()).max() < 1e-3
     assert abs(float(outputs["logit"].reshape(-1)[0]) - float(logit[0])) < 1e-3

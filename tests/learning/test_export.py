@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.learning.data import list_records
@@ -67,3 +68,48 @@ def test_the_gates_shifted_copies_are_seeded_and_really_shifted(data_root: Path)
     changed = [not np.array_equal(np.asarray(s), o) for s, o in zip(first, originals)]
     assert sum(changed) >= len(changed) // 2, "most copies differ from their film"
     assert all(s.size == load_xray(r.path).image.size for s, r in zip(first[::2], records))
+
+
+class NegativeEverywhere(torch.nn.Module):
+    """A network whose class activation map is below zero in every cell, highest in one known cell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.classifier = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.constant_(self.classifier.weight, -1.0)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.full((len(x), 1, 7, 7), 2.0)
+        features[:, :, 4, 5] = 0.5  # the least negative cell: where the map must peak
+        return features
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features.mean(dim=(2, 3)))
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.classifier
+
+
+def test_a_box_guided_map_below_zero_everywhere_still_peaks_where_its_cells_do() -> None:
+    """ReLU'd (Grad-CAM), such a map is blank and its peak the top-left pixel; a box-guided export shows each cell's
+    sigmoid, which keeps the cells' order."""
+    from pneumoscan.learning.export import LogitAndHeatmap
+
+    x = torch.zeros(2, 3, 224, 224)
+    _, rectified, _ = LogitAndHeatmap(NegativeEverywhere(), 224).eval()(x)
+    assert float(rectified.max()) == 0.0
+    _, kept, _ = LogitAndHeatmap(NegativeEverywhere(), 224, cell_probabilities=True).eval()(x)
+    assert torch.allclose(kept.amax(dim=(1, 2)), torch.ones(2), atol=1e-5)
+    row, column = divmod(int(kept[0].argmax()), 224)
+    assert (row // 32, column // 32) == (4, 5)
+
+
+def test_only_box_guided_runs_export_cell_probabilities(smoke_checkpoint: Path) -> None:
+    from pneumoscan.learning.export import heatmap_text, is_box_guided
+    from pneumoscan.learning.training import PneumoniaClassifier
+
+    module = PneumoniaClassifier.load_from_checkpoint(smoke_checkpoint, map_location="cpu", pretrained=False)
+    assert not is_box_guided(module)
+    assert "Grad-CAM" in heatmap_text([module])
+    module.hparams.box_loss_weight = 1.0
+    assert is_box_guided(module) and "sigmoid" in heatmap_text([module])

@@ -120,11 +120,17 @@ class LogitAndHeatmap(nn.Module):
     map size. Computing it in the forward pass makes a heat map cost one 1×1
     convolution and an upsampling, with no backward pass, in any ONNX runtime.
     The map is ReLU'd, upsampled (bilinear) and min-max normalised per image,
-    as ``pytorch_grad_cam`` does.
+    as ``pytorch_grad_cam`` does. A box-guided model (``cell_probabilities``)
+    shows each cell's sigmoid instead: training taught its cells' logits to say
+    "inside a radiologist's box", and on many pneumonia films every cell stays
+    below zero, so ReLU'd its map was blank (22 of v3's 72 boxed adult
+    validation films) and its peak the top-left pixel. The sigmoid keeps the
+    cells' order, so the map peaks at the cell training scored (``pointing_hits``).
     """
 
-    def __init__(self, model: nn.Module, image_size: int):
+    def __init__(self, model: nn.Module, image_size: int, cell_probabilities: bool = False):
         super().__init__()
+        self.cell_probabilities = cell_probabilities
         classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
         if not isinstance(classifier, nn.Linear):
             raise ConfigurationError(
@@ -134,16 +140,18 @@ class LogitAndHeatmap(nn.Module):
         self.model = model
         self.image_size = image_size
         self.register_buffer("cam_weight", classifier.weight.detach().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("cam_bias", classifier.bias.detach().clone() if classifier.bias is not None else torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if isinstance(self.model, FineCam):  # the map at stride 16, its logits as box-guided training saw them
             fine, features = self.model.features(x)
             logit, cam = self.model.logit_and_cam(fine, features)
-            logit, cam = logit.reshape(-1), nn.functional.relu(cam)
+            logit = logit.reshape(-1)
         else:
             features = self.model.forward_features(x)
             logit = self.model.forward_head(features).reshape(-1)
-            cam = nn.functional.relu(nn.functional.conv2d(features, self.cam_weight))
+            cam = nn.functional.conv2d(features, self.cam_weight, self.cam_bias if self.cell_probabilities else None)
+        cam = torch.sigmoid(cam) if self.cell_probabilities else nn.functional.relu(cam)
         embedding = features.mean(dim=(2, 3))  # what the head sees; the out-of-distribution gate reads it
         cam = nn.functional.interpolate(cam, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return logit, min_max_per_image(cam)[:, 0], embedding
@@ -192,9 +200,15 @@ def zoom_centre(x: torch.Tensor, zoom: float, size: int) -> torch.Tensor:
     return nn.functional.interpolate(centre, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def is_box_guided(module: PneumoniaClassifier) -> bool:
+    """Whether the run trained its class activation map on radiologists' boxes (its map's cells are then logits)."""
+    return module.hparams.get("box_loss_weight", 0.0) > 0
+
+
 def export_onnx(modules: list[PneumoniaClassifier], path: Path, image_size: int, tta_zoom: float | None = None) -> Path:
     """Write the ONNX graph with a dynamic batch dimension; one model without TTA is exported as it is."""
-    members = [LogitAndHeatmap(m.model.to(memory_format=torch.contiguous_format), image_size).eval() for m in modules]
+    members = [LogitAndHeatmap(m.model.to(memory_format=torch.contiguous_format), image_size, cell_probabilities=is_box_guided(m)).eval()
+               for m in modules]  # fmt: skip
     graph = members[0] if len(members) == 1 and not tta_zoom else EnsembleGraph(members, tta_zoom).eval()
     example = torch.zeros(1, 3, image_size, image_size)
     torch.onnx.export(
@@ -461,6 +475,20 @@ def equalisation_invariance(model: Predictor, records: list[Record], temperature
     }
 
 
+GRAD_CAM_TEXT = "N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]"
+BOX_GUIDED_HEATMAP_TEXT = (
+    "N×size×size class activation map of the PNEUMONIA logit, trained per cell on radiologists' boxes: each cell's "
+    "sigmoid (the probability training taught it of lying inside a box), upsampled and min-max scaled to [0, 1]"
+)
+
+
+def heatmap_text(modules: list[PneumoniaClassifier]) -> str:
+    """What the card says the heat map is: the ReLU'd Grad-CAM, or a box-guided map's cell probabilities."""
+    if all(is_box_guided(m) for m in modules):
+        return BOX_GUIDED_HEATMAP_TEXT
+    return GRAD_CAM_TEXT
+
+
 def base_card(checkpoints: list[Path], modules: list[PneumoniaClassifier], out: Path, name: str | None, data: DataConfig) -> dict:
     """What the card says before anything is fitted: identity, input contract, training provenance."""
     image_size, intensity = data.image_size, data.intensity
@@ -473,7 +501,7 @@ def base_card(checkpoints: list[Path], modules: list[PneumoniaClassifier], out: 
         "architecture": " + ".join(str(m.hparams.arch) for m in modules),
         "labels": list(CLASS_NAMES),
         "output": "logit: logit of PNEUMONIA, probability = sigmoid(logit / temperature of the image's population); "
-        "heatmap: N×size×size class activation map of the PNEUMONIA logit (= Grad-CAM of the last block), in [0, 1]; "
+        f"heatmap: {heatmap_text(modules)}; "
         "embedding: N×C globally pooled features of the last block",
         "input": {
             "name": "image",
