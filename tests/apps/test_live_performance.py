@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import confusion_matrix
 
 from pneumoscan.apps.cli import main
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.learning.data import list_records, split_in_halves
 
 pytestmark = pytest.mark.slow

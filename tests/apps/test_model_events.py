@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from pneumoscan.apps.audit import AuditLog, connect
 from pneumoscan.apps.cli import main
 from pneumoscan.apps.dicom.node import DicomNode
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.apps.settings import DicomNodeSettings
 from pneumoscan.files import sha256_file
 from pneumoscan.running.inference import Predictor

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pneumoscan.apps.predict import format_records, predict_files
-from pneumoscan.apps.server import create_app
+from pneumoscan.apps.service.app import create_app
 from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.apps.triage import THUMBNAIL_DIR, read_worklist, triage
 from pneumoscan.learning.data import list_records, records_of

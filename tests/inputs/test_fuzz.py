@@ -321,7 +321,8 @@ def test_dicom_structures_never_abort_predict_or_triage(fuzz_predictor, files: l
 def fuzz_client(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
-    from pneumoscan.apps.server import ServiceSettings, create_app
+    from pneumoscan.apps.service.app import create_app
+    from pneumoscan.apps.settings import ServiceSettings
 
     settings = ServiceSettings(model_dir=shipped_model, data_dir=tmp_path_factory.mktemp("fuzz-service"),
                                max_upload_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels)  # fmt: skip

@@ -847,7 +847,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pneumoscan.apps.server import serve
+    from pneumoscan.apps.service.app import serve
     from pneumoscan.apps.settings import ServiceSettings, settings_from
 
     serve(settings_from(ServiceSettings, host=args.host, port=args.port, model_dir=args.model, data_dir=args.data_dir,

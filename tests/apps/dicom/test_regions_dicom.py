@@ -21,7 +21,7 @@ from pynetdicom import AE, StoragePresentationContexts
 
 from pneumoscan.apps.dicom.node import DicomNode
 from pneumoscan.apps.dicom.results import REGION_SCORE, ModelIdentity, box_outline, build_results
-from pneumoscan.apps.server import create_app
+from pneumoscan.apps.service.app import create_app
 from pneumoscan.apps.settings import DicomNodeSettings, ServiceSettings
 from pneumoscan.inputs.imaging import load_xray
 from pneumoscan.learning.data import list_records, records_of

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.apps.admission import MULTIPART_OVERHEAD
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.admission import MULTIPART_OVERHEAD
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 
 LIMIT = 1 * 2**20
 BOUNDARY = b"pneumoscanboundary"

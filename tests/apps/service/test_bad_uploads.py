@@ -10,9 +10,10 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 
-CORPUS = Path(__file__).parents[1] / "corpus"
+CORPUS = Path(__file__).parents[2] / "corpus"
 MANIFEST = json.loads((CORPUS / "bad_uploads.json").read_text())
 PYDICOM_FILES = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
 

@@ -19,7 +19,7 @@ from pneumoscan.learning.data import list_records
 from pneumoscan.running.inference import Predictor
 from pneumoscan.running.regions import DEFAULT_GRID
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_device import (
     correlation,
     native_self_agreement,
@@ -116,7 +116,7 @@ def test_on_the_device_the_answer_is_the_servers_and_nothing_leaves(shipped_mode
 
 def test_the_gate_the_browser_gets_scores_like_the_python_gate(shipped_model: Path) -> None:
     """Mean and upper triangle of each precision matrix, float32: the same distance as the Python gate."""
-    from pneumoscan.apps.device import gate_bytes
+    from pneumoscan.apps.service.device import gate_bytes
     from pneumoscan.running.ood import OodGate
 
     gate = OodGate.load(shipped_model, "child")
@@ -148,7 +148,8 @@ def test_the_runtime_is_served_gzipped_to_browsers_that_accept_it(service_client
 def service_client(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
-    from pneumoscan.apps.server import ServiceSettings, create_app
+    from pneumoscan.apps.service.app import create_app
+    from pneumoscan.apps.settings import ServiceSettings
 
     return TestClient(create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path_factory.mktemp("device"))))
 

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from pneumoscan.apps.audit import AuditLog, connect, now, prediction_row, uid_digest
 from pneumoscan.apps.cli import main
 from pneumoscan.apps.readings import import_readings
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.errors import ReadingsFileError
 from pneumoscan.learning.data import list_records
 

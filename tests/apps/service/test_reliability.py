@@ -20,7 +20,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.learning.data import list_records
 from pneumoscan.running.inference import Predictor
 
@@ -234,7 +235,7 @@ def test_triage_output_names_cannot_leave_the_output_folder(data_root: Path, tmp
 
 # --------------------------------------------------------------------------- load, kill -9, SIGTERM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 import load_test
 
 
@@ -362,7 +363,7 @@ def test_the_service_is_closed_by_default(args: list[str], env: dict[str, str], 
 
 
 def test_exposure_rules(tmp_path: Path) -> None:
-    from pneumoscan.apps.server import check_exposure
+    from pneumoscan.apps.service.app import check_exposure
     from pneumoscan.errors import ConfigurationError
 
     key_file = tmp_path / "key"
@@ -383,7 +384,7 @@ def test_exposure_rules(tmp_path: Path) -> None:
 
 def test_the_shipped_container_needs_a_key(tmp_path: Path) -> None:
     """compose.yaml takes the key from the operator's environment and stops with a message without one."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     compose = (root / "compose.yaml").read_text()
     assert "PNEUMOSCAN_API_KEY: ${PNEUMOSCAN_API_KEY:?" in compose
     assert "UNSAFE" not in compose and "unsafe" not in (root / "Dockerfile").read_text()
@@ -394,7 +395,7 @@ def test_compose_restarts_and_limits_every_service_and_fixes_no_secret() -> None
     PostgreSQL password, and Orthanc's REST and DICOM ports without authentication."""
     import yaml
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     text = (root / "compose.yaml").read_text()
     services = yaml.safe_load(text)["services"]
     for name, service in services.items():
@@ -446,7 +447,7 @@ def test_pictures_are_never_cached_by_the_browser(shipped_model: Path, tmp_path:
 
 def test_the_picture_cache_is_bounded_in_bytes() -> None:
     """300 noise images of 1024² (1.7 GB with the old count-bounded cache of 256) stay within an 8 MB budget."""
-    from pneumoscan.apps.server import PictureCache
+    from pneumoscan.apps.service.pictures import PictureCache
 
     cache = PictureCache(max_bytes=8 * 2**20)
     rng = np.random.default_rng(0)

@@ -16,10 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from pneumoscan.apps.server import ServiceSettings, create_app
+from pneumoscan.apps.service.app import create_app
+from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.learning.data import list_records
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 import load_test
 
 PYDICOM_FILES = Path(os.path.dirname(pydicom.__file__)) / "data" / "test_files"
@@ -107,6 +108,37 @@ def test_health_and_readiness(service) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["model"]["name"] == "pneumoscan-v3"
     assert client.get("/openapi.json").status_code == 200
+
+
+#: Every operation of the API, as the routers declare them: none may drop out of the schema in a reorganisation.
+API_OPERATIONS = {
+    ("/api/v1/predictions", "POST"), ("/api/v1/predictions", "GET"), ("/api/v1/predictions/{prediction_id}", "GET"),
+    ("/api/v1/predictions/{prediction_id}/{picture}.png", "GET"), ("/api/v1/predictions/{prediction_id}/readings", "POST"),
+    ("/api/v1/predictions/{prediction_id}/readings", "GET"), ("/api/v1/performance", "GET"), ("/api/v1/model", "GET"),
+    ("/api/v1/drift", "GET"), ("/healthz", "GET"), ("/readyz", "GET"),
+}  # fmt: skip
+
+
+def test_every_route_of_the_routers_is_documented_in_openapi_with_its_tag_and_key(service) -> None:
+    from fastapi.routing import APIRoute
+
+    from pneumoscan.apps.service.app import ROUTERS
+
+    client, _ = service
+    schema = client.get("/openapi.json").json()
+    documented = {(path, method.upper()) for path, operations in schema["paths"].items() for method in operations}
+    declared = {(route.path, method) for router in ROUTERS for route in router.routes
+                if isinstance(route, APIRoute) and route.include_in_schema and router.include_in_schema
+                for method in route.methods}  # fmt: skip
+    assert declared == documented == API_OPERATIONS
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("tags"), (method, path)  # each belongs to its router's resource
+            if path.startswith("/api/"):
+                assert operation.get("security") == [{"APIKeyHeader": []}], (method, path)
+                assert "401" in operation["responses"], (method, path)
+    assert schema["components"]["securitySchemes"]["APIKeyHeader"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the service's key, when one is set"}
 
 
 def test_api_key_is_required_when_configured(shipped_model: Path, tmp_path: Path, data_root: Path) -> None:

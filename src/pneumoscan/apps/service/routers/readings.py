@@ -1,6 +1,6 @@
 """``/api/v1/predictions/{id}/readings``: a radiologist's reading recorded against a prediction, and read back.
 
-The audit log comes in as a dependency (``request.app.state.audit``), so the router holds no state of its own.
+The audit log and the model come in as dependencies, so the router holds no state of its own.
 """
 
 from __future__ import annotations
@@ -8,12 +8,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from pneumoscan.apps.audit import AuditLog, reading_row
 from pneumoscan.apps.readings import MAX_COMMENT_CHARS, READER_PATTERN
+from pneumoscan.apps.service.dependencies import get_audit, get_predictor, get_service, require_api_key
+from pneumoscan.apps.service.schemas import API, API_ERRORS, documented
+from pneumoscan.apps.service.state import Service
 from pneumoscan.running.inference import Predictor
 from pneumoscan.running.performance import ReadAnswer, live_performance
 
@@ -92,14 +95,6 @@ class PerformanceBody(BaseModel):
     message: str | None
 
 
-def audit_log(request: Request) -> AuditLog:
-    return request.app.state.audit
-
-
-def predictor_of(request: Request) -> Predictor:
-    return request.app.state.predictor
-
-
 def performance_figures(audit: AuditLog, predictor: Predictor, window: int, since: datetime | None = None) -> dict:
     """Live performance over the last ``window`` read predictions (see :mod:`pneumoscan.running.performance`)."""
     since = (since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)) if since else None
@@ -116,37 +111,38 @@ def public_reading(row: dict) -> dict:
             "read_at": utc(row["read_at"]), "recorded_at": utc(row["recorded_at"])}
 
 
-def router(prefix: str, errors: dict[int | str, dict]) -> APIRouter:
-    """The readings routes under ``prefix`` (``/api/v1``); ``errors``: the documented refusals every API route shares."""
-    routes = APIRouter(prefix=prefix, tags=["readings"])
+router = APIRouter(prefix=API, tags=["readings"], dependencies=[Depends(require_api_key)])
+ERRORS = documented(*API_ERRORS, 404, 422)
 
-    async def known_prediction(prediction_id: str, audit: AuditLog) -> None:
-        if await run_in_threadpool(audit.get, prediction_id) is None:
-            raise HTTPException(404, "no such prediction")
 
-    @routes.post("/predictions/{prediction_id}/readings", status_code=201, response_model=ReadingBody, responses=errors)
-    async def create_reading(prediction_id: str, reading: ReadingIn, audit: AuditLog = Depends(audit_log)) -> dict:
-        """Record what the radiologist found. A later reading supersedes an earlier one; all are kept."""
-        await known_prediction(prediction_id, audit)
-        row = reading_row(prediction_id, reading.finding, reading.reader, reading.source, reading.read_at, reading.comment)
-        await run_in_threadpool(audit.record_readings, [row])
-        return public_reading(row)
+async def known_prediction(prediction_id: str, audit: AuditLog) -> None:
+    if await run_in_threadpool(audit.get, prediction_id) is None:
+        raise HTTPException(404, "no such prediction")
 
-    @routes.get("/predictions/{prediction_id}/readings", response_model=list[ReadingBody], responses=errors)
-    async def list_readings(prediction_id: str, audit: AuditLog = Depends(audit_log)) -> list[dict]:
-        """Every reading of the prediction, oldest first: the last is the one in force."""
-        await known_prediction(prediction_id, audit)
-        return [public_reading(r) for r in await run_in_threadpool(audit.readings_of, prediction_id)]
 
-    @routes.get("/performance", response_model=PerformanceBody, responses=errors, tags=["performance"])
-    async def get_performance(request: Request, window: int | None = Query(None, ge=1, le=100_000),
-                              since: datetime | None = Query(None), audit: AuditLog = Depends(audit_log),
-                              predictor: Predictor = Depends(predictor_of)) -> dict:
-        """Sensitivity, specificity, PPV and NPV of the answers radiologists have read, per population and operating point,
-        with Wilson 95 % intervals and counts: the reading in force of each of the last ``window`` read predictions
-        (default: the service's setting) recorded from ``since`` on. ``warning``: the point in force falls short of
-        the sensitivity it promises."""
-        window = window or request.app.state.settings.performance_window
-        return await run_in_threadpool(performance_figures, audit, predictor, window, since)
+@router.post("/predictions/{prediction_id}/readings", status_code=201, response_model=ReadingBody, responses=ERRORS)
+async def create_reading(prediction_id: str, reading: ReadingIn, audit: AuditLog = Depends(get_audit)) -> dict:
+    """Record what the radiologist found. A later reading supersedes an earlier one; all are kept."""
+    await known_prediction(prediction_id, audit)
+    row = reading_row(prediction_id, reading.finding, reading.reader, reading.source, reading.read_at, reading.comment)
+    await run_in_threadpool(audit.record_readings, [row])
+    return public_reading(row)
 
-    return routes
+
+@router.get("/predictions/{prediction_id}/readings", response_model=list[ReadingBody], responses=ERRORS)
+async def list_readings(prediction_id: str, audit: AuditLog = Depends(get_audit)) -> list[dict]:
+    """Every reading of the prediction, oldest first: the last is the one in force."""
+    await known_prediction(prediction_id, audit)
+    return [public_reading(r) for r in await run_in_threadpool(audit.readings_of, prediction_id)]
+
+
+@router.get("/performance", response_model=PerformanceBody, responses=ERRORS, tags=["performance"])
+async def get_performance(window: int | None = Query(None, ge=1, le=100_000), since: datetime | None = Query(None),
+                          audit: AuditLog = Depends(get_audit), predictor: Predictor = Depends(get_predictor),
+                          service: Service = Depends(get_service)) -> dict:  # fmt: skip
+    """Sensitivity, specificity, PPV and NPV of the answers radiologists have read, per population and operating point,
+    with Wilson 95 % intervals and counts: the reading in force of each of the last ``window`` read predictions
+    (default: the service's setting) recorded from ``since`` on. ``warning``: the point in force falls short of
+    the sensitivity it promises."""
+    window = window or service.settings.performance_window
+    return await run_in_threadpool(performance_figures, audit, predictor, window, since)

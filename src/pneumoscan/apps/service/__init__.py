@@ -1,0 +1,1 @@
+"""The web service: an app factory (:mod:`.app`), one router per resource (:mod:`.routers`), dependencies, middleware."""
