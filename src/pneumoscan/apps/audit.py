@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -175,10 +176,19 @@ class AuditLog:
 
     def record_instance(self, instance: dict, prediction: dict | None = None) -> None:
         """A DICOM instance's row, with its prediction's row when it was scored: both or neither."""
+        self.record_instances([(instance, prediction)])
+
+    def record_instances(self, rows: Sequence[tuple[dict, dict | None]]) -> list[None]:
+        """Several instances' rows (each with its prediction's, when scored) in one transaction: all or none.
+
+        One commit (one sync) for a batch: what lets the DICOM node keep up (see its ``recorder``).
+        """
         with self.engine.begin() as connection:
-            if prediction is not None:
-                connection.execute(insert(predictions).values(**prediction))
-            connection.execute(insert(dicom_instances).values(**instance))
+            for instance, prediction in rows:
+                if prediction is not None:
+                    connection.execute(insert(predictions).values(**prediction))
+                connection.execute(insert(dicom_instances).values(**instance))
+        return [None] * len(rows)
 
     def scored_instance(self, sop_instance_sha256: str, pixels_sha256: str, model_sha256: str) -> dict | None:
         """The first time this model scored this instance with these pixels; None if it never did.

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pneumoscan.config import DEFAULT_MODEL_DIR, MAX_INPUT_BYTES, MAX_INPUT_PIXELS
 from pneumoscan.errors import ConfigurationError
+from pneumoscan.running.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_S
 from pneumoscan.running.drift import DEFAULT_WINDOW, DRIFT_THRESHOLD, MIN_PREDICTIONS
 
 
@@ -30,6 +31,11 @@ class ApplicationSettings(BaseSettings):
     database_url: str | None = None  # default: SQLite file in data_dir
     max_upload_bytes: int = MAX_INPUT_BYTES
     max_pixels: int = MAX_INPUT_PIXELS
+    # Dynamic batching: images arriving within batch_window_ms of a batch's first (at most batch_size) go through the
+    # model in one call; model_workers calls run at once (one per core). batch_size 1: one image per call.
+    batch_size: int = Field(DEFAULT_MAX_BATCH, ge=1, le=64)
+    batch_window_ms: float = Field(DEFAULT_WINDOW_S * 1000, ge=0, le=1000)
+    model_workers: int = Field(2, ge=1)
 
     @property
     def resolved_database_url(self) -> str:
@@ -44,7 +50,7 @@ class ServiceSettings(ApplicationSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_concurrent: int = 2  # inferences at once; one per core
+    max_concurrent: int = 2  # uploads read and decoded at once (one per core); the model itself runs in batches
     max_queue: int = 32  # predictions waiting for a slot; beyond it: 503 + Retry-After instead of an unbounded queue
     cors_origins: list[str] = []  # browser origins allowed to call the API from other sites; none by default
     threads: int = 1  # ONNX Runtime threads per inference: requests run side by side instead
@@ -89,8 +95,8 @@ class DicomNodeSettings(ApplicationSettings):
     dicom_port: int = Field(11112, ge=0, lt=65536)  # 0: any free port (tests); not PNEUMOSCAN_PORT, the web service's
     allowed_calling_aes: Annotated[list[str], NoDecode] = []  # senders' AE titles (comma-separated); empty: any
     destination: str | None = None  # AE_TITLE@host:port (C-STORE) or a DICOMweb URL (STOW-RS); none: results wait
-    workers: int = Field(2, ge=1)  # instances scored at once; one per core
-    threads: int = Field(1, ge=1)  # ONNX Runtime threads per instance: workers run side by side instead
+    workers: int = Field(4, ge=1)  # instances processed at once: their model calls and audit commits are shared
+    threads: int = Field(1, ge=1)  # ONNX Runtime threads per model call: model_workers run side by side instead
     # Association slots: more than the listed senders need, since one that never sends an A-ASSOCIATE-RQ holds one too
     # (for association_request_timeout seconds); and at most max_connections_per_peer connections from one address.
     max_associations: int = Field(64, ge=1)

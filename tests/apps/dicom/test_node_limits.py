@@ -182,11 +182,11 @@ class FlakyAudit(AuditLog):
         super().__init__(engine)
         self.failures = failures
 
-    def record_instance(self, instance: dict, prediction: dict | None = None) -> None:
+    def record_instances(self, rows):  # type: ignore[no-untyped-def]
         if self.failures > 0:
             self.failures -= 1
             raise DatabaseUnavailableError("the audit database is away (test)")
-        super().record_instance(instance, prediction)
+        return super().record_instances(rows)
 
 
 def test_an_acknowledged_instance_is_scored_once_the_audit_log_is_back_without_a_restart(tmp_path, films, predictor) -> None:
@@ -198,6 +198,54 @@ def test_an_acknowledged_instance_is_scored_once_the_audit_log_is_back_without_a
         assert wait_for(lambda: [r["outcome"] for r in audit.instances()] == [SCORED], 20), audit.instances()
         assert list(node.spool.glob("*.dcm")) == [] and audit.failures == 0
         assert len(node.outbox.pending()) == 1  # its results, once, though it was tried three times
+    finally:
+        node.stop()
+
+
+class SlowCommits(AuditLog):
+    """Each commit takes 0.3 s (a slow disk's sync): rows of instances finished meanwhile queue for the next one."""
+
+    def record_instances(self, rows):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        return super().record_instances(rows)
+
+
+class FirstBatchFails(SlowCommits):
+    """The first commit of more than one instance fails (the database away for it); later ones go through."""
+
+    failed = False
+
+    def record_instances(self, rows):  # type: ignore[no-untyped-def]
+        if len(rows) > 1 and not self.failed:
+            self.failed = True
+            raise DatabaseUnavailableError("the audit database is away for this batch (test)")
+        return super().record_instances(rows)
+
+
+def chest_studies(data_root: Path, n: int) -> list:  # type: ignore[type-arg]
+    return [radiograph_dataset(r.path, size=512) for r in list_records(data_root, "test")[::37][:n]]
+
+
+@pytest.mark.parametrize("audit_kind", [SlowCommits, FirstBatchFails])
+def test_instances_processed_together_share_model_calls_and_commits_and_each_ends_as_one_row(
+        tmp_path, data_root, predictor, audit_kind) -> None:  # fmt: skip
+    """Rows that wait while a commit syncs go in the next transaction together; a batch whose commit fails is retried
+    row by row: every acknowledged instance ends as exactly one row with its prediction, its results once."""
+    audit = audit_kind(connect(f"sqlite:///{tmp_path / 'audit.db'}"))
+    node = start_node(tmp_path, predictor, audit=audit, workers=4)
+    studies = chest_studies(data_root, 10)
+    try:
+        assert [int(a.Status) for a in send(node.port, studies)] == [0] * len(studies)  # acknowledged: on disk
+        node.jobs.join()
+        rows = audit.instances()
+        assert sorted(r["outcome"] for r in rows) == [SCORED] * len(studies)
+        assert len({r["sop_instance_sha256"] for r in rows}) == len(studies)  # one row each, none twice
+        assert all(audit.get(r["prediction_id"]) is not None for r in rows)  # each with its prediction's row
+        assert list(node.spool.glob("*.dcm")) == [] and len(node.outbox.pending()) == len(studies)
+        assert max(node.recorder.sizes) > 1, list(node.recorder.sizes)  # one commit for several instances
+        assert sum(node.scorer.sizes) == len(studies)
+        if audit_kind is FirstBatchFails:
+            assert audit.failed
     finally:
         node.stop()
 

@@ -266,3 +266,36 @@ def test_drift_over_the_api_and_metrics_warns_on_a_shifted_stream(shipped_model:
     assert "/api/v1/drift" in client.get("/openapi.json").json()["paths"]
     restarted = TestClient(create_app(settings))  # the window is refilled from the audit log, nothing else is kept
     assert restarted.get("/api/v1/drift").json()["n"] == 12
+
+
+def test_concurrent_uploads_share_model_calls_and_each_gets_its_own_answer(shipped_model: Path, tmp_path: Path,
+                                                                           data_root: Path) -> None:  # fmt: skip
+    """Dynamic batching: answers equal one-at-a-time scoring; a corrupt upload among them fails alone."""
+    import asyncio
+
+    import httpx
+
+    from pneumoscan.running.inference import Predictor
+
+    files = [r.path for r in list_records(data_root, "test")[::50][:12]]
+    alone = Predictor.load(shipped_model).predict(files)
+    app = create_app(ServiceSettings(model_dir=shipped_model, data_dir=tmp_path, max_concurrent=4, batch_window_ms=50))
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60) as client:
+            posts = [client.post("/api/v1/predictions", files={"file": ("x.jpeg", f.read_bytes(), "image/jpeg")}) for f in files]
+            posts.insert(5, client.post("/api/v1/predictions", files={"file": ("x.jpeg", b"\xff\xd8\xff not a jpeg", "image/jpeg")}))
+            return await asyncio.gather(*posts)
+
+    responses = asyncio.run(burst())
+    corrupt = responses.pop(5)
+    assert corrupt.status_code == 422 and corrupt.json()["error"] == "CorruptImage", corrupt.text
+    assert [r.status_code for r in responses] == [201] * len(files)
+    for response, expected in zip(responses, alone, strict=True):
+        answer = response.json()
+        assert answer["label"] == expected.label and answer["population"] == expected.population
+        assert answer["probability"] == pytest.approx(expected.probability, abs=1e-5)
+    sizes = list(app.state.service.batcher.sizes)
+    assert sum(sizes) == len(files) and max(sizes) > 1, sizes  # they went through the model together
+    metrics = TestClient(app).get("/metrics").text
+    assert f"pneumoscan_batch_images_sum {float(len(files))}" in metrics and f"pneumoscan_batch_images_count {float(len(sizes))}" in metrics

@@ -20,6 +20,7 @@ its sha256, which is enough to find duplicates and to look a study up by its UID
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.files import move_atomically
 from pneumoscan.inputs.imaging import Limits, load_xray
+from pneumoscan.running.batching import DynamicBatcher, Preprocessed, prediction_batcher
 from pneumoscan.running.inference import Predictor
 
 log = logging.getLogger("pneumoscan.dicom")
@@ -104,6 +107,16 @@ class DicomNode:
         self.workers: list[threading.Thread] = []
         self.sender: Sender | None = None
         self.server = None
+        # Instances processed at once share model calls (dynamic batching) and commits: the rows that wait while a
+        # commit syncs go in the next transaction together. Each worker waits for its own row before it lets its
+        # instance leave the spool, so "acknowledged means kept" holds; a batch that fails is retried row by row.
+        self.scorer = prediction_batcher(self.predictor, heatmap=True, max_batch=settings.batch_size,
+                                         window=settings.batch_window_ms / 1000, workers=settings.model_workers,
+                                         name="pneumoscan-model", expected=self.instances_being_read)  # fmt: skip
+        self.recorder = DynamicBatcher(self.audit.record_instances, max_batch=64, window=0.0, workers=1,
+                                       name="pneumoscan-audit")  # fmt: skip
+        self.reading = 0  # workers reading an instance, not yet at the model
+        self.reading_lock = threading.Lock()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -154,6 +167,8 @@ class DicomNode:
             self.jobs.put(None)
         for worker in self.workers:
             worker.join(timeout)
+        self.scorer.close()
+        self.recorder.close()
         if self.sender is not None:
             self.sender.drain(timeout)
             self.sender.stop()
@@ -261,9 +276,11 @@ class DicomNode:
             "model_sha256": self.model.sha256,
         }
         try:
-            loaded, source = self.load(data)
+            with self.counted_as_reading():
+                loaded, source = self.load(data)
+                ready = Preprocessed.of(self.predictor, loaded)
         except InputError as exc:  # a refusal answers nothing: the same UID with another content is judged on its own
-            self.audit.record_instance({**row, "outcome": REFUSED, "reason": str(exc)[:512]})
+            self.record({**row, "outcome": REFUSED, "reason": str(exc)[:512]})
             log.info("refused an instance from %s: %s", row["calling_ae"], exc)
             return REFUSED
         pixels = image_digest(loaded.image)
@@ -271,21 +288,39 @@ class DicomNode:
         earlier = self.audit.scored_instance(digest, pixels, self.model.sha256)
         if earlier is not None:
             when = earlier["received_at"].isoformat(timespec="seconds") if earlier["received_at"] else "earlier"
-            self.audit.record_instance({**row, "outcome": DUPLICATE, "reason": f"already scored on {when} "
-                                        f"(row {earlier['id']}) by this model, same pixels: not scored twice"})  # fmt: skip
+            self.record({**row, "outcome": DUPLICATE, "reason": f"already scored on {when} "
+                         f"(row {earlier['id']}) by this model, same pixels: not scored twice"})  # fmt: skip
             return DUPLICATE
-        prediction = self.predictor.predict_loaded(loaded, heatmap=True)
+        prediction = self.scorer(ready)
         entry = results_entry(f"{digest} {pixels}", self.model.sha256)
         results = build_results(source, loaded.image, prediction, self.model)
         self.outbox.put(entry, list(results))  # before the row: a crash between the two re-scores it, never loses it
         upload = prediction_row(prediction, data, "dicom", self.model.as_dict())
         reason = f"header values left out of the results: {', '.join(results.dropped)}"[:512] if results.dropped else None
-        self.audit.record_instance({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"], "reason": reason,
-                                    "report_uid": str(results.report.SOPInstanceUID),
-                                    "heatmap_uid": str(results.heatmap.SOPInstanceUID),
-                                    "presentation_uid": str(results.presentation.SOPInstanceUID) if results.presentation else None},
-                                   upload)  # fmt: skip
+        self.record({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"], "reason": reason,
+                     "report_uid": str(results.report.SOPInstanceUID),
+                     "heatmap_uid": str(results.heatmap.SOPInstanceUID),
+                     "presentation_uid": str(results.presentation.SOPInstanceUID) if results.presentation else None},
+                    upload)  # fmt: skip
         return SCORED
+
+    def record(self, instance: dict, prediction: dict | None = None) -> None:
+        """The instance's rows, committed with those of the instances processed beside it; returns once on disk."""
+        self.recorder((instance, prediction))
+
+    @contextlib.contextmanager
+    def counted_as_reading(self) -> Iterator[None]:
+        with self.reading_lock:
+            self.reading += 1
+        try:
+            yield
+        finally:
+            with self.reading_lock:
+                self.reading -= 1
+
+    def instances_being_read(self, outstanding: int) -> int:
+        """What a model batch may wait for: instances being read by other workers, or waiting in the queue."""
+        return self.reading + self.jobs.qsize()
 
     def load(self, data: bytes):  # type: ignore[no-untyped-def]
         """The loader of every entry point, and the header again for the results; InputError for what it refuses."""

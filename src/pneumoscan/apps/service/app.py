@@ -8,6 +8,9 @@ dependencies (:mod:`.dependencies`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -28,8 +31,14 @@ ROUTERS = (readings.router, predictions.router, model.router, drift.router, on_d
 def create_app(settings: ServiceSettings | None = None, predictor: Predictor | None = None) -> FastAPI:
     """The service's ASGI app; ``predictor`` replaces the one ``settings.model_dir`` names (tests)."""
     service = Service.open(settings or ServiceSettings(), predictor)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.batcher.close()  # after the last request: what was submitted is scored first
+
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays",
-                  docs_url=None, redoc_url=None)  # the docs page is ours: Swagger UI from this origin, under the CSP
+                  docs_url=None, redoc_url=None, lifespan=lifespan)  # the docs page is ours: Swagger UI from this origin
     app.state.service = service
     app.state.predictor, app.state.audit, app.state.settings = service.predictor, service.audit, service.settings
     install_error_handlers(app)

@@ -16,8 +16,9 @@ from pneumoscan.apps.service.metrics import ServiceMetrics
 from pneumoscan.apps.service.pictures import PictureCache
 from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.inputs.imaging import Limits
+from pneumoscan.running.batching import DynamicBatcher, Preprocessed, prediction_batcher
 from pneumoscan.running.drift import DriftMonitor, Observation
-from pneumoscan.running.inference import Predictor
+from pneumoscan.running.inference import Prediction, Predictor
 
 
 @dataclass
@@ -33,6 +34,18 @@ class Service:
     admitted: Admission  # uploads receiving, waiting or running
     device: dict  # what the page's on-device mode needs (the model does not change while serving)
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    batcher: DynamicBatcher[Preprocessed, Prediction] = field(init=False)
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.batcher = prediction_batcher(self.predictor, heatmap=True, max_batch=settings.batch_size,
+                                          window=settings.batch_window_ms / 1000, workers=settings.model_workers,
+                                          name="pneumoscan-model", on_batch=self.metrics.batch_size.observe,
+                                          expected=self.uploads_on_their_way)  # fmt: skip
+
+    def uploads_on_their_way(self, outstanding: int) -> int:
+        """Uploads admitted and not yet handed to the model (being received, waiting for a slot or decoded)."""
+        return self.admitted.inside - outstanding
 
     @classmethod
     def open(cls, settings: ServiceSettings, predictor: Predictor | None = None) -> Service:

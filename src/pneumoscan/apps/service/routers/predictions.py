@@ -1,12 +1,14 @@
 """``/api/v1/predictions``: score an uploaded X-ray, and read back recent answers and their pictures.
 
 Every answered prediction is written to the audit log before the answer leaves; anything a client
-sends that cannot be scored is a 4xx with a JSON reason, never a 500. Scoring runs off the event
-loop, bounded by the service's slots, so the loop keeps answering.
+sends that cannot be scored is a 4xx with a JSON reason, never a 500. Reading and decoding run off
+the event loop, bounded by the service's slots, so the loop keeps answering; the model then scores
+the image together with whatever else arrived within the batch window (:mod:`pneumoscan.running.batching`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime
@@ -24,7 +26,8 @@ from pneumoscan.apps.service.schemas import API, API_ERRORS, PredictionBody, doc
 from pneumoscan.apps.service.state import Service
 from pneumoscan.errors import InputError
 from pneumoscan.files import write_atomically
-from pneumoscan.inputs.imaging import HEAD_BYTES, check_head, load_xray
+from pneumoscan.inputs.imaging import HEAD_BYTES, LoadedImage, check_head, load_xray
+from pneumoscan.running.batching import Preprocessed
 from pneumoscan.running.drift import Observation
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,8 @@ async def create_prediction(file: UploadFile = File(...), service: Service = Dep
             data = await file.read(settings.max_upload_bytes + 1)
             if len(data) > settings.max_upload_bytes:
                 return error(413, "ImageTooLarge", f"the upload is larger than {settings.max_upload_bytes // 2**20} MB")
-            loaded = await run_in_threadpool(load_xray, data, service.limits)
-            prediction = await run_in_threadpool(service.predictor.predict_loaded, loaded, heatmap=True)
+            loaded, ready = await run_in_threadpool(decode, data, service)
+        prediction = await asyncio.wrap_future(service.batcher.submit(ready))
     except InputError as exc:
         return error(exc.http_status, type(exc).__name__, str(exc))
     row = prediction_row(prediction, data, loaded.format, service.model_info)
@@ -92,6 +95,12 @@ async def get_picture(prediction_id: str, picture: str, service: Service = Depen
 async def list_predictions(limit: int = Query(20, ge=1, le=500), audit: AuditLog = Depends(get_audit),
                            service: Service = Depends(get_service)) -> list[dict]:  # fmt: skip
     return [public(r, service.predictor.operating_point) for r in await run_in_threadpool(audit.recent, limit)]
+
+
+def decode(data: bytes, service: Service) -> tuple[LoadedImage, Preprocessed]:
+    """The upload read as every entry point reads it, and the model's input made from it (in a worker thread)."""
+    loaded = load_xray(data, service.limits)
+    return loaded, Preprocessed.of(service.predictor, loaded)
 
 
 def public(row: dict, default_operating_point: str) -> dict:
