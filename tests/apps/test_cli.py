@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.apps.cli import batches, main
+from pneumoscan.apps.cli import main
+from pneumoscan.apps.cli.training import batches
 from pneumoscan.config import PROJECT_ROOT
 
 
@@ -52,13 +53,13 @@ def test_train_settings_files_set_defaults_and_flags_win(tmp_path: Path, capsys:
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import argparse
 
-    from pneumoscan.apps import cli
+    from pneumoscan.apps.cli import training
 
     config = tmp_path / "run.toml"
     config.write_text('[data]\nseed = 7\nintensity = "equalize"\nstrong_photometric = true\ncrop_scale = [0.9, 1.0]\n'
                       '[train]\nschedule = "cosine"\nlabel_smoothing = 0.1\nepochs = 3\n')  # fmt: skip
     captured: dict[str, argparse.Namespace] = {}
-    monkeypatch.setattr(cli, "run_train", lambda args: captured.setdefault("args", args) and 0)  # no training here
+    monkeypatch.setattr(training, "run_train", lambda args: captured.setdefault("args", args) and 0)  # no training here
     main(["train", "--config", str(config), "--epochs", "5"])
     args = captured["args"]
     assert (args.seed, args.strong_photometric, args.schedule, args.label_smoothing) == (7, True, "cosine", 0.1)
@@ -70,7 +71,7 @@ def test_train_settings_files_set_defaults_and_flags_win(tmp_path: Path, capsys:
 
 
 def test_the_shipped_configs_are_valid() -> None:
-    from pneumoscan.apps.cli import defaults_from_config
+    from pneumoscan.apps.cli.training import defaults_from_config
     from pneumoscan.config import PROJECT_ROOT
 
     configs = sorted((PROJECT_ROOT / "configs").glob("*.toml"))
@@ -85,10 +86,10 @@ def test_every_settings_file_in_configs_is_accepted_by_train(config: Path, monke
     import argparse
     import tomllib
 
-    from pneumoscan.apps import cli
+    from pneumoscan.apps.cli import training
 
     captured: dict[str, argparse.Namespace] = {}
-    monkeypatch.setattr(cli, "run_train", lambda args: captured.setdefault("args", args) and 0)
+    monkeypatch.setattr(training, "run_train", lambda args: captured.setdefault("args", args) and 0)
     assert main(["train", "--config", str(config)]) == 0
     for table in tomllib.loads(config.read_text()).values():
         for key, value in table.items():

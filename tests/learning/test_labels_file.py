@@ -91,7 +91,7 @@ def test_a_dataset_can_have_its_own_validation_share_and_keeps_its_test_patients
 
 @pytest.mark.parametrize(("given", "parsed"), [("0.15", 0.15), ("0.10,rsna_adult=0.20", {"default": 0.10, "rsna_adult": 0.20})])
 def test_the_validation_share_flag_takes_one_share_or_one_per_dataset(given: str, parsed: object) -> None:
-    from pneumoscan.apps.cli import val_fraction_arg
+    from pneumoscan.apps.cli.training import val_fraction_arg
 
     assert val_fraction_arg(given) == parsed
 
