@@ -68,6 +68,43 @@ def run_pneumoscan(precision: str, threads: int, images: list[Path], model: Path
             "torch_imported": "torch" in sys.modules}  # fmt: skip
 
 
+def run_stages(precision: str, threads: int, images: list[Path], model: Path | None) -> dict:
+    """Median ms of each per-image stage at batch 1, and end to end over the bare forward pass (logit only).
+
+    decode: the JPEG bytes read as every entry point reads them (``load_xray``); preprocess: to the model's
+    input; forward: the graph with every output the answer needs (logit, heat map, embedding); post: what
+    ``predict_tensors`` adds to it (population, gate, calibration, regions); bare: ``session.run`` of the logit.
+    """
+    from pneumoscan.inputs.imaging import load_xray
+    from pneumoscan.running.inference import Predictor
+
+    predictor = Predictor.load(model, precision=precision, threads=threads)
+    blobs = [p.read_bytes() for p in images]
+    names = ["logit", "heatmap", "embedding"]
+    stages: dict[str, list[float]] = {k: [] for k in ("decode", "preprocess", "forward", "predict", "bare", "end_to_end")}
+    for round_ in range(2):  # the first round warms up
+        for blob in blobs:
+            t0 = time.perf_counter()
+            loaded = load_xray(blob, predictor.limits)
+            t1 = time.perf_counter()
+            x = predictor.preprocess(loaded.image)[None]
+            t2 = time.perf_counter()
+            predictor.run(x, names)
+            t3 = time.perf_counter()
+            predictor.predict_tensors(x, heatmap=True, ages=[loaded.age_years], sizes=[loaded.image.size])
+            t4 = time.perf_counter()
+            predictor.run(x, ["logit"])
+            t5 = time.perf_counter()
+            predictor.predict_loaded(load_xray(blob, predictor.limits), heatmap=True)
+            t6 = time.perf_counter()
+            if round_:
+                for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                    stages[key].append(value)
+    ms = {key: float(np.median(values) * 1000) for key, values in stages.items()}
+    ms["post"] = ms["predict"] - ms["forward"]
+    return {**ms, "end_to_end_over_bare": ms["end_to_end"] / ms["bare"], "n": len(blobs)}
+
+
 def bare_forward_ms(model_path: Path, threads: int, runs: int = 200) -> float:
     """Median time of ``session.run`` alone: the floor under any end-to-end figure."""
     import onnxruntime as ort
@@ -132,6 +169,8 @@ def child(args: argparse.Namespace) -> None:
     kind, name, threads = args.one.split(":")
     if kind == "pneumoscan":
         result = run_pneumoscan(name, int(threads), images, args.model)
+    elif kind == "stages":
+        result = run_stages(name, int(threads), images, args.model)
     elif kind == "bare":
         result = run_bare(name, int(threads), args.model)
     else:
@@ -179,6 +218,37 @@ def floor_lines(bare: list[tuple[str, dict]], best: dict[str, dict]) -> list[str
     ]  # fmt: skip
 
 
+def print_stages(limit: int, model: Path | None, out: Path) -> None:
+    """The per-image stages (``run_stages``), each configuration in its own process, as a Markdown table in ``out``."""
+    lines = [
+        "# Per-image stages",
+        "",
+        f"`python benchmarks/bench_inference.py --stages --limit {limit}` on {cpu_name()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}: median ms over {limit} Kermany test JPEGs, batch 1, the shipped model. decode: "
+        "`load_xray` of the bytes; preprocess: to the model's input; forward: the graph with every output an answer needs "
+        "(logit, heat map, embedding); post: what `predict_tensors` adds (population, gate, calibration, regions); end to "
+        "end: `predict_loaded(load_xray(bytes), heatmap=True)`; bare: `session.run` of the logit alone.",
+        "",
+        "| model, threads | decode | preprocess | forward (all outputs) | post | end to end | bare forward | end to end / bare |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for precision in ("int8", "fp32"):
+        for threads in (1, 2):
+            r = measure(f"stages:{precision}:{threads}", limit, model)
+            lines.append(f"| {precision}, {threads} | {r['decode']:.2f} | {r['preprocess']:.2f} | {r['forward']:.2f} | "
+                         f"{r['post']:.2f} | {r['end_to_end']:.2f} | {r['bare']:.2f} | {r['end_to_end_over_bare']:.2f}× |")  # fmt: skip
+            print(lines[-1], flush=True)
+    lines += ["", "Goal of the throughput issue: end to end ≤ 1.25 × the bare int8 forward pass."]
+    out.write_text("\n".join(lines) + "\n")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -187,9 +257,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="exported model folder (default: the shipped one)")
     parser.add_argument("--quick", action="store_true", help="64 images, 8 per competitor")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--stages", action="store_true", help="only the per-image stages of int8 and fp32, 1 and 2 threads")
     args = parser.parse_args()
     if args.one:
         return child(args)
+    if args.stages:
+        return print_stages(args.limit or 200, args.model, ROOT / "benchmarks" / "stages_results.md")
     if args.quick:
         args.limit, args.competitor_images = 64, 8
 
