@@ -36,6 +36,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from bench_device import adult_data_root as default_adult_data_root
 from dicom_factory import radiograph_dataset
+from machine import cpu_name
 from pacs import Orthanc, free_port
 
 from pneumoscan.apps.audit import AuditLog, connect
@@ -242,14 +243,6 @@ def outage(paths: list[Path], bad: list[Path], work: Path) -> dict:
             "node_summary": out.strip().splitlines()[-1] if out.strip() else "", **checked}  # fmt: skip
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPETITORS = ("vgg16", "resnet50", "mobilenet_v2", "densenet121")
@@ -242,11 +243,6 @@ def print_stages(limit: int, model: Path | None, out: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,15 +154,6 @@ def audit_write_cost(rows: int) -> list[str]:
     return lines
 
 
-def cpu_name() -> str:
-    """The processor's model name (machines differ: say which one a figure came from)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

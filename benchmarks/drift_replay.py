@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from load_test import running_server
+from machine import cpu_name
 
 from pneumoscan.config import DEFAULT_MODEL_DIR, PROJECT_ROOT
 from pneumoscan.learning.data import Record, records_of, split_in_halves
@@ -143,11 +144,6 @@ def test_part(model: Path) -> str:
 """ + "\n".join(rows) + "\n"
 
 
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
