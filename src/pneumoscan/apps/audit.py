@@ -171,8 +171,14 @@ class AuditLog:
         self.engine = engine
 
     def record(self, row: dict) -> None:
+        self.record_many([row])
+
+    def record_many(self, rows: Sequence[dict]) -> list[None]:
+        """Several predictions' rows in one transaction (one sync): the service's group commit (see its ``recorder``)."""
         with self.engine.begin() as connection:
-            connection.execute(insert(predictions).values(**row))
+            for row in rows:
+                connection.execute(insert(predictions).values(**row))
+        return [None] * len(rows)
 
     def record_instance(self, instance: dict, prediction: dict | None = None) -> None:
         """A DICOM instance's row, with its prediction's row when it was scored: both or neither."""

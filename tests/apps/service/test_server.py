@@ -297,5 +297,8 @@ def test_concurrent_uploads_share_model_calls_and_each_gets_its_own_answer(shipp
         assert answer["probability"] == pytest.approx(expected.probability, abs=1e-5)
     sizes = list(app.state.service.batcher.sizes)
     assert sum(sizes) == len(files) and max(sizes) > 1, sizes  # they went through the model together
-    metrics = TestClient(app).get("/metrics").text
+    assert sum(app.state.service.recorder.sizes) == len(files)  # every answer's row committed (grouped as they came)
+    client = TestClient(app)
+    assert all(client.get(f"/api/v1/predictions/{r.json()['id']}").status_code == 200 for r in responses)
+    metrics = client.get("/metrics").text
     assert f"pneumoscan_batch_images_sum {float(len(files))}" in metrics and f"pneumoscan_batch_images_count {float(len(sizes))}" in metrics

@@ -35,7 +35,7 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        service.batcher.close()  # after the last request: what was submitted is scored first
+        service.close()
 
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays",
                   docs_url=None, redoc_url=None, lifespan=lifespan)  # the docs page is ours: Swagger UI from this origin

@@ -23,6 +23,9 @@ from pneumoscan.running.inference import Prediction, Predictor
 
 @dataclass
 class Service:
+    """Everything a request may need, opened once; ``batcher`` scores the images of requests arriving together,
+    ``recorder`` commits their audit rows together."""
+
     settings: ServiceSettings
     predictor: Predictor
     audit: AuditLog
@@ -30,11 +33,12 @@ class Service:
     limits: Limits
     pictures: PictureCache
     drift: DriftMonitor
-    slots: asyncio.Semaphore  # inferences at once
+    slots: asyncio.Semaphore  # uploads read and decoded at once
     admitted: Admission  # uploads receiving, waiting or running
     device: dict  # what the page's on-device mode needs (the model does not change while serving)
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     batcher: DynamicBatcher[Preprocessed, Prediction] = field(init=False)
+    recorder: DynamicBatcher[dict, None] = field(init=False)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -42,6 +46,14 @@ class Service:
                                           window=settings.batch_window_ms / 1000, workers=settings.model_workers,
                                           name="pneumoscan-model", on_batch=self.metrics.batch_size.observe,
                                           expected=self.uploads_on_their_way)  # fmt: skip
+        # Group commit: the rows that wait while one commit syncs go in the next transaction together; each request
+        # still answers only once its own row is on disk, and a batch that fails is retried row by row.
+        self.recorder = DynamicBatcher(self.audit.record_many, max_batch=64, window=0.0, workers=1, name="pneumoscan-audit")
+
+    def close(self) -> None:
+        """After the last request: what was submitted is scored and recorded first."""
+        self.batcher.close()
+        self.recorder.close()
 
     def uploads_on_their_way(self, outstanding: int) -> int:
         """Uploads admitted and not yet handed to the model (being received, waiting for a slot or decoded)."""

@@ -60,7 +60,7 @@ async def create_prediction(file: UploadFile = File(...), service: Service = Dep
                          f"and the disk refused it: {exc.strerror or 'write error'}); no prediction is given. Retry "
                          "once the disk has room.", {"Retry-After": "30"})  # fmt: skip
     try:
-        await run_in_threadpool(service.audit.record, row)
+        await asyncio.wrap_future(service.recorder.submit(row))  # committed with the rows of requests beside it
     except SQLAlchemyError as exc:  # no answer without a record: the client may retry
         log.error("audit log write failed: %s", type(exc).__name__)
         if kept is not None:
