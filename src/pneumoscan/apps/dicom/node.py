@@ -12,7 +12,9 @@ model as an upload (:func:`pneumoscan.inputs.imaging.load_xray`,
 (CT, lateral, not a chest, undecodable: the loader's reason, and no result object), or
 *duplicate* (this model already scored that SOP Instance UID with the same pixels). A refusal
 answers nothing: a later instance with the same UID is judged on its own. Results go to the
-outbox (:mod:`pneumoscan.apps.dicom.outbox`) and on to the destination.
+outbox (:mod:`pneumoscan.apps.dicom.outbox`) and on to the destination. Instances processed at
+once share model calls and audit commits (:mod:`pneumoscan.running.batching`); each still leaves
+the spool only once its own row is on disk.
 
 The audit log keeps no patient field, as for uploads: the SOP Instance UID is stored as
 its sha256, which is enough to find duplicates and to look a study up by its UID.
