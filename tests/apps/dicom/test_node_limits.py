@@ -250,6 +250,32 @@ def test_instances_processed_together_share_model_calls_and_commits_and_each_end
         node.stop()
 
 
+def test_a_node_killed_while_batches_are_in_flight_loses_nothing_and_scores_nothing_twice(tmp_path, data_root,
+                                                                                          shipped_model) -> None:  # fmt: skip
+    """kill -9 of the command-line node right after the last acknowledgement, with instances mid-batch (scored but not
+    committed, committed but still in the spool, not read yet), then a restart on the same folder: every acknowledged
+    instance ends scored exactly once, with one outbox entry; one committed before the kill and met again is a duplicate."""
+    studies = chest_studies(data_root, 12)
+    # A batch waits up to 1 s for the instances still arriving: at the kill, batches are being gathered or scored.
+    with command_line_node(tmp_path, shipped_model, PNEUMOSCAN_BATCH_WINDOW_MS="1000") as (node, port):
+        assert [int(a.Status) for a in send(port, studies)] == [0] * len(studies)  # acknowledged: on disk
+        node.kill()
+        node.wait(timeout=30)
+    audit = AuditLog(connect(f"sqlite:///{tmp_path / 'node' / 'pneumoscan.db'}"))
+    uids = {str(study.SOPInstanceUID) for study in studies}
+    scored_before = {r["sop_instance_sha256"] for r in audit.instances() if r["outcome"] == SCORED}
+    assert len(scored_before) < len(uids), "the kill came after every instance was done: nothing was in flight"
+    with command_line_node(tmp_path, shipped_model):
+        assert wait_for(lambda: len(audit.instances()) >= len(uids) and not list((tmp_path / "node" / "dicom" / "incoming").glob("*.dcm")), 120)
+    rows = audit.instances()
+    scored = [r["sop_instance_sha256"] for r in rows if r["outcome"] == SCORED]
+    assert sorted(scored) == sorted(set(scored)) and len(scored) == len(uids), [(r["outcome"], r["reason"]) for r in rows]
+    assert {r["outcome"] for r in rows} <= {SCORED, DUPLICATE}
+    assert all(audit.get(r["prediction_id"]) is not None for r in rows if r["outcome"] == SCORED)
+    outbox = [p for p in (tmp_path / "node" / "dicom" / "outbox").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(outbox) == len(uids)  # results made again for a re-scored instance replace its entry, never add one
+
+
 def test_an_acknowledged_instance_is_scored_once_the_disk_has_room_again(tmp_path, films, predictor, monkeypatch) -> None:
     """The outbox's disk full (ENOSPC) for the first two tries: the instance stays in the spool and is retried."""
     import errno
