@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import subprocess
 import sys
 import tempfile

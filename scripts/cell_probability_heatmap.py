@@ -30,7 +30,7 @@ GRAPHS = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
 def heatmap_relu(graph: onnx.GraphProto) -> onnx.NodeProto | None:
     """The ReLU feeding the heat map's upsampling (walking back from the ``heatmap`` output), or None."""
     producer = {output: node for node in graph.node for output in node.output}
-    name = next(o.name for o in graph.output if o.name == "heatmap")
+    name = "heatmap"
     while name in producer:
         node = producer[name]
         if node.op_type == "Resize":

@@ -40,7 +40,6 @@ def create_app(settings: ServiceSettings | None = None, predictor: Predictor | N
     app = FastAPI(title="pneumoscan", version=pneumoscan.__version__, description="Pneumonia detection on chest X-rays",
                   docs_url=None, redoc_url=None, lifespan=lifespan)  # the docs page is ours: Swagger UI from this origin
     app.state.service = service
-    app.state.predictor, app.state.audit, app.state.settings = service.predictor, service.audit, service.settings
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
