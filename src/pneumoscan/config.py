@@ -176,6 +176,10 @@ class TrainConfig:
     # (0: off). The averaged model is saved as swa.ckpt; early stopping is off in such runs.
     swa_epochs: int = 0
     swa_lr_factor: float = 0.3
+    # Exponential moving average of the weights after every optimiser step, with this decay (0: off; Lightning's
+    # EMAWeightAveraging). Validation, the chosen checkpoint and so the export use the average, which moves less from
+    # one epoch to the next than the trained weights do.
+    ema_decay: float = 0.0
     plateau_patience: int = 1
     plateau_factor: float = 0.3
     limit_train_batches: float | int = 1.0

@@ -164,6 +164,24 @@ def test_weight_averaging_saves_the_averaged_model_and_validates_it(data_root: P
         fit(*smoke_configs(data_root, tmp_path / "bad", epochs=2, swa_epochs=2))
 
 
+def test_a_moving_average_of_the_weights_is_what_the_best_checkpoint_keeps(data_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ema"
+    best = fit(*smoke_configs(data_root, run, ema_decay=0.5), command="test")
+    saved = torch.load(best, map_location="cpu", weights_only=False)
+    assert int(saved["averaging_state"]["n_averaged"]) == 3  # one update per optimiser step
+    average, trained = saved["state_dict"], saved["current_model_state"]
+    stem = next(k for k in average if k.endswith("conv_stem.weight"))
+    assert not torch.equal(average[stem], trained[stem])  # the checkpoint's weights are the average, not the last step's
+    restored = PneumoniaClassifier.load_from_checkpoint(best, pretrained=False).eval()
+    torch.testing.assert_close(restored.state_dict()[stem], average[stem])  # export reads the average
+    assert json.loads((run / "config.json").read_text())["train"]["ema_decay"] == 0.5
+
+    with pytest.raises(ConfigurationError, match="choose one"):
+        fit(*smoke_configs(data_root, tmp_path / "both", epochs=3, swa_epochs=1, ema_decay=0.9))
+    with pytest.raises(ConfigurationError, match="between 0 and 1"):
+        fit(*smoke_configs(data_root, tmp_path / "bad", ema_decay=1.5))
+
+
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(small_data_root: Path, tmp_path: Path) -> None:
     """Kill a real training process after its first epoch; --resume finishes it with the same split and settings."""
     import signal

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
+    EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
     StochasticWeightAveraging,
@@ -450,9 +451,17 @@ def stopping_or_averaging(config: TrainConfig) -> list[Callback]:
     average unfinished. Lightning adds one epoch after the last that only
     recomputes the batch-norm statistics of the averaged weights and then
     validates them, so the last row of the history is the averaged model's.
+
+    A moving average (``ema_decay``) is different: it exists at every step, so
+    each epoch validates it and early stopping and the best checkpoint judge it.
     """
+    if config.ema_decay and config.swa_epochs:
+        raise ConfigurationError("ema_decay and swa_epochs are two ways to average the weights: choose one")
+    if config.ema_decay and not 0 < config.ema_decay < 1:
+        raise ConfigurationError(f"ema_decay must lie between 0 and 1 (e.g. 0.995), not {config.ema_decay}")
     if not config.swa_epochs:
-        return [EarlyStopping(monitor=selection_metric(config), mode="max", patience=config.patience)]
+        stopping = EarlyStopping(monitor=selection_metric(config), mode="max", patience=config.patience)
+        return [stopping, EMAWeightAveraging(decay=config.ema_decay)] if config.ema_decay else [stopping]
     if not 0 < config.swa_epochs < config.epochs:
         raise ConfigurationError(f"swa_epochs must lie between 1 and epochs - 1 ({config.epochs - 1}), not {config.swa_epochs}")
     rates = [config.swa_lr_factor * config.backbone_lr, config.swa_lr_factor * config.lr]  # optimiser groups: backbone, head

@@ -95,6 +95,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--swa-epochs", type=int, default=train.swa_epochs,
                    help="stochastic weight averaging over the last N epochs (0: off); the averaged model is swa.ckpt")  # fmt: skip
     g.add_argument("--swa-lr-factor", type=float, default=train.swa_lr_factor, help="SWA learning rates as a share of the rates")
+    g.add_argument("--ema-decay", type=float, default=train.ema_decay,
+                   help="validate and keep an exponential moving average of the weights with this decay, e.g. 0.995 (0: off)")  # fmt: skip
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="plain NCHW memory layout")
     g = p.add_argument_group("run")
     g.add_argument("--config", type=Path, default=None, metavar="TOML",
@@ -200,6 +202,7 @@ def run_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         swa_epochs=args.swa_epochs,
         swa_lr_factor=args.swa_lr_factor,
+        ema_decay=args.ema_decay,
         **{name: getattr(args, name) for name in ("plateau_patience", "plateau_factor") if hasattr(args, name)},
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
