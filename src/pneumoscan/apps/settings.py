@@ -96,6 +96,8 @@ class DicomNodeSettings(ApplicationSettings):
     allowed_calling_aes: Annotated[list[str], NoDecode] = []  # senders' AE titles (comma-separated); empty: any
     destination: str | None = None  # AE_TITLE@host:port (C-STORE) or a DICOMweb URL (STOW-RS); none: results wait
     workers: int = Field(4, ge=1)  # instances processed at once: their model calls and audit commits are shared
+    # Processes that build and file the results (highdicom, pure Python) beside the node's own threads; 0: in its threads.
+    result_processes: int = Field(2, ge=0)
     threads: int = Field(1, ge=1)  # ONNX Runtime threads per model call: model_workers run side by side instead
     # Association slots: more than the listed senders need, since one that never sends an A-ASSOCIATE-RQ holds one too
     # (for association_request_timeout seconds); and at most max_connections_per_peer connections from one address.

@@ -284,14 +284,14 @@ def test_an_acknowledged_instance_is_scored_once_the_disk_has_room_again(tmp_pat
 
     put, failures = Outbox.put, [2]
 
-    def full_then_room(self, entry, datasets):  # type: ignore[no-untyped-def]
+    def full_then_room(self, entry, datasets, wake=True):  # type: ignore[no-untyped-def]
         if failures[0] > 0:
             failures[0] -= 1
             raise OSError(errno.ENOSPC, "No space left on device")
-        return put(self, entry, datasets)
+        return put(self, entry, datasets, wake)
 
     monkeypatch.setattr(Outbox, "put", full_then_room)
-    node = start_node(tmp_path, predictor)
+    node = start_node(tmp_path, predictor, result_processes=0)  # the patched put runs where the results are filed
     try:
         assert [int(a.Status) for a in send(node.port, [radiograph_dataset(films[1])])] == [0]
         assert wait_for(lambda: [r["outcome"] for r in node.audit.instances()] == [SCORED], 20), node.audit.instances()

@@ -96,7 +96,7 @@ def add_dicom_node_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true", help="score with the int8 model")
     p.add_argument("--data-dir", type=Path, default=None, help="spool, outbox and SQLite audit database (default ./data)")
     p.add_argument("--database-url", default=None, help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db")
-    p.add_argument("--workers", type=int, default=None, help="instances scored at once (default 2)")
+    p.add_argument("--workers", type=int, default=None, help="instances processed at once (default 4)")
     p.set_defaults(handler=run_dicom_node)
 
 

@@ -13,7 +13,8 @@ model as an upload (:func:`pneumoscan.inputs.imaging.load_xray`,
 *duplicate* (this model already scored that SOP Instance UID with the same pixels). A refusal
 answers nothing: a later instance with the same UID is judged on its own. Results go to the
 outbox (:mod:`pneumoscan.apps.dicom.outbox`) and on to the destination. Instances processed at
-once share model calls and audit commits (:mod:`pneumoscan.running.batching`); each still leaves
+once share model calls and audit commits (:mod:`pneumoscan.running.batching`); their results are
+built in worker processes (:mod:`pneumoscan.apps.dicom.result_workers`); each instance still leaves
 the spool only once its own row is on disk.
 
 The audit log keeps no patient field, as for uploads: the SOP Instance UID is stored as
@@ -42,7 +43,8 @@ from pneumoscan.apps.dicom.outbox import (
     parse_destination,
 )
 from pneumoscan.apps.dicom.receiving import Receipts, guarded_server_class, receive_chunked_into
-from pneumoscan.apps.dicom.results import ModelIdentity, build_results, image_digest
+from pneumoscan.apps.dicom.result_workers import ResultWorkers
+from pneumoscan.apps.dicom.results import ModelIdentity, image_digest
 from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.files import move_atomically
@@ -117,6 +119,7 @@ class DicomNode:
                                          name="pneumoscan-model", expected=self.instances_being_read)  # fmt: skip
         self.recorder = DynamicBatcher(self.audit.record_instances, max_batch=64, window=0.0, workers=1,
                                        name="pneumoscan-audit")  # fmt: skip
+        self.results = ResultWorkers(self.outbox, self.model, settings.result_processes)
         self.reading = 0  # workers reading an instance, not yet at the model
         self.reading_lock = threading.Lock()
 
@@ -171,6 +174,7 @@ class DicomNode:
             worker.join(timeout)
         self.scorer.close()
         self.recorder.close()
+        self.results.close()
         if self.sender is not None:
             self.sender.drain(timeout)
             self.sender.stop()
@@ -295,15 +299,13 @@ class DicomNode:
             return DUPLICATE
         prediction = self.scorer(ready)
         entry = results_entry(f"{digest} {pixels}", self.model.sha256)
-        results = build_results(source, loaded.image, prediction, self.model)
-        self.outbox.put(entry, list(results))  # before the row: a crash between the two re-scores it, never loses it
+        # in the outbox before the row: a crash between the two re-scores it, never loses it
+        filed = self.results.file(entry, source, loaded.image, prediction)
         upload = prediction_row(prediction, data, "dicom", self.model.as_dict())
-        reason = f"header values left out of the results: {', '.join(results.dropped)}"[:512] if results.dropped else None
+        reason = f"header values left out of the results: {', '.join(filed.dropped)}"[:512] if filed.dropped else None
         self.record({**row, "id": entry, "outcome": SCORED, "prediction_id": upload["id"], "reason": reason,
-                     "report_uid": str(results.report.SOPInstanceUID),
-                     "heatmap_uid": str(results.heatmap.SOPInstanceUID),
-                     "presentation_uid": str(results.presentation.SOPInstanceUID) if results.presentation else None},
-                    upload)  # fmt: skip
+                     "report_uid": filed.report_uid, "heatmap_uid": filed.heatmap_uid,
+                     "presentation_uid": filed.presentation_uid}, upload)  # fmt: skip
         return SCORED
 
     def record(self, instance: dict, prediction: dict | None = None) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -160,8 +161,11 @@ class Outbox:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._changed = threading.Condition()
 
-    def put(self, entry: str, datasets: Sequence[Dataset]) -> Path:
-        """Keep ``datasets`` under ``entry``; an entry of the same name (the same results, made again) is replaced."""
+    def put(self, entry: str, datasets: Sequence[Dataset], wake: bool = True) -> Path:
+        """Keep ``datasets`` under ``entry``; an entry of the same name (the same results, made again) is replaced.
+
+        ``wake=False`` for a put in another process, whose sender is not this object's: the caller wakes its own.
+        """
         staging = self.folder / f".{entry}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -172,13 +176,23 @@ class Outbox:
         target = self.folder / entry
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-        self.wake()
+        if wake:
+            self.wake()
         return target
 
     def pending(self) -> list[Path]:
-        """Entries in the order they were made (oldest first)."""
-        entries = [p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != REFUSED_DIR]
-        return sorted(entries, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        """Entries in the order they were made (oldest first); one delivered while they are listed is left out."""
+        entries = []
+        for path in self.folder.iterdir():
+            if path.name.startswith(".") or path.name == REFUSED_DIR:
+                continue
+            try:
+                made = path.stat()
+            except FileNotFoundError:  # the sender delivered it in the meantime
+                continue
+            if stat.S_ISDIR(made.st_mode):
+                entries.append((made.st_mtime_ns, path.name, path))
+        return [path for *_, path in sorted(entries)]
 
     def refused(self) -> list[Path]:
         folder = self.folder / REFUSED_DIR
