@@ -75,10 +75,10 @@ def malformed(sources: list[tuple[Path, int]], folder: Path) -> list[Path]:
     return paths
 
 
-def start_node(data_dir: Path, port: int, destination: str) -> subprocess.Popen:
+def start_node(data_dir: Path, port: int, destination: str, **env: str) -> subprocess.Popen:
     to = ["--destination", destination] if destination else []
     node = subprocess.Popen([sys.executable, "-m", "pneumoscan", "dicom-node", "--port", str(port), "--data-dir", str(data_dir), *to],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})  # fmt: skip
     line = node.stdout.readline()
     if not line.startswith("pneumoscan DICOM node"):
         raise RuntimeError(f"the node did not start: {line}{node.stdout.read()}")
@@ -179,15 +179,20 @@ def throughput(paths: list[Path], work: Path) -> dict:
             "send_seconds": received - start, "statuses_ok": sum(s == 0 for s in statuses), **checked}
 
 
-def node_alone(paths: list[Path], work: Path) -> dict:
-    """The node's own share: received, scored, results made and queued, with no PACS to send to."""
+def node_alone(paths: list[Path], work: Path, result_processes: int | None = None) -> dict:
+    """The node's own share: received, scored, results made and queued, with no PACS to send to.
+
+    ``result_processes`` 0 builds the results in the node's own threads, as before it had worker processes for them.
+    """
     port = free_port()
-    node = start_node(work / "node-alone", port, destination="")
+    folder = work / f"node-alone-{result_processes}"
+    env = {"PNEUMOSCAN_RESULT_PROCESSES": str(result_processes)} if result_processes is not None else {}
+    node = start_node(folder, port, destination="", **env)
     try:
         start = time.perf_counter()
         send_all(paths, port)
         deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline and len(audit_rows(work / "node-alone")) < len(paths):
+        while time.monotonic() < deadline and len(audit_rows(folder)) < len(paths):
             time.sleep(0.05)
         seconds = time.perf_counter() - start
     finally:
@@ -259,6 +264,8 @@ def main() -> None:
         print("node:", first, flush=True)
         alone = node_alone(paths, work)
         print("node alone:", alone, flush=True)
+        in_threads = node_alone(paths, work, result_processes=0)
+        print("node alone, results in its threads:", in_threads, flush=True)
         triage = triage_rate(work / "studies", work / "triage")
         print("triage:", triage, flush=True)
         faults = outage(paths, bad, work)
@@ -277,14 +284,17 @@ def main() -> None:
         f"| DICOM node, {ASSOCIATIONS} associations at once → SR + heat map stored in Orthanc | {first['rate']:.2f} | "
         f"{first['seconds']:.1f} s | all sent in {first['send_seconds']:.1f} s; {first['statuses_ok']}/{n} C-STORE success |",
         f"| the node alone: received, scored, results made and queued on disk (no destination) | {alone['rate']:.2f} | "
-        f"{alone['seconds']:.1f} s | the node's own share of the work |",
+        f"{alone['seconds']:.1f} s | the node's own share of the work; results built in worker processes |",
+        f"| the node alone, results built in its own threads (`PNEUMOSCAN_RESULT_PROCESSES=0`) | {in_threads['rate']:.2f} | "
+        f"{in_threads['seconds']:.1f} s | as before the worker processes |",
         f"| `pneumoscan triage` on the same files (its summary's rate / whole command) | {triage['rate']:.2f} / "
         f"{triage['wall_rate']:.2f} | {triage['wall']:.1f} s | {triage['scored']} scored; worklist, report, thumbnails |",
         "",
         f"Node / triage (summary rate): **{first['rate'] / triage['rate']:.2f}×** (the node alone: "
         f"{alone['rate'] / triage['rate']:.2f}×). Per study the node does what triage does not: it writes the instance "
-        "to the spool and syncs it before acknowledging, makes a structured report and a 1024² JPEG overlay, syncs both "
-        "into the outbox and commits two audit rows with a full sync; triage scores in batches of 32. With Orthanc, the "
+        "to the spool and syncs it before acknowledging, makes a structured report and a 1024² JPEG overlay (highdicom, "
+        "in worker processes), syncs both into the outbox and commits its audit rows; triage scores in batches of 32. "
+        "With Orthanc, the "
         "PACS storing 2 objects per study shares the same 2 cores.",
         "",
         f"Nothing lost: {first['lost']} instances "
