@@ -107,6 +107,9 @@ class DicomNodeSettings(ApplicationSettings):
     # Per instance, the shared max_upload_bytes; per association, this (bytes of all its instances).
     max_association_bytes: int = Field(4 * 2**30, ge=1)
     retry_max_seconds: float = Field(30.0, gt=0)  # the longest pause between two tries of a destination that is away
+    # Associations (or STOW-RS requests) to the destination at once, each with up to 16 studies' results: a PACS waits
+    # on its disk for each instance it stores, so several connections keep it busy.
+    destination_associations: int = Field(4, ge=1, le=16)
     # DICOM has no passwords: listening beyond loopback for any AE title is refused unless this says it is meant.
     unsafe_allow_any_calling_ae: bool = False
 

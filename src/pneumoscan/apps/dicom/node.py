@@ -138,7 +138,8 @@ class DicomNode:
             self.workers.append(worker)
         if self.destination is not None:
             self.sender = Sender(self.outbox, self.destination, on_delivered=self.delivered,
-                                 on_refused=self.refused_by_destination, retry_max_seconds=self.settings.retry_max_seconds)  # fmt: skip
+                                 on_refused=self.refused_by_destination, retry_max_seconds=self.settings.retry_max_seconds,
+                                 associations=self.settings.destination_associations)  # fmt: skip
             self.sender.start()
         ae = AE(ae_title=self.settings.ae_title)
         add_storage_contexts(ae)

@@ -2,8 +2,9 @@
 
 Results are written to the outbox before anything is sent, and leave it only once the
 destination said it stored them, so a PACS that is down, restarted or slow loses nothing:
-the sender retries with a growing pause (up to ``retry_max_seconds``), in the order the
-results were made, and the node goes on receiving and scoring meanwhile. A retry after a
+the sender retries with a growing pause (up to ``retry_max_seconds``), taking the results in
+the order they were made (several runs of them at once, each in its own association), and
+the node goes on receiving and scoring meanwhile. A retry after a
 lost answer sends the same objects with the same SOP Instance UIDs (see
 :mod:`pneumoscan.apps.dicom.results`), which a PACS stores once.
 
@@ -18,10 +19,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,9 @@ class CStoreDestination:
         association = ae.associate(self.host, self.port, ae_title=self.ae_title)
         if not association.is_established:
             raise DeliveryError(f"{self} did not accept an association")
+        # pynetdicom leaves Nagle's algorithm on: each C-STORE's last segment then waited for the peer's delayed ACK
+        # (Orthanc on loopback: 4.6 studies/s on one association, 7.4 without the wait; benchmarks/dicom_node_results.md)
+        association.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         outcomes: list[DestinationRefused | None] = []
         try:
             for datasets in batches:
@@ -223,14 +229,21 @@ class Outbox:
 
 
 class Sender(threading.Thread):
-    """Empties the outbox into the destination, oldest first; waits and retries while the destination is away."""
+    """Empties the outbox into the destination, oldest first; waits and retries while the destination is away.
+
+    ``associations`` runs of up to ``BATCH`` entries go at once, each in an association (or a row of STOW-RS requests)
+    of its own: a PACS stores an instance in tens of milliseconds, most of it waiting on its disk, so one connection
+    at a time left both ends idle (Orthanc on loopback: 7.4 studies/s on one association, 28.7 on four).
+    """
 
     def __init__(self, outbox: Outbox, destination: Destination, *, on_delivered: Callable[[str], None] | None = None,
-                 on_refused: Callable[[str, str], None] | None = None, retry_max_seconds: float = 30.0):  # fmt: skip
+                 on_refused: Callable[[str, str], None] | None = None, retry_max_seconds: float = 30.0,
+                 associations: int = 1):  # fmt: skip
         super().__init__(name="pneumoscan-sender", daemon=True)
         self.outbox, self.destination = outbox, destination
         self.on_delivered, self.on_refused = on_delivered, on_refused
         self.retry_max_seconds = retry_max_seconds
+        self.associations = max(1, associations)
         self.stopping = threading.Event()
         self.delivered = 0
         self.last_error: str | None = None
@@ -248,7 +261,7 @@ class Sender(threading.Thread):
                 self.outbox.wait(timeout=5.0)
                 continue
             try:
-                self.deliver(entries[:BATCH])
+                self.deliver(entries[: BATCH * self.associations])
                 pause = 1.0
             except DeliveryError as exc:
                 if self.last_error != str(exc):
@@ -263,6 +276,8 @@ class Sender(threading.Thread):
                 pause = min(pause * 2, self.retry_max_seconds)
 
     def deliver(self, entries: list[Path]) -> None:
+        """Send ``entries`` in up to ``associations`` runs at once; a run that fails leaves its entries for the next try
+        and the others are settled all the same."""
         readable, batches = [], []
         for entry in entries:
             try:
@@ -270,8 +285,23 @@ class Sender(threading.Thread):
                 readable.append(entry)
             except Exception as exc:  # noqa: BLE001 - a damaged entry is kept aside; the others go on
                 self._refuse(entry, f"unreadable: {type(exc).__name__}: {exc}")
-        outcomes = self.destination.send_batches(batches) if batches else []
-        for entry, refusal in zip(readable, outcomes, strict=True):
+        runs = [(readable[i : i + BATCH], batches[i : i + BATCH]) for i in range(0, len(readable), BATCH)]
+        failure: Exception | None = None
+        with ThreadPoolExecutor(max(1, len(runs)), thread_name_prefix="pneumoscan-send") as pool:
+            sending = [pool.submit(self.destination.send_batches, run_batches) for _, run_batches in runs]
+            for (run_entries, _), sent in zip(runs, sending, strict=True):
+                try:
+                    self._settle(run_entries, sent.result())
+                except Exception as exc:  # noqa: BLE001 - the first failure is raised once every run is settled
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
+        if self.last_error is not None:
+            log.info("%s is back: results delivered again", self.destination)
+            self.last_error = None
+
+    def _settle(self, entries: list[Path], outcomes: list[DestinationRefused | None]) -> None:
+        for entry, refusal in zip(entries, outcomes, strict=True):
             if refusal is not None:
                 self._refuse(entry, str(refusal))
                 continue
@@ -279,9 +309,6 @@ class Sender(threading.Thread):
                 self.on_delivered(entry.name)
             self.outbox.done(entry)
             self.delivered += 1
-        if self.last_error is not None:
-            log.info("%s is back: results delivered again", self.destination)
-            self.last_error = None
 
     def _refuse(self, entry: Path, reason: str) -> None:
         log.error("results %s kept in %s: %s", entry.name, self.outbox.folder / REFUSED_DIR, reason)
