@@ -9,7 +9,9 @@ the audit row names. The node still waits for that answer before it writes the r
 its entry leaves the outbox" and "acknowledged means kept" hold as before; a worker that dies (killed, out of memory)
 fails only the instances it held, which the node tries again, and the pool is made anew.
 
-``processes = 0`` builds in the calling thread, as before the pool existed.
+``processes = 0`` builds in the calling thread, as before the pool existed. Workers are spawned, so a program that
+starts a :class:`~pneumoscan.apps.dicom.node.DicomNode` itself must guard its entry point (``if __name__ ==
+"__main__":``), as for any spawned process; ``pneumoscan dicom-node`` needs nothing.
 """
 
 from __future__ import annotations
