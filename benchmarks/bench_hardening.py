@@ -87,8 +87,6 @@ def concurrent_uploads(base: str, data: bytes, n: int) -> dict[int, int]:
     return dict(sorted(statuses.items()))
 
 
-
-
 def status_of(answer: bytes) -> str:
     return answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "no answer"
 

@@ -154,8 +154,6 @@ def audit_write_cost(rows: int) -> list[str]:
     return lines
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)

@@ -144,8 +144,6 @@ def test_part(model: Path) -> str:
 """ + "\n".join(rows) + "\n"
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("validation", "test"), required=True)

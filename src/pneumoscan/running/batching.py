@@ -168,3 +168,10 @@ def prediction_batcher(predictor: Predictor, heatmap: bool = True, max_batch: in
                                          ages=[item.age_years for item in items], sizes=[item.size for item in items])  # fmt: skip
 
     return DynamicBatcher(predict, max_batch, window, workers, name, on_batch, expected)
+
+
+def group_commit(record_many: Callable[[list[T]], list[R]], max_batch: int = 64) -> DynamicBatcher[T, R]:
+    """Group commit: the rows that wait while one commit syncs go into the next transaction together, with no window
+    (a row alone is committed at once); each caller still returns only once its own row is on disk, and a batch whose
+    commit fails is retried row by row (:class:`DynamicBatcher`)."""
+    return DynamicBatcher(record_many, max_batch=max_batch, window=0.0, workers=1, name="pneumoscan-audit")

@@ -49,7 +49,7 @@ from pneumoscan.apps.settings import DicomNodeSettings, is_loopback
 from pneumoscan.errors import ConfigurationError, InputError
 from pneumoscan.files import move_atomically
 from pneumoscan.inputs.imaging import Limits, load_xray
-from pneumoscan.running.batching import DynamicBatcher, Preprocessed, prediction_batcher
+from pneumoscan.running.batching import Preprocessed, group_commit, prediction_batcher
 from pneumoscan.running.inference import Predictor
 
 log = logging.getLogger("pneumoscan.dicom")
@@ -117,8 +117,7 @@ class DicomNode:
         self.scorer = prediction_batcher(self.predictor, heatmap=True, max_batch=settings.batch_size,
                                          window=settings.batch_window_ms / 1000, workers=settings.model_workers,
                                          name="pneumoscan-model", expected=self.instances_being_read)  # fmt: skip
-        self.recorder = DynamicBatcher(self.audit.record_instances, max_batch=64, window=0.0, workers=1,
-                                       name="pneumoscan-audit")  # fmt: skip
+        self.recorder = group_commit(self.audit.record_instances)
         self.results = ResultWorkers(self.outbox, self.model, settings.result_processes)
         self.reading = 0  # workers reading an instance, not yet at the model
         self.reading_lock = threading.Lock()

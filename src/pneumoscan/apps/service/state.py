@@ -16,7 +16,7 @@ from pneumoscan.apps.service.metrics import ServiceMetrics
 from pneumoscan.apps.service.pictures import PictureCache
 from pneumoscan.apps.settings import ServiceSettings
 from pneumoscan.inputs.imaging import Limits
-from pneumoscan.running.batching import DynamicBatcher, Preprocessed, prediction_batcher
+from pneumoscan.running.batching import DynamicBatcher, Preprocessed, group_commit, prediction_batcher
 from pneumoscan.running.drift import DriftMonitor, Observation
 from pneumoscan.running.inference import Prediction, Predictor
 
@@ -46,9 +46,7 @@ class Service:
                                           window=settings.batch_window_ms / 1000, workers=settings.model_workers,
                                           name="pneumoscan-model", on_batch=self.metrics.batch_size.observe,
                                           expected=self.uploads_on_their_way)  # fmt: skip
-        # Group commit: the rows that wait while one commit syncs go in the next transaction together; each request
-        # still answers only once its own row is on disk, and a batch that fails is retried row by row.
-        self.recorder = DynamicBatcher(self.audit.record_many, max_batch=64, window=0.0, workers=1, name="pneumoscan-audit")
+        self.recorder = group_commit(self.audit.record_many)  # each request answers once its own row is on disk
 
     def close(self) -> None:
         """After the last request: what was submitted is scored and recorded first."""
