@@ -98,6 +98,9 @@ def send_all(paths: list[Path], port: int, associations: int = ASSOCIATIONS, bet
         ae.dimse_timeout = ae.network_timeout = 120
         association = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
         for index in range(part, len(paths), associations):
+            if not association.is_established:  # rejected, aborted or timed out: its instances count as not sent
+                print(f"sender {part}: no association at instance {index} ({association})", file=sys.stderr)
+                return
             status = association.send_c_store(dcmread(paths[index]))
             statuses[index] = int(status.Status) if status else -1
             if between:
@@ -233,7 +236,7 @@ def outage(paths: list[Path], bad: list[Path], work: Path) -> dict:
         time.sleep(15)
         orthanc.start()
         back = time.perf_counter()
-        scored_expected = len(paths)
+        scored_expected = sum(1 for path, status in zip(every, statuses) if status == 0 and path not in bad)
         done = wait_for(orthanc, 2 * scored_expected, timeout=1800)
         time.sleep(5)  # anything sent twice would show now
         checked = check_nothing_lost(every, work / "node-outage", orthanc)

@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from pneumoscan.apps.dicom.outbox import ENTRY_FILES, Outbox
-from pneumoscan.apps.dicom.result_workers import ResultWorkers
+from pneumoscan.apps.dicom.result_workers import ResultWorkers, warm_up
 from pneumoscan.apps.dicom.results import ModelIdentity
 from pneumoscan.inputs.imaging import load_xray
 from pneumoscan.learning.data import list_records
@@ -87,3 +87,23 @@ def test_a_dead_worker_fails_only_its_instance_and_the_next_one_gets_a_new_pool(
         workers.close()
     assert filed.report_uid and (outbox.folder / "third" / "report.dcm").is_file()
     assert {p.name for p in outbox.pending()} == {"first", "third"}  # nothing half-written under "second"
+
+
+def test_start_waits_for_every_worker_to_warm_up(tmp_path: Path) -> None:
+    workers = ResultWorkers(Outbox(tmp_path), ModelIdentity("m", "1", "0" * 64), processes=2)
+    try:
+        ready = workers.start()
+    finally:
+        workers.close()
+    assert len(ready) == 2 and os.getpid() not in ready
+    assert ResultWorkers(Outbox(tmp_path), ModelIdentity("m", "1", "0" * 64), processes=0).start() == set()
+
+
+def test_the_warm_up_builds_a_whole_set_of_results(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A warm-up that failed would only be logged, and the first study would pay for loading again."""
+    from highdicom._standard_utils import get_module_attribute_map
+
+    get_module_attribute_map.cache_clear()
+    with caplog.at_level("ERROR", logger="pneumoscan.dicom"):
+        warm_up()
+    assert caplog.records == [] and get_module_attribute_map.cache_info().currsize == 1

@@ -129,6 +129,7 @@ class DicomNode:
 
         self.audit.record_model_event(started_row(self.predictor, "dicom-node"))
         receive_chunked_into(self.receipts)
+        self.results.start()
         for leftover in sorted(self.spool.glob("*.dcm")):  # received before a crash or a stop: nothing is lost
             self.jobs.put(leftover)
         for index in range(max(1, self.settings.workers)):

@@ -26,11 +26,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pneumoscan.apps.dicom.outbox import Outbox
 from pneumoscan.apps.dicom.results import ModelIdentity, build_results
+from pneumoscan.running.inference import Prediction
+from pneumoscan.running.regions import Region
 
 log = logging.getLogger("pneumoscan.dicom")
 
@@ -55,12 +59,11 @@ def build_and_file(outbox_folder: Path, entry: str, source: Dataset, image: Imag
 
 
 def start_worker(node_pid: int) -> None:
-    """Import what building needs once, when a worker starts, and end the worker when the node is gone.
+    """Load what building needs once, when a worker starts, and end the worker when the node is gone.
 
     A node killed (kill -9, the OOM killer) cannot shut its pool down, and a worker holds its own end of the task queue,
     so it would wait for work forever, keeping the node's log pipe open; it checks its parent once a second instead.
     """
-    import highdicom  # noqa: F401
 
     def exit_when_orphaned() -> None:
         while os.getppid() == node_pid:
@@ -68,6 +71,35 @@ def start_worker(node_pid: int) -> None:
         os._exit(0)
 
     threading.Thread(target=exit_when_orphaned, name="pneumoscan-results-watchdog", daemon=True).start()
+    warm_up()
+
+
+def warm_up() -> None:
+    """Build one throw-away set of results, so that the first study does not pay for what is loaded on first use.
+
+    highdicom reads its tables of the standard (JSON, parsed on the first object made), and Pillow and pydicom load
+    their encoders, on the first use: a quarter of a second a worker, which fell on the node's first studies. A failure
+    here is only logged: the worker builds the real results all the same.
+    """
+    header = Dataset()
+    header.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    header.Modality, header.Rows, header.Columns = "DX", 64, 64
+    header.SamplesPerPixel, header.PhotometricInterpretation = 1, "MONOCHROME2"
+    header.BitsAllocated, header.BitsStored, header.HighBit, header.PixelRepresentation = 8, 8, 7, 0
+    prediction = Prediction(probability=0.5, label="PNEUMONIA", threshold=0.5, operating_point="warm-up", logit=0.0,
+                            in_distribution=True, heatmap=np.zeros((8, 8), np.float32), population="adult",
+                            regions=[Region(8, 8, 16, 16, 0.5)])  # fmt: skip
+    try:
+        build_results(header, Image.new("L", (64, 64)), prediction, ModelIdentity("warm-up", "0", "0" * 64))
+    except Exception:  # noqa: BLE001 - a warm-up, not a result: nothing depends on it
+        log.exception("a results worker could not warm up; its first study will load what it needs")
+
+
+def worker_ready() -> int:
+    """A worker's process id, once it has started and warmed up (a pool's tasks wait for its initializer)."""
+    time.sleep(0.05)  # long enough for a second worker, starting at the same time, to take the next such task
+    return os.getpid()
 
 
 class ResultWorkers:
@@ -77,6 +109,21 @@ class ResultWorkers:
         self.outbox, self.model, self.processes = outbox, model, processes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    def start(self, timeout: float = 60.0) -> set[int]:
+        """Spawn the workers and wait until each has warmed up (:func:`warm_up`), so the node's first studies need not;
+        the process ids of those ready.
+
+        A worker that is not ready within ``timeout`` seconds is not waited for: it serves once it is.
+        """
+        ready: set[int] = set()
+        if self.processes == 0:
+            return ready
+        pool, deadline = self._running_pool(), time.monotonic() + timeout
+        while len(ready) < self.processes and time.monotonic() < deadline:
+            # each submit spawns a worker while none is idle; tasks go to the workers that are ready
+            ready |= {task.result() for task in [pool.submit(worker_ready) for _ in range(self.processes)]}
+        return ready
 
     def file(self, entry: str, source: Dataset, image: Image.Image, prediction) -> FiledResults:  # type: ignore[no-untyped-def]
         if self.processes == 0:
