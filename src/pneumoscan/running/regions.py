@@ -1,4 +1,4 @@
-"""Where on the film: the heat map turned into a few boxes, by a rule fitted on radiologists' boxes (NumPy only).
+"""Where on the film: the heat map turned into a few boxes, by a rule fitted on radiologists' boxes (NumPy and OpenCV).
 
 A heat map is read as "the pneumonia is here"; a region says it the way a radiologist's
 reading (and a PACS viewer) does: a box with a score. The rule is deliberately simple so that
@@ -72,37 +72,51 @@ def sample(heatmap: np.ndarray, grid: int) -> np.ndarray:
 
 
 def components(marked: np.ndarray) -> list[list[tuple[int, int]]]:
-    """Groups of marked cells touching by an edge, each found from its first cell in reading order."""
-    rows, columns = marked.shape
-    seen = np.zeros_like(marked, dtype=bool)
-    groups = []
-    for start in zip(*np.nonzero(marked)):  # np.nonzero walks in reading order
-        if seen[start]:
-            continue
-        seen[start] = True
-        group, stack = [], [start]
-        while stack:
-            r, c = stack.pop()
-            group.append((int(r), int(c)))
-            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-                if 0 <= nr < rows and 0 <= nc < columns and marked[nr, nc] and not seen[nr, nc]:
-                    seen[nr, nc] = True
-                    stack.append((nr, nc))
-        groups.append(group)
-    return groups
+    """Groups of marked cells touching by an edge, in the reading order of their first cells; each group's cells in
+    reading order too."""
+    _, labels, _, _ = connected_components(marked)
+    flat = labels.ravel()
+    return [[divmod(int(i), marked.shape[1]) for i in np.flatnonzero(flat == flat[start])] for start in sorted(first_cells(flat))]
+
+
+def first_cells(labels: np.ndarray) -> np.ndarray:
+    """Where each group (label 1, 2, ...; 0 is the unmarked background, absent when every cell is marked) is first met
+    in reading order."""
+    values, first = np.unique(labels, return_index=True)
+    return first[values > 0]
+
+
+def connected_components(marked: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's 4-connected labelling: the number of labels (background included), the labels, and each label's box.
+
+    A flood fill in Python took 0.7 ms a heat map with many marked cells, a tenth of an adult pneumonia's whole answer
+    on one core; OpenCV's takes 20 µs. Its labels need not follow the reading order: :func:`scored_groups` orders the
+    groups by their first cells itself.
+    """
+    import cv2  # already a dependency of serving (CLAHE); loaded when the first regions are drawn
+
+    return cv2.connectedComponentsWithStats(np.ascontiguousarray(marked, dtype=np.uint8), connectivity=4, ltype=cv2.CV_32S)
 
 
 def scored_groups(heatmap: np.ndarray, probability: float, level: float, grid: int) -> list[tuple[float, int, int, int, int, int]]:
     """Every group of cells at or above ``level``: (score, cells, top row, bottom row, left, right column), best first."""
+    import cv2
+
     cells = sample(heatmap, grid)
     top = float(cells.max())
     if top <= 0:
         return []
+    marked = cells >= np.float32(level) * np.float32(top)
+    count, labels, boxes, _ = connected_components(marked)
+    flat = labels.ravel()
+    peaks = np.zeros(count, dtype=np.float32)
+    np.maximum.at(peaks, flat[marked.ravel()], cells.ravel()[marked.ravel()])
     scored = []
-    for order, group in enumerate(components(cells >= np.float32(level) * np.float32(top))):
-        rs, cs = [r for r, _ in group], [c for _, c in group]
-        peak = max(float(cells[r, c]) for r, c in group) / top
-        scored.append((round(probability * peak, 4), -order, len(group), min(rs), max(rs) + 1, min(cs), max(cs) + 1))
+    for order, label in enumerate(np.argsort(first_cells(flat)) + 1):  # groups in the order their first cells are read
+        left, top_row, width, height, n = (int(v) for v in boxes[label][[cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                                                          cv2.CC_STAT_HEIGHT, cv2.CC_STAT_AREA]])  # fmt: skip
+        peak = float(peaks[label]) / top
+        scored.append((round(probability * peak, 4), -order, n, top_row, top_row + height, left, left + width))
     scored.sort(reverse=True)  # by score, then the group found first
     return [(score, n, top_row, bottom_row, left, right) for score, _, n, top_row, bottom_row, left, right in scored]
 
