@@ -26,6 +26,18 @@ def test_model_input_is_three_equal_normalised_channels(data_root: Path) -> None
         np.testing.assert_allclose(x[c], (gray - IMAGENET_MEAN[c]) / IMAGENET_STD[c], rtol=1e-6, atol=1e-6)
 
 
+def test_the_looked_up_normalisation_is_the_pixel_by_pixel_float32_arithmetic_bit_for_bit() -> None:
+    """Every grey level, as training has always computed it: a model's inputs must not move by a rounding."""
+    gray = Image.fromarray(np.arange(256 * 3, dtype=np.uint16).reshape(24, 32).astype(np.uint8))
+    levels = np.asarray(gray, dtype=np.float32) / 255.0
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+    expected = ((np.broadcast_to(levels, (3, 24, 32)) - mean) / std).astype(np.float32)
+    x = normalize(gray)
+    assert x.dtype == np.float32 and x.shape == (3, 24, 32) and x.flags.c_contiguous
+    assert np.array_equal(x, expected)
+
+
 def test_colour_and_gray_versions_of_an_image_give_the_same_input() -> None:
     gray = Image.fromarray(np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8) % 251)
     rgb = Image.merge("RGB", (gray, gray, gray))
