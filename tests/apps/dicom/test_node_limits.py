@@ -357,3 +357,18 @@ def test_results_stay_in_the_source_study_whatever_its_uid_looks_like(films, pre
     first, again = build_results(header, loaded.image, prediction, model), build_results(header, loaded.image, prediction, model)
     assert "StudyInstanceUID" in first.dropped and first.report.StudyInstanceUID == first.heatmap.StudyInstanceUID
     assert first.report.StudyInstanceUID == again.report.StudyInstanceUID  # one derived study for both objects, every time
+
+
+def test_the_node_takes_a_film_in_pdus_as_large_as_its_setting(tmp_path, films, predictor) -> None:
+    """A 1 MB film in 1 MB PDUs, not 64 of 16 KB each decoded in Python; the instance arrives whole all the same."""
+    node = start_node(tmp_path, predictor, max_pdu_bytes=2**20)
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.requested_contexts = StoragePresentationContexts
+        association = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+        assert association.is_established and association.acceptor.maximum_length == 2**20
+        assert int(association.send_c_store(radiograph_dataset(films[0], size=1024)).Status) == 0
+        association.release()
+        assert wait_for(lambda: [r["outcome"] for r in node.audit.instances()] == [SCORED], 30), node.audit.instances()
+    finally:
+        node.stop()

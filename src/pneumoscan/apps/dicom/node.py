@@ -147,6 +147,7 @@ class DicomNode:
         if self.settings.allowed_calling_aes:
             ae.require_calling_aet = list(self.settings.allowed_calling_aes)
         ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.acse_timeout = self.settings.association_request_timeout  # a connection that never asks is closed after it
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, lambda event: SUCCESS),
                     (evt.EVT_CONN_CLOSE, lambda event: self.receipts.discard_unclaimed(event.assoc))]  # fmt: skip
