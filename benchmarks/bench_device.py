@@ -72,6 +72,31 @@ def open_device_mode(browser, base: str, precision: str) -> tuple:  # type: igno
     return context, page, requests, time.perf_counter() - started
 
 
+#: The page's model alone: ``session.run`` (every output) on a fixed input, median ms, as the page loaded it.
+RUNTIME_ALONE = """async ([precision, runs]) => {
+  const device = await import('/static/device.js');
+  const model = await device.load(precision);
+  const size = model.settings.input.size;
+  const feed = { image: new (await import('/static/vendor/onnxruntime-web/ort.wasm.min.mjs')).Tensor(
+    'float32', new Float32Array(3 * size * size).fill(0.3), [1, 3, size, size]) };
+  for (let i = 0; i < 3; i++) await model.session.run(feed);
+  const times = [];
+  for (let i = 0; i < runs; i++) { const started = performance.now(); await model.session.run(feed); times.push(performance.now() - started); }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(runs / 2)];
+}"""
+
+
+def runtime_alone(page, model: Path, precision: str, runs: int = 30) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """The model's forward pass alone in the page (onnxruntime-web) and natively (ONNX Runtime, as many threads as the
+    page has), median ms: what no JavaScript around the model can win back."""
+    from bench_inference import bare_forward_ms
+
+    threads = int(page.evaluate("Math.min(4, navigator.hardwareConcurrency || 1)"))
+    native = bare_forward_ms(model / ("model.int8.onnx" if precision == "int8" else "model.onnx"), threads)
+    return float(page.evaluate(RUNTIME_ALONE, [precision, runs])), native
+
+
 def loaded_bytes(requests: list, prefixes: tuple[str, ...]) -> int:
     """Bytes that came over the network for paths starting with one of ``prefixes``, each URL once."""
     seen: dict[str, int] = {}
@@ -161,7 +186,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="per population")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
-    rows, latency, loads = [], [], []
+    rows, latency, loads, alone = [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
         samples = sample_files(Path(folder), args.images)
         every = [p for paths in samples.values() for p in paths]
@@ -175,6 +200,8 @@ def main() -> None:
                 shell = loaded_bytes(requests, ("/static/app.js", "/static/device.js", "/static/style.css"))
                 loads.append(f"| {precision} | {runtime / 1e6:.1f} MB | {model / 1e6:.1f} MB | {(runtime + model + shell) / 1e6:.1f} MB | {seconds:.1f} s |")
                 context.set_offline(True)
+                browser_ms, native_ms = runtime_alone(page, args.model, precision)
+                alone.append(f"| {precision} | {browser_ms:.1f} ms | {native_ms:.1f} ms | {browser_ms / native_ms:.2f}× |")
                 predictor = Predictor.load(args.model, precision=precision)
                 for name, paths in samples.items():
                     browser_results = score_in_the_browser(page, paths)
@@ -215,6 +242,14 @@ temperature) moves by up to {self_delta.max():.4f} (median {np.median(self_delta
 | images | precision | browser | Python `Predictor` | browser / Python |
 |---|---|---|---|---|
 """ + "\n".join(latency) + """
+
+The model alone, `session.run` of every output on a fixed input (median of 30 in the page; natively, ONNX Runtime's
+bare forward of the logit, median of 200, as many threads as the page has): no JavaScript around the model can bring
+the page below this ratio.
+
+| precision | browser (onnxruntime-web, WebAssembly) | native (ONNX Runtime) | browser / native |
+|---|---|---|---|
+""" + "\n".join(alone) + """
 
 ## First load (bytes as transferred)
 
