@@ -100,8 +100,6 @@ def connected_components(marked: np.ndarray) -> tuple[int, np.ndarray, np.ndarra
 
 def scored_groups(heatmap: np.ndarray, probability: float, level: float, grid: int) -> list[tuple[float, int, int, int, int, int]]:
     """Every group of cells at or above ``level``: (score, cells, top row, bottom row, left, right column), best first."""
-    import cv2
-
     cells = sample(heatmap, grid)
     top = float(cells.max())
     if top <= 0:
@@ -113,8 +111,7 @@ def scored_groups(heatmap: np.ndarray, probability: float, level: float, grid: i
     np.maximum.at(peaks, flat[marked.ravel()], cells.ravel()[marked.ravel()])
     scored = []
     for order, label in enumerate(np.argsort(first_cells(flat)) + 1):  # groups in the order their first cells are read
-        left, top_row, width, height, n = (int(v) for v in boxes[label][[cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
-                                                                          cv2.CC_STAT_HEIGHT, cv2.CC_STAT_AREA]])  # fmt: skip
+        left, top_row, width, height, n = (int(v) for v in boxes[label])  # OpenCV's CC_STAT_LEFT ... CC_STAT_AREA
         peak = float(peaks[label]) / top
         scored.append((round(probability * peak, 4), -order, n, top_row, top_row + height, left, left + width))
     scored.sort(reverse=True)  # by score, then the group found first
