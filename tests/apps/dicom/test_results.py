@@ -61,15 +61,20 @@ def as_written(dataset: Dataset) -> Dataset:
     return written
 
 
-def test_the_report_document_is_highdicoms_comprehensive_sr_element_for_element(scored) -> None:  # type: ignore[no-untyped-def]
-    header, image, prediction, model = scored
+def ours_and_highdicoms(header: Dataset, image, prediction, model) -> tuple[Dataset, Dataset]:  # type: ignore[no-untyped-def]
+    """The same content tree as a document assembled by :func:`comprehensive_sr` and by highdicom's constructor."""
     content = measurement_report(header, prediction, model, image_digest(image), grid_scale(header, image))
     ours = comprehensive_sr(header, content, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5", series_description="d")
     highdicoms = hd.sr.ComprehensiveSR(
         evidence=[header], content=content, series_instance_uid="1.2.3.4", series_number=SR_SERIES_NUMBER,
         sop_instance_uid="1.2.3.5", instance_number=1, manufacturer=MANUFACTURER, is_complete=True, series_description="d",
     )  # fmt: skip
-    ours, highdicoms = as_written(ours), as_written(highdicoms)
+    return as_written(ours), as_written(highdicoms)
+
+
+def test_the_report_document_is_highdicoms_comprehensive_sr_element_for_element(scored) -> None:  # type: ignore[no-untyped-def]
+    header, image, prediction, model = scored
+    ours, highdicoms = ours_and_highdicoms(header, image, prediction, model)
     assert ours.file_meta == highdicoms.file_meta
     assert [e.keyword for e in ours] == [e.keyword for e in highdicoms]
     assert ours == highdicoms
@@ -81,10 +86,5 @@ def test_a_report_without_acquisition_equipment_names_only_the_library_as_highdi
     bare = Dataset()
     bare.update(header)
     del bare.Manufacturer
-    content = measurement_report(bare, prediction, model, image_digest(image), grid_scale(bare, image))
-    ours = comprehensive_sr(bare, content, series_instance_uid="1.2.3.4", sop_instance_uid="1.2.3.5", series_description="d")
-    highdicoms = hd.sr.ComprehensiveSR(
-        evidence=[bare], content=content, series_instance_uid="1.2.3.4", series_number=SR_SERIES_NUMBER,
-        sop_instance_uid="1.2.3.5", instance_number=1, manufacturer=MANUFACTURER, is_complete=True, series_description="d",
-    )  # fmt: skip
-    assert as_written(ours) == as_written(highdicoms)
+    ours, highdicoms = ours_and_highdicoms(bare, image, prediction, model)
+    assert ours == highdicoms and len(ours.ContributingEquipmentSequence) == 1
