@@ -195,8 +195,10 @@ def test_an_acknowledged_instance_is_scored_once_the_audit_log_is_back_without_a
     try:
         study = radiograph_dataset(films[2])
         assert [int(a.Status) for a in send(node.port, [study])] == [0]  # acknowledged: on disk
-        assert wait_for(lambda: [r["outcome"] for r in audit.instances()] == [SCORED], 20), audit.instances()
-        assert list(node.spool.glob("*.dcm")) == [] and audit.failures == 0
+        # the spooled file is removed just after the row is committed: wait for both, or the check races the node
+        assert wait_for(lambda: [r["outcome"] for r in audit.instances()] == [SCORED] and not list(node.spool.glob("*.dcm")),
+                        20), (audit.instances(), list(node.spool.glob("*.dcm")))  # fmt: skip
+        assert audit.failures == 0
         assert len(node.outbox.pending()) == 1  # its results, once, though it was tried three times
     finally:
         node.stop()
@@ -294,8 +296,10 @@ def test_an_acknowledged_instance_is_scored_once_the_disk_has_room_again(tmp_pat
     node = start_node(tmp_path, predictor, result_processes=0)  # the patched put runs where the results are filed
     try:
         assert [int(a.Status) for a in send(node.port, [radiograph_dataset(films[1])])] == [0]
-        assert wait_for(lambda: [r["outcome"] for r in node.audit.instances()] == [SCORED], 20), node.audit.instances()
-        assert list(node.spool.glob("*.dcm")) == [] and failures == [0] and len(node.outbox.pending()) == 1
+        # the spooled file is removed just after the row is committed: wait for both, or the check races the node
+        assert wait_for(lambda: [r["outcome"] for r in node.audit.instances()] == [SCORED] and not list(node.spool.glob("*.dcm")),
+                        20), (node.audit.instances(), list(node.spool.glob("*.dcm")))  # fmt: skip
+        assert failures == [0] and len(node.outbox.pending()) == 1
     finally:
         node.stop()
 
