@@ -72,18 +72,17 @@ def open_device_mode(browser, base: str, precision: str) -> tuple:  # type: igno
     return context, page, requests, time.perf_counter() - started
 
 
-#: The page's model alone: ``session.run`` (every output) on a fixed input, median ms, as the page loaded it.
+#: The page's model alone: ``session.run`` (every output) on a fixed input, median ms, and the threads the page gave it.
 RUNTIME_ALONE = """async ([precision, runs]) => {
-  const device = await import('/static/device.js');
-  const model = await device.load(precision);
+  const ort = await import('/static/vendor/onnxruntime-web/ort.wasm.min.mjs');
+  const model = await (await import('/static/device.js')).load(precision);
   const size = model.settings.input.size;
-  const feed = { image: new (await import('/static/vendor/onnxruntime-web/ort.wasm.min.mjs')).Tensor(
-    'float32', new Float32Array(3 * size * size).fill(0.3), [1, 3, size, size]) };
+  const feed = { image: new ort.Tensor('float32', new Float32Array(3 * size * size).fill(0.3), [1, 3, size, size]) };
   for (let i = 0; i < 3; i++) await model.session.run(feed);
   const times = [];
   for (let i = 0; i < runs; i++) { const started = performance.now(); await model.session.run(feed); times.push(performance.now() - started); }
   times.sort((a, b) => a - b);
-  return times[Math.floor(runs / 2)];
+  return [times[Math.floor(runs / 2)], ort.env.wasm.numThreads];
 }"""
 
 
@@ -92,9 +91,11 @@ def runtime_alone(page, model: Path, precision: str, runs: int = 30) -> tuple[fl
     page has), median ms: what no JavaScript around the model can win back."""
     from bench_inference import bare_forward_ms
 
-    threads = int(page.evaluate("Math.min(4, navigator.hardwareConcurrency || 1)"))
-    native = bare_forward_ms(model / ("model.int8.onnx" if precision == "int8" else "model.onnx"), threads)
-    return float(page.evaluate(RUNTIME_ALONE, [precision, runs])), native
+    from pneumoscan.running.inference import PRECISIONS
+
+    browser_ms, threads = page.evaluate(RUNTIME_ALONE, [precision, runs])
+    native = bare_forward_ms(model / PRECISIONS[precision], int(threads))
+    return float(browser_ms), native
 
 
 def loaded_bytes(requests: list, prefixes: tuple[str, ...]) -> int:
