@@ -32,6 +32,11 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
+#: Depth of the strip that training's BorderErase blanks along an edge, as a share of the side: the film's edges
+#: carry markers, stamps and collimation, the lungs lie inside. The border probe (learning.shortcuts) blanks the
+#: deepest of these on all four edges.
+BORDER_ERASE_DEPTHS: tuple[float, float] = (0.02, 0.12)
+BORDER_PROBE_DEPTH = BORDER_ERASE_DEPTHS[1]
 #: Intensity normalisations a model can be trained with; the model card records which one.
 INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe", "morphology")
 #: CLAHE (OpenCV) settings of the ``clahe`` mode: OpenCV's usual clip limit, 8×8 tiles

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from pneumoscan.config import POPULATIONS, DataConfig
+from pneumoscan.config import BORDER_ERASE_DEPTHS, POPULATIONS, DataConfig
 from pneumoscan.inputs.preprocessing import (
     load_grayscale,
     normalize,
@@ -68,7 +68,7 @@ def photometric_augmentation(config: DataConfig) -> ImageTransform:
 
 
 class BorderErase:
-    """Blank a strip along each edge of the film, each with probability ``p``, 2–12 % of the side deep.
+    """Blank a strip along each edge of the film, each with probability ``p``, ``BORDER_ERASE_DEPTHS`` of the side deep.
 
     The edges carry what differs between sites and bedsides rather than lungs: side markers, "PORTABLE"
     stamps, collimation, the table. A model that must do without them now and then cannot lean on them.
@@ -76,8 +76,9 @@ class BorderErase:
     labels do not share one colour. The lungs, and so the radiologists' boxes, lie inside the strips' reach.
     """
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, depths: tuple[float, float] = BORDER_ERASE_DEPTHS):
         self.p = p
+        self.depths = depths
 
     def __call__(self, image: Image.Image) -> Image.Image:
         array = np.array(image)
@@ -86,7 +87,8 @@ class BorderErase:
         for edge in range(4):
             if torch.rand(()) >= self.p:
                 continue
-            depth = int((0.02 + 0.10 * float(torch.rand(()))) * (height if edge < 2 else width))
+            low, high = self.depths
+            depth = int((low + (high - low) * float(torch.rand(()))) * (height if edge < 2 else width))
             fill = int(grey * float(torch.rand(())))
             if edge == 0:
                 array[:depth] = fill

@@ -13,9 +13,10 @@ from pneumoscan.apps.cli.common import (
     exported_model_and_sources,
 )
 from pneumoscan.config import (
+    BORDER_PROBE_DEPTH,
     DEFAULT_MODEL_DIR,
 )
-from pneumoscan.errors import ModelNotFoundError
+from pneumoscan.errors import ConfigurationError, ModelNotFoundError
 
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,15 +37,37 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--held-out-by", type=Path, default=None, metavar="MODEL",
                    help="score only the films of --split that MODEL (trained on another split) held out too, to compare the two "
                    "on films neither trained on; the operating points stay --model's")  # fmt: skip
+    p.add_argument("--blank-borders", type=float, nargs="?", const=BORDER_PROBE_DEPTH, default=None, metavar="DEPTH",
+                   help="also score each film with a strip DEPTH of the side deep blanked along every edge (markers, stamps, "
+                   f"collimation; default {BORDER_PROBE_DEPTH}), to measure what the borders buy: borders.md beside the report")  # fmt: skip
     p.set_defaults(handler=run_evaluate)
+
+
+def check_border_probe(args: argparse.Namespace) -> None:
+    """Refuse a border probe that cannot run before the evaluation spends minutes scoring."""
+    from pneumoscan.learning.shortcuts import check_depth
+
+    check_depth(args.blank_borders)
+    if args.held_out_by is not None:
+        raise ConfigurationError("--blank-borders scores the whole split: run it without --held-out-by")
+    if args.model is not None and args.model.suffix == ".ckpt":
+        raise ConfigurationError("--blank-borders scores the exported graph: give an exported model folder, not a checkpoint")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from pneumoscan.learning.evaluation import evaluate
 
     out = args.out or Path("runs") / f"eval-{args.split}"
+    if args.blank_borders is not None:
+        check_border_probe(args)
     results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
                        "int8" if args.int8 else "fp32", args.boxes, args.estimator, args.held_out_by)  # fmt: skip
+    borders = {}
+    if args.blank_borders is not None:
+        from pneumoscan.learning.shortcuts import probe_borders
+
+        borders = probe_borders(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.blank_borders,
+                                "int8" if args.int8 else "fp32", args.boxes)  # fmt: skip
     by_population = results.get("populations") or {"": results}
     for population, metrics in by_population.items():
         low, high = metrics["auroc_ci"]
@@ -67,6 +90,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
             print(f"  where the heat map points, on the films with radiologists' boxes:\n{localisation_table(metrics['localisation'])}")
             print(f"  regions: {regions_text(metrics['localisation']['regions'])}")
+        probe = borders.get(population) if population else next(iter(borders.values()), None)
+        if probe:
+            print(f"  borders blanked ({probe['depth']:.0%} of each side): AUROC {probe['auroc']['as_is']:.4f} -> "
+                  f"{probe['auroc']['blanked']:.4f}, partial AUROC {probe['partial_auroc_sensitivity_095']['as_is']:.4f} -> "
+                  f"{probe['partial_auroc_sensitivity_095']['blanked']:.4f}; heat map peaking in the strips: "
+                  f"{probe['heatmap_peak_in_band']['pneumonia']:.1%} of pneumonias")  # fmt: skip
         print(f"report: {(out / population if population else out) / 'report.md'}")
     return 0
 
