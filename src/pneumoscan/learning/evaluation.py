@@ -479,6 +479,10 @@ class ModelUnderTest:
         else:
             raise ModelNotFoundError(f"{self.path} is neither a training checkpoint (.ckpt) nor an exported model folder")
 
+    def datasets(self, root: Path | list[Path] | None) -> list[Path]:
+        """``root`` as a list of datasets, or the model's own when None."""
+        return self.sources if root is None else (list(root) if isinstance(root, (list, tuple)) else [Path(root)])
+
     def logits(self, paths: list[Path]) -> np.ndarray:
         if self.onnx is not None:
             return self.onnx.logits(paths, progress=True)
@@ -505,6 +509,15 @@ class ModelUnderTest:
         return out
 
 
+def population_parts(records: list[Record], calibrations: dict[str, Calibration]) -> Iterator[tuple[str, Calibration, list[int]]]:
+    """Each population with a calibration and the indices of its records (every record, for a model of one)."""
+    single = len(calibrations) == 1
+    for population, calibration in calibrations.items():
+        pick = [i for i, r in enumerate(records) if (r.population or "child") == population or single]
+        if pick:
+            yield population, calibration, pick
+
+
 def evaluate(
     model: Path,
     root: Path | list[Path] | None,
@@ -527,7 +540,7 @@ def evaluate(
     operating points stay the subject's own).
     """
     subject = ModelUnderTest(model, precision)
-    sources = subject.sources if root is None else (list(root) if isinstance(root, (list, tuple)) else [Path(root)])
+    sources = subject.datasets(root)
     calibrations = subject.calibrations(sources, policy, target, estimator)
     records = split_records(sources, split, subject.seed, subject.val_fraction)
     if held_out_by is not None:
@@ -535,10 +548,7 @@ def evaluate(
     logits = subject.logits([r.path for r in records])
     single = len(calibrations) == 1
     results = {}
-    for population, calibration in calibrations.items():
-        pick = [i for i, r in enumerate(records) if (r.population or "child") == population or single]
-        if not pick:
-            continue
+    for population, calibration, pick in population_parts(records, calibrations):
         folder = Path(out) if single else Path(out) / population
         results[population] = write_evaluation(folder, [records[i] for i in pick], logits[pick], calibration, split, None,
                                                subject.name if single else f"{subject.name} ({population})")  # fmt: skip

@@ -65,23 +65,20 @@ def probe_borders(model: Path, root: Path | list[Path] | None, split: str, out: 
     The films and operating points are those :func:`~pneumoscan.learning.evaluation.evaluate` measures, and the
     files go where it writes its report (``out``, or ``out/<population>`` for a model of several).
     """
-    from pneumoscan.learning.evaluation import ModelUnderTest, boxes_of, split_records
+    from pneumoscan.learning.evaluation import ModelUnderTest, boxes_of, population_parts, split_records
 
     check_depth(depth)
     subject = ModelUnderTest(model, precision)
     if subject.onnx is None:
         raise ConfigurationError("the border probe scores the exported graph: give an exported model folder, not a checkpoint")
-    sources = subject.sources if root is None else (list(root) if isinstance(root, (list, tuple)) else [Path(root)])
+    sources = subject.datasets(root)
     records = split_records(sources, split, subject.seed, subject.val_fraction)
     calibrations = subject.calibrations(sources, DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY)  # an exported model's own
     scored = score_with_borders_blanked(subject.onnx, [r.path for r in records], depth)
     boxes = boxes_of(sources, boxes_file)
     single = len(calibrations) == 1
     results = {}
-    for population, calibration in calibrations.items():
-        pick = [i for i, r in enumerate(records) if (r.population or "child") == population or single]
-        if not pick:
-            continue
+    for population, calibration, pick in population_parts(records, calibrations):
         figures = border_figures([records[i] for i in pick], {name: value[pick] for name, value in scored.items()},
                                  calibration.temperature, calibration.operating_point.threshold, depth, boxes)  # fmt: skip
         write_borders(Path(out) if single else Path(out) / population, figures, split)
