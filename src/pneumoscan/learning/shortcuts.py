@@ -52,7 +52,7 @@ def border_band(height: int, width: int, depth: float) -> np.ndarray:
 
 
 def blank_borders(image: np.ndarray, depth: float) -> np.ndarray:
-    """A copy with the border band set to black, as a collimator leaves a film's edges."""
+    """A copy with the border band set to black, as the electronic shutters of many digital films leave their edges."""
     out = np.array(image, copy=True)
     out[border_band(*out.shape[:2], depth)] = 0
     return out
