@@ -76,6 +76,7 @@ def test_the_border_probe_of_the_shipped_model_scores_the_films_as_the_evaluatio
     assert point["as_is"]["sensitivity"] == pytest.approx(metrics["sensitivity"])
     assert point["as_is"]["specificity"] == pytest.approx(metrics["specificity"])
     assert borders["probability_change"]["max"] > 0  # the blanked films are really other inputs
+    assert borders["gate_keeps"]["as_is"] >= 0.9  # the gate keeps ≥ 99 % of the adult test part as it is
     written = json.loads((tmp_path / "adult" / "borders.json").read_text())
     assert written["auroc"] == borders["auroc"]
     assert "| AUROC within PA |" in (tmp_path / "adult" / "borders.md").read_text()

@@ -32,6 +32,7 @@ from pneumoscan.running.inference import batched, to_grayscale_image
 
 if TYPE_CHECKING:
     from pneumoscan.learning.localisation import Box
+    from pneumoscan.running.ood import OodGate
     from pneumoscan.running.inference import Predictor
 
 RESAMPLES = 1000
@@ -73,14 +74,19 @@ def probe_borders(model: Path, root: Path | list[Path] | None, split: str, out: 
         raise ConfigurationError("the border probe scores the exported graph: give an exported model folder, not a checkpoint")
     sources = subject.datasets(root)
     records = split_records(sources, split, subject.seed, subject.val_fraction)
+    if not records:
+        raise ConfigurationError(f"no film in the {split} part of {', '.join(map(str, sources))}")
     calibrations = subject.calibrations(sources, DEFAULT_POLICY, DEFAULT_TARGET_SENSITIVITY)  # an exported model's own
     scored = score_with_borders_blanked(subject.onnx, [r.path for r in records], depth)
     boxes = boxes_of(sources, boxes_file)
     single = len(calibrations) == 1
     results = {}
     for population, calibration, pick in population_parts(records, calibrations):
-        figures = border_figures([records[i] for i in pick], {name: value[pick] for name, value in scored.items()},
-                                 calibration.temperature, calibration.operating_point.threshold, depth, boxes)  # fmt: skip
+        part = {name: value[pick] for name, value in scored.items()}
+        settings = subject.onnx.populations.get(population)
+        figures = border_figures([records[i] for i in pick], part, calibration.temperature,
+                                 calibration.operating_point.threshold, depth, boxes,
+                                 gate_keeps(settings.gate if settings is not None else None, part))  # fmt: skip
         write_borders(Path(out) if single else Path(out) / population, figures, split)
         results[population] = figures
     return results
@@ -98,17 +104,28 @@ def probe_inputs(predictor: Predictor, source: Path, depth: float) -> tuple[np.n
 
 def score_with_borders_blanked(predictor: Predictor, paths: Sequence[Path], depth: float, batch_size: int = 32,
                                progress: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
-    """Logits as they are and with the borders blanked, and whether each heat map (as it is) peaks in the band."""
-    plain, blanked, peaks = [], [], []
+    """Logits (and, for a model with a gate, embeddings) as they are and with the borders blanked, and whether each
+    heat map (as it is) peaks in the band."""
+    extra = ("embedding",) if predictor.has_gate else ()
+    parts: dict[str, list[np.ndarray]] = {"plain": [], "blanked": [], "peak_in_band": []}
     for chunk in tqdm(list(batched(paths, batch_size)), desc="borders blanked", unit="batch", disable=not progress):
         pairs = [probe_inputs(predictor, path, depth) for path in chunk]
-        as_is = predictor.run(np.stack([p for p, _ in pairs]), ("logit", "heatmap"))
-        plain.append(as_is["logit"].reshape(-1))
-        blanked.append(predictor.run(np.stack([b for _, b in pairs]))["logit"].reshape(-1))
-        peaks.append(heatmap_peaks_in_band(as_is["heatmap"], depth))
-    empty = np.zeros(0, np.float32)
-    return {"plain": np.concatenate(plain) if plain else empty, "blanked": np.concatenate(blanked) if blanked else empty,
-            "peak_in_band": np.concatenate(peaks) if peaks else np.zeros(0, bool)}  # fmt: skip
+        as_is = predictor.run(np.stack([p for p, _ in pairs]), ("logit", "heatmap", *extra))
+        without = predictor.run(np.stack([b for _, b in pairs]), ("logit", *extra))
+        parts["peak_in_band"].append(heatmap_peaks_in_band(as_is["heatmap"], depth))
+        for version, out in (("plain", as_is), ("blanked", without)):
+            parts[version].append(out["logit"].reshape(-1))
+            if extra:
+                parts.setdefault(f"{version}_embedding", []).append(out["embedding"])
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def gate_keeps(gate: OodGate | None, scored: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """The share of films the population's out-of-distribution gate lets through, as they are and blanked."""
+    if gate is None or "plain_embedding" not in scored:
+        return None
+    return {version: float(gate.in_distribution(gate.score(scored[f"{name}_embedding"])).mean())
+            for version, name in (("as_is", "plain"), ("blanked", "blanked"))}  # fmt: skip
 
 
 def heatmap_peaks_in_band(heatmaps: np.ndarray, depth: float) -> np.ndarray:
@@ -160,7 +177,7 @@ def rates(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> di
 
 
 def border_figures(records: list[Record], scored: dict[str, np.ndarray], temperature: float, threshold: float, depth: float,
-                   boxes: dict[Path, list[Box]] | None = None) -> dict[str, object]:  # fmt: skip
+                   boxes: dict[Path, list[Box]] | None = None, gate: dict[str, float] | None = None) -> dict[str, object]:  # fmt: skip
     """Every figure of the border probe for one population's films (``scored`` from :func:`score_with_borders_blanked`)."""
     from pneumoscan.learning.evaluation import reversed_view_weights, size_of
 
@@ -191,6 +208,8 @@ def border_figures(records: list[Record], scored: dict[str, np.ndarray], tempera
         out["by_view"] = by_view
         out["reversed_view_mix"] = {"as_is": float(roc_auc_score(labels, plain, sample_weight=weights)),
                                     "blanked": float(roc_auc_score(labels, blanked, sample_weight=weights))}  # fmt: skip
+    if gate is not None:
+        out["gate_keeps"] = gate
     boxed = [r for r in records if r.label == 1 and boxes and r.path.resolve() in boxes]
     if boxed:
         out["box_area_in_band"] = {"films": len(boxed), "mean": float(np.mean(
@@ -220,6 +239,10 @@ def borders_text(figures: dict, split: str) -> str:
     for name in ("sensitivity", "specificity"):
         rows.append(f"| {name} at the operating point | {point['as_is'][name]:.4f} | {point['blanked'][name]:.4f} | "
                     f"{point['blanked'][name] - point['as_is'][name]:+.4f} |")  # fmt: skip
+    if "gate_keeps" in figures:
+        kept = figures["gate_keeps"]
+        rows.append(f"| share the out-of-distribution gate lets through | {kept['as_is']:.4f} | {kept['blanked']:.4f} | "
+                    f"{kept['blanked'] - kept['as_is']:+.4f} |")  # fmt: skip
     peaks, change = figures["heatmap_peak_in_band"], figures["probability_change"]
     lines = [
         f"# The film's borders blanked, on the {split} part ({figures['n']} films, {figures['n_pneumonia']} pneumonia)",
