@@ -271,13 +271,15 @@ def main() -> None:
     parser.add_argument("--competitor-images", type=int, default=40, help="images per competitor (they are slow)")
     parser.add_argument("--model", type=Path, default=None, help="exported model folder (default: the shipped one)")
     parser.add_argument("--quick", action="store_true", help="64 images, 8 per competitor")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Markdown file (default: benchmarks/results.md, or benchmarks/stages_results.md with --stages)")
     parser.add_argument("--stages", action="store_true", help="only the per-image stages of int8 and fp32, 1 and 2 threads")
     args = parser.parse_args()
     if args.one:
         return child(args)
     if args.stages:
-        return print_stages(args.limit or 200, args.model, ROOT / "benchmarks" / "stages_results.md")
+        return print_stages(args.limit or 200, args.model, args.out or ROOT / "benchmarks" / "stages_results.md")
+    args.out = args.out or ROOT / "benchmarks" / "results.md"
     if args.quick:
         args.limit, args.competitor_images = 64, 8
 
