@@ -32,8 +32,8 @@ from pneumoscan.running.inference import batched, to_grayscale_image
 
 if TYPE_CHECKING:
     from pneumoscan.learning.localisation import Box
-    from pneumoscan.running.ood import OodGate
     from pneumoscan.running.inference import Predictor
+    from pneumoscan.running.ood import OodGate
 
 RESAMPLES = 1000
 
@@ -66,7 +66,12 @@ def probe_borders(model: Path, root: Path | list[Path] | None, split: str, out: 
     The films and operating points are those :func:`~pneumoscan.learning.evaluation.evaluate` measures, and the
     files go where it writes its report (``out``, or ``out/<population>`` for a model of several).
     """
-    from pneumoscan.learning.evaluation import ModelUnderTest, boxes_of, population_parts, split_records
+    from pneumoscan.learning.evaluation import (
+        ModelUnderTest,
+        boxes_of,
+        population_parts,
+        split_records,
+    )
 
     check_depth(depth)
     subject = ModelUnderTest(model, precision)
@@ -107,13 +112,13 @@ def score_with_borders_blanked(predictor: Predictor, paths: Sequence[Path], dept
     """Logits (and, for a model with a gate, embeddings) as they are and with the borders blanked, and whether each
     heat map (as it is) peaks in the band."""
     extra = ("embedding",) if predictor.has_gate else ()
-    parts: dict[str, list[np.ndarray]] = {"plain": [], "blanked": [], "peak_in_band": []}
+    parts: dict[str, list[np.ndarray]] = {"as_is": [], "blanked": [], "peak_in_band": []}
     for chunk in tqdm(list(batched(paths, batch_size)), desc="borders blanked", unit="batch", disable=not progress):
         pairs = [probe_inputs(predictor, path, depth) for path in chunk]
         as_is = predictor.run(np.stack([p for p, _ in pairs]), ("logit", "heatmap", *extra))
         without = predictor.run(np.stack([b for _, b in pairs]), ("logit", *extra))
         parts["peak_in_band"].append(heatmap_peaks_in_band(as_is["heatmap"], depth))
-        for version, out in (("plain", as_is), ("blanked", without)):
+        for version, out in (("as_is", as_is), ("blanked", without)):
             parts[version].append(out["logit"].reshape(-1))
             if extra:
                 parts.setdefault(f"{version}_embedding", []).append(out["embedding"])
@@ -122,10 +127,9 @@ def score_with_borders_blanked(predictor: Predictor, paths: Sequence[Path], dept
 
 def gate_keeps(gate: OodGate | None, scored: dict[str, np.ndarray]) -> dict[str, float] | None:
     """The share of films the population's out-of-distribution gate lets through, as they are and blanked."""
-    if gate is None or "plain_embedding" not in scored:
+    if gate is None or "as_is_embedding" not in scored:
         return None
-    return {version: float(gate.in_distribution(gate.score(scored[f"{name}_embedding"])).mean())
-            for version, name in (("as_is", "plain"), ("blanked", "blanked"))}  # fmt: skip
+    return {version: float(gate.in_distribution(gate.score(scored[f"{version}_embedding"])).mean()) for version in ("as_is", "blanked")}
 
 
 def heatmap_peaks_in_band(heatmaps: np.ndarray, depth: float) -> np.ndarray:
@@ -183,7 +187,7 @@ def border_figures(records: list[Record], scored: dict[str, np.ndarray], tempera
 
     labels = np.asarray([r.label for r in records])
     patients = [r.patient for r in records]
-    plain, blanked = scored["plain"].astype(np.float64), scored["blanked"].astype(np.float64)
+    plain, blanked = scored["as_is"].astype(np.float64), scored["blanked"].astype(np.float64)
     p_plain, p_blanked = calibrated_probability(plain, temperature), calibrated_probability(blanked, temperature)
     change = np.abs(p_blanked - p_plain)
     peaks = scored["peak_in_band"]
