@@ -58,7 +58,7 @@ def test_the_paired_change_is_zero_when_blanking_changes_nothing_and_clearly_neg
     ruined = paired_difference(labels, scores, rng.normal(0, 1, 200), patients)
     assert ruined["as_is"] > 0.85 and ruined["change"] < -0.2
     assert ruined["change_ci"][1] < 0 < ruined["as_is"] - 0.5
-    partial = paired_difference(labels, scores, scores.copy(), patients, max_fpr=0.05)
+    partial = paired_difference(labels, scores, scores.copy(), patients, sensitivity=0.95)
     assert 0.5 < partial["as_is"] < 1.0 and partial["change"] == 0.0
 
 

@@ -228,7 +228,8 @@ def sensitivity_by_subtype(records: list[Record], predicted: np.ndarray) -> dict
     return out
 
 
-def partial_auroc_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.95) -> float | None:
+def partial_auroc_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.95,
+                                 sample_weight: np.ndarray | None = None) -> float | None:  # fmt: skip
     """The standardised partial AUROC over the sensitivities ≥ ``sensitivity``: where the operating point lives.
 
     scikit-learn bounds the false-positive rate (McClish's standardisation: 0.5 is chance, 1 perfect); with the
@@ -237,7 +238,7 @@ def partial_auroc_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensiti
     labels = np.asarray(labels)
     if labels.min() == labels.max():
         return None
-    return float(roc_auc_score(1 - labels, -np.asarray(scores, dtype=float), max_fpr=1 - sensitivity))
+    return float(roc_auc_score(1 - labels, -np.asarray(scores, dtype=float), sample_weight=sample_weight, max_fpr=1 - sensitivity))
 
 
 def compute_metrics(

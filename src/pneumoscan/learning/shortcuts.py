@@ -23,6 +23,17 @@ from pneumoscan.config import BORDER_PROBE_DEPTH
 from pneumoscan.errors import ConfigurationError
 from pneumoscan.inputs.preprocessing import normalize, resize_and_normalize_intensity
 from pneumoscan.learning.data import Record
+from pneumoscan.learning.evaluation import (
+    ModelUnderTest,
+    boxes_of,
+    metrics_at_threshold,
+    partial_auroc_at_sensitivity,
+    patient_bootstrap_ci,
+    population_parts,
+    reversed_view_weights,
+    size_of,
+    split_records,
+)
 from pneumoscan.running.calibration import (
     DEFAULT_POLICY,
     DEFAULT_TARGET_SENSITIVITY,
@@ -38,10 +49,9 @@ if TYPE_CHECKING:
 RESAMPLES = 1000
 
 
-def check_depth(depth: float) -> float:
+def check_depth(depth: float) -> None:
     if not 0.0 < depth < 0.5:
         raise ConfigurationError(f"border depth {depth}: give a share of the side between 0 and 0.5 (e.g. {BORDER_PROBE_DEPTH})")
-    return depth
 
 
 def border_band(height: int, width: int, depth: float) -> np.ndarray:
@@ -66,13 +76,6 @@ def probe_borders(model: Path, root: Path | list[Path] | None, split: str, out: 
     The films and operating points are those :func:`~pneumoscan.learning.evaluation.evaluate` measures, and the
     files go where it writes its report (``out``, or ``out/<population>`` for a model of several).
     """
-    from pneumoscan.learning.evaluation import (
-        ModelUnderTest,
-        boxes_of,
-        population_parts,
-        split_records,
-    )
-
     check_depth(depth)
     subject = ModelUnderTest(model, precision)
     if subject.onnx is None:
@@ -150,41 +153,33 @@ def box_area_in_band(boxes: Sequence[Box], size: tuple[int, int], depth: float) 
     return float((inside & border_band(height, width, depth)).sum() / total) if total else 0.0
 
 
-def paired_difference(labels: np.ndarray, plain: np.ndarray, blanked: np.ndarray, patients: list[str],
-                      max_fpr: float | None = None) -> dict[str, object]:  # fmt: skip
-    """AUROC (or the partial AUROC at sensitivity ≥ 1 − ``max_fpr``) as it is, blanked, and the change with its interval.
+def paired_difference(labels: np.ndarray, as_is: np.ndarray, blanked: np.ndarray, patients: list[str],
+                      sensitivity: float | None = None) -> dict[str, object]:  # fmt: skip
+    """AUROC (or the partial AUROC at sensitivity ≥ ``sensitivity``) as it is, blanked, and the change with its interval.
 
     Patients are resampled together, and each resample scores both versions of the same films, so the interval
     is that of the change itself, narrower than the two intervals side by side.
     """
-    from pneumoscan.learning.evaluation import patient_resamples
 
     def figure(y: np.ndarray, s: np.ndarray, w: np.ndarray | None = None) -> float:
-        if max_fpr is None:
+        if sensitivity is None:
             return float(roc_auc_score(y, s, sample_weight=w))
-        return float(roc_auc_score(1 - y, -s, sample_weight=w, max_fpr=max_fpr))  # flipped: FPR bounds 1 − sensitivity
+        return float(partial_auroc_at_sensitivity(y, s, sensitivity, w))
 
-    changes = []
-    for weights in patient_resamples(patients, RESAMPLES, seed=0):
-        chosen = weights > 0
-        if len(np.unique(labels[chosen])) == 2:
-            y, w = labels[chosen], weights[chosen]
-            changes.append(figure(y, blanked[chosen], w) - figure(y, plain[chosen], w))
-    as_is, without = figure(labels, plain), figure(labels, blanked)
-    low, high = np.quantile(changes, [0.025, 0.975])
-    return {"as_is": as_is, "blanked": without, "change": without - as_is, "change_ci": [float(low), float(high)]}
+    change = lambda y, pair, w: figure(y, pair[:, 1], w) - figure(y, pair[:, 0], w)
+    low, high = patient_bootstrap_ci(change, labels, np.stack([as_is, blanked], axis=1), patients, RESAMPLES)
+    before, after = figure(labels, as_is), figure(labels, blanked)
+    return {"as_is": before, "blanked": after, "change": after - before, "change_ci": [low, high]}
 
 
-def rates(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
-    found = probabilities >= threshold
-    return {"sensitivity": float(found[labels == 1].mean()), "specificity": float((~found[labels == 0]).mean())}
+def rates_at(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    figures = metrics_at_threshold(labels, probabilities, threshold)
+    return {"sensitivity": figures["sensitivity"], "specificity": figures["specificity"]}
 
 
 def border_figures(records: list[Record], scored: dict[str, np.ndarray], temperature: float, threshold: float, depth: float,
                    boxes: dict[Path, list[Box]] | None = None, gate: dict[str, float] | None = None) -> dict[str, object]:  # fmt: skip
     """Every figure of the border probe for one population's films (``scored`` from :func:`score_with_borders_blanked`)."""
-    from pneumoscan.learning.evaluation import reversed_view_weights, size_of
-
     labels = np.asarray([r.label for r in records])
     patients = [r.patient for r in records]
     plain, blanked = scored["as_is"].astype(np.float64), scored["blanked"].astype(np.float64)
@@ -194,9 +189,9 @@ def border_figures(records: list[Record], scored: dict[str, np.ndarray], tempera
     out: dict[str, object] = {
         "depth": depth, "n": len(records), "n_pneumonia": int(labels.sum()),
         "auroc": paired_difference(labels, plain, blanked, patients),
-        "partial_auroc_sensitivity_095": paired_difference(labels, plain, blanked, patients, max_fpr=0.05),
-        "at_operating_point": {"threshold": threshold, "as_is": rates(labels, p_plain, threshold),
-                               "blanked": rates(labels, p_blanked, threshold)},
+        "partial_auroc_sensitivity_095": paired_difference(labels, plain, blanked, patients, sensitivity=0.95),
+        "at_operating_point": {"threshold": threshold, "as_is": rates_at(labels, p_plain, threshold),
+                               "blanked": rates_at(labels, p_blanked, threshold)},
         "probability_change": {"median": float(np.median(change)), "p95": float(np.quantile(change, 0.95)), "max": float(change.max())},
         "heatmap_peak_in_band": {"pneumonia": float(peaks[labels == 1].mean()), "normal": float(peaks[labels == 0].mean()),
                                  "band_share_of_film": float(border_band(1000, 1000, depth).mean())},

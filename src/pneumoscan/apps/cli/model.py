@@ -43,31 +43,20 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_evaluate)
 
 
-def check_border_probe(args: argparse.Namespace) -> None:
-    """Refuse a border probe that cannot run before the evaluation spends minutes scoring."""
-    from pneumoscan.learning.shortcuts import check_depth
-
-    check_depth(args.blank_borders)
-    if args.held_out_by is not None:
-        raise ConfigurationError("--blank-borders scores the whole split: run it without --held-out-by")
-    if args.model is not None and args.model.suffix == ".ckpt":
-        raise ConfigurationError("--blank-borders scores the exported graph: give an exported model folder, not a checkpoint")
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     from pneumoscan.learning.evaluation import evaluate
 
     out = args.out or Path("runs") / f"eval-{args.split}"
-    if args.blank_borders is not None:
-        check_border_probe(args)
-    results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
-                       "int8" if args.int8 else "fp32", args.boxes, args.estimator, args.held_out_by)  # fmt: skip
     borders = {}
-    if args.blank_borders is not None:
+    if args.blank_borders is not None:  # first: it refuses a depth or a checkpoint before anything is scored
         from pneumoscan.learning.shortcuts import probe_borders
 
+        if args.held_out_by is not None:
+            raise ConfigurationError("--blank-borders scores the whole split: run it without --held-out-by")
         borders = probe_borders(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.blank_borders,
                                 "int8" if args.int8 else "fp32", args.boxes)  # fmt: skip
+    results = evaluate(args.model or DEFAULT_MODEL_DIR, args.data, args.split, out, args.policy, args.target,
+                       "int8" if args.int8 else "fp32", args.boxes, args.estimator, args.held_out_by)  # fmt: skip
     by_population = results.get("populations") or {"": results}
     for population, metrics in by_population.items():
         low, high = metrics["auroc_ci"]
